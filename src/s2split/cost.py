@@ -1,0 +1,144 @@
+"""The cost model: counts -> estimated nanoseconds under a named hardware profile.
+
+A profile is a data file (``s2split/profiles/*.json``, or any JSON file given
+by path) holding the CPU features that decide which maintenance happens and a
+unit cost per counter. The estimate of a phase is the sum over its counts of
+count x unit cost; the unit cost of ``(op, kind, level)`` is the most specific
+of ``op:kind@level``, ``op:kind``, ``kind@level``, ``kind`` present in the
+profile (0 otherwise). Every time computed here is an **estimate under a
+profile**, never a measurement; reports say so next to each number.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .counters import KIND, KINDS, NKINDS, NOPS, OP, OPS, SLOTS, Counts, slot, slot_level
+from .errors import S2Error
+from .hw import Features
+
+PROFILE_FORMAT = "s2split-profile/1"
+DEFAULT_PROFILE = "server-vhe"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    provenance: str
+    features: Features
+    unit_costs_ns: dict[str, float]
+    notes: tuple[str, ...] = ()
+    source: str = ""
+    _array: np.ndarray = field(default=None, repr=False, compare=False)  # type: ignore
+
+    def __post_init__(self) -> None:
+        for key in self.unit_costs_ns:
+            _parse_key(key, self.name)
+        object.__setattr__(self, "_array", self._build())
+
+    def _build(self) -> np.ndarray:
+        arr = np.zeros((NOPS, NKINDS, SLOTS), dtype=np.float64)
+        # Least specific first, so that more specific keys overwrite.
+        keys = sorted(self.unit_costs_ns, key=lambda k: (":" in k, "@" in k))
+        for key in keys:
+            op, kind, level = _parse_key(key, self.name)
+            ops = [OP[op]] if op else range(NOPS)
+            slots = [slot(level)] if level is not None else range(SLOTS)
+            for o in ops:
+                for s in slots:
+                    arr[o, KIND[kind], s] = self.unit_costs_ns[key]
+        return arr
+
+    @property
+    def array(self) -> np.ndarray:
+        return self._array
+
+    def unit_cost(self, op: str, kind: str, level: int | None) -> float:
+        return float(self._array[OP[op], KIND[kind], slot(level)])
+
+    def estimate_ns(self, counts: Counts) -> float:
+        return float((counts.array * self._array).sum())
+
+    def breakdown_ns(self, counts: Counts) -> dict[tuple[str, str, int | None], float]:
+        """Estimated ns per ``(op, kind, level)`` with a non-zero share."""
+        prod = counts.array * self._array
+        return {(OPS[o], KINDS[k], slot_level(int(s))): float(prod[o, k, s])
+                for o, k, s in zip(*np.nonzero(prod))}
+
+    def to_json(self) -> dict:
+        return {"format": PROFILE_FORMAT, "name": self.name, "description": self.description,
+                "provenance": self.provenance, "features": vars(self.features) | {},
+                "unit_costs_ns": dict(self.unit_costs_ns), "notes": list(self.notes)}
+
+
+def _parse_key(key: str, profile: str) -> tuple[str | None, str, int | None]:
+    op, _, rest = key.rpartition(":")
+    kind, _, level = rest.partition("@")
+    if op and op not in OP:
+        raise S2Error(f"profile {profile!r}: unknown operation {op!r} in key {key!r}")
+    if kind not in KIND:
+        raise S2Error(f"profile {profile!r}: unknown counter {kind!r} in key {key!r}")
+    lv = None
+    if level:
+        try:
+            lv = int(level)
+        except ValueError:
+            raise S2Error(f"profile {profile!r}: bad level in key {key!r}") from None
+        if not -1 <= lv <= 3:
+            raise S2Error(f"profile {profile!r}: level {lv} out of range in key {key!r}")
+    return op or None, kind, lv
+
+
+def builtin_profiles() -> list[str]:
+    return sorted(p.name.removesuffix(".json")
+                  for p in resources.files("s2split.profiles").iterdir()
+                  if p.name.endswith(".json"))
+
+
+def _read(name_or_path: str) -> tuple[dict, str]:
+    path = Path(name_or_path)
+    if name_or_path.endswith(".json") or path.exists():
+        try:
+            return json.loads(path.read_text()), str(path)
+        except FileNotFoundError:
+            raise S2Error(f"profile file {name_or_path} does not exist") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise S2Error(f"profile file {name_or_path} is not readable JSON: {e}") from None
+    res = resources.files("s2split.profiles").joinpath(f"{name_or_path}.json")
+    if not res.is_file():
+        raise S2Error(f"unknown profile {name_or_path!r}: choose from "
+                      f"{', '.join(builtin_profiles())} or give a profile file")
+    return json.loads(res.read_text()), f"builtin:{name_or_path}"
+
+
+def load_profile(name_or_path: str | None = None) -> Profile:
+    """A built-in profile by name, or a profile file by path."""
+    data, source = _read(name_or_path or DEFAULT_PROFILE)
+    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+        raise S2Error(f"{source}: not an s2split profile (format must be {PROFILE_FORMAT!r})")
+    costs: dict[str, float] = {}
+    if data.get("inherits"):
+        costs.update(load_profile(data["inherits"]).unit_costs_ns)
+    try:
+        for k, v in data.get("unit_costs_ns", {}).items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise S2Error(f"{source}: unit cost {k!r} must be a non-negative number")
+            costs[k] = float(v)
+        feats = Features(**data.get("features", {}))
+        return Profile(str(data["name"]), str(data.get("description", "")),
+                       str(data.get("provenance", "")), feats, costs,
+                       tuple(data.get("notes", ())), source)
+    except (KeyError, TypeError) as e:
+        raise S2Error(f"{source}: malformed profile ({e})") from None
+
+
+def format_seconds(ns: float) -> str:
+    """``S.NNNNNNNNNs`` as the selftest prints times."""
+    total = int(round(ns))
+    return f"{total // 1_000_000_000}.{total % 1_000_000_000:09d}s"

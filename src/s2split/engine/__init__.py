@@ -1,0 +1,48 @@
+"""Engines: the reference engine (the oracle) and the fast engine (for scale).
+
+Both run the same workload through the same VM interface and produce the same
+counters; :func:`get_engine` picks one (``auto`` uses the fast engine when it
+can run the variant and the VM is large).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import S2Error
+
+ENGINES = ("auto", "reference", "fast")
+
+#: ``auto`` switches to the fast engine at this much guest memory.
+AUTO_FAST_BYTES = 64 << 20
+
+
+class ReferenceEngine:
+    name = "reference"
+
+    def create_vm(self, geom, features, variant, host_va_bits):
+        from ..kvm.vm import VM
+        return VM(geom, features, variant, host_va_bits)
+
+
+def get_engine(engine: Any, params: Any = None, variant: Any = None) -> Any:
+    if engine is None or engine == "reference":
+        return ReferenceEngine()
+    if not isinstance(engine, str):
+        return engine
+    if engine == "fast":
+        from .fast import FastEngine
+        if variant is not None and not variant.flag_only:
+            raise S2Error(f"variant {variant.name!r} replaces a visitor; only the reference "
+                          "engine can run it")
+        return FastEngine()
+    if engine == "auto":
+        big = params is not None and params.vcpus * params.vcpu_memory_bytes >= AUTO_FAST_BYTES
+        if big and (variant is None or variant.flag_only):
+            try:
+                from .fast import FastEngine
+            except ImportError:  # pragma: no cover - numba is a dependency
+                return ReferenceEngine()
+            return FastEngine()
+        return ReferenceEngine()
+    raise S2Error(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")

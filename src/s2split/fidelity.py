@@ -1,0 +1,227 @@
+"""Check the model against call counts of the real kernel (``s2split fidelity``).
+
+A fixture (format ``s2split-real-kernel-counts/1``) records, per phase of a
+``dirty_log_perf_test`` run, how often each stage-2 function was called in a
+real kernel. This module re-runs the recorded command on the model and
+compares, function by function and key by key (``level=``, ``visit=``,
+``cb=``, ``force_pte=``), the phases that touch only the test memslots.
+``populate``, ``create_vm`` and ``destroy_vm`` also contain the selftest's own
+memslot 0 and are shown for information. ``__kvm_mmu_topup_memory_cache``
+depends on rescheduling: the kernel's count must be at least the model's.
+A function the fixture never mentions was not traced and is not compared.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cost import load_profile
+from .errors import S2Error
+from .kernel_counters import LOWER_BOUND, comparable_key, kernel_counts
+from .modes import MODES, parse_mode
+from .pgtable.variants import VANILLA
+from .sizes import parse_size
+from .workload import PerfTestParams, RunResult, run_perf_test
+
+FIXTURE_FORMAT = "s2split-real-kernel-counts/1"
+INFO_PHASES = ("create_vm", "populate", "destroy_vm")
+
+
+@dataclass
+class Row:
+    phase: str
+    function: str
+    key: str  # "" for the call total
+    field: str
+    kernel: int
+    model: int
+    compared: bool
+    ok: bool
+    note: str = ""
+
+
+@dataclass
+class RunCheck:
+    fixture: str
+    label: str
+    command: str
+    params: PerfTestParams
+    rows: list[Row] = field(default_factory=list)
+    layout_ok: bool = True
+    layout_note: str = ""
+
+    @property
+    def mismatches(self) -> list[Row]:
+        return [r for r in self.rows if r.compared and not r.ok]
+
+    @property
+    def compared(self) -> int:
+        return sum(1 for r in self.rows if r.compared)
+
+
+def _fail(path: str, problem: str) -> S2Error:
+    return S2Error(f"{path}: {problem}")
+
+
+def load_fixture(path: str | Path) -> dict[str, Any]:
+    """Read and validate a fixture; errors name the file and the problem."""
+    p = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise _fail(p, f"cannot read fixture ({e.strerror or e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _fail(p, f"not valid JSON (truncated?): {e.msg} at line {e.lineno} "
+                       f"column {e.colno}") from None
+    if not isinstance(data, dict):
+        raise _fail(p, "the top level must be a JSON object")
+    if data.get("format") != FIXTURE_FORMAT:
+        raise _fail(p, f"format is {data.get('format')!r}, expected {FIXTURE_FORMAT!r}")
+    runs = data.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise _fail(p, "'runs' must be a non-empty list")
+    for i, run in enumerate(runs):
+        where = f"runs[{i}]"
+        if not isinstance(run, dict):
+            raise _fail(p, f"{where} must be an object")
+        for key, typ in (("command", str), ("phases", list)):
+            if not isinstance(run.get(key), typ):
+                raise _fail(p, f"{where}.{key} is missing or not a {typ.__name__}")
+        for j, ph in enumerate(run["phases"]):
+            w = f"{where}.phases[{j}]"
+            if not isinstance(ph, dict) or not isinstance(ph.get("phase"), str):
+                raise _fail(p, f"{w} needs a 'phase' name")
+            calls = ph.get("calls", {})
+            if not isinstance(calls, dict) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                    for v in calls.values()):
+                raise _fail(p, f"{w}.calls must map function names to non-negative integers")
+            detail = ph.get("detail", {})
+            if not isinstance(detail, dict) or not all(
+                    isinstance(d, dict) and all(isinstance(e, dict) for e in d.values())
+                    for d in detail.values()):
+                raise _fail(p, f"{w}.detail must map functions to {{key: {{hitcount, ...}}}}")
+    return data
+
+
+def params_from_command(command: str, fixture: str, **overrides: Any) -> PerfTestParams:
+    """The model configuration of a recorded ``dirty_log_perf_test`` command."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as e:
+        raise _fail(fixture, f"cannot parse command {command!r}: {e}") from None
+    if argv and argv[0].endswith("dirty_log_perf_test"):
+        argv = argv[1:]
+    kw: dict[str, Any] = {}
+    it = iter(argv)
+    flags = {"-g": ("manual_protect", False), "-a": ("random_access", True),
+             "-o": ("partition", False)}
+    valued = {"-b": "vcpu_memory_bytes", "-v": "vcpus", "-s": "backing", "-i": "iterations",
+              "-m": "mode", "-x": "slots", "-w": "write_percent", "-r": "seed",
+              "-k": "chunk_size"}
+    for arg in it:
+        if arg in flags:
+            kw[flags[arg][0]] = flags[arg][1]
+        elif arg in valued:
+            try:
+                value = next(it)
+            except StopIteration:
+                raise _fail(fixture, f"option {arg} without a value in {command!r}") from None
+            name = valued[arg]
+            if name in ("vcpu_memory_bytes", "chunk_size"):
+                kw[name] = parse_size(value, arg)
+            elif name == "backing":
+                kw[name] = value
+            elif name == "mode":
+                kw[name] = parse_mode(value)
+            else:
+                try:
+                    kw[name] = int(value, 0)
+                except ValueError:
+                    raise _fail(fixture, f"option {arg} {value!r} is not a number") from None
+        else:
+            raise _fail(fixture, f"option {arg!r} of {command!r} is not modelled")
+    kw.setdefault("mode", MODES[6])
+    kw.update(overrides)
+    return PerfTestParams(**kw)
+
+
+def _compare_phase(phase: str, kernel: dict, model_counts, traced: set[str]) -> list[Row]:
+    compared = phase not in INFO_PHASES
+    model = kernel_counts(model_counts)
+    rows: list[Row] = []
+    kcalls = kernel.get("calls", {})
+    kdetail = kernel.get("detail", {})
+    for fn in sorted(set(kcalls) | set(model)):
+        if fn not in traced and fn not in kcalls:
+            continue  # the kernel run did not trace it
+        kv = kcalls.get(fn, 0)
+        mv = model.get(fn, {}).get("calls", 0)
+        known = fn in model or fn in _modelled()
+        if fn in LOWER_BOUND:
+            rows.append(Row(phase, fn, "", "calls", kv, mv, compared, kv >= mv,
+                            "lower bound: the kernel also tops up when it reschedules"))
+            continue
+        rows.append(Row(phase, fn, "", "calls", kv, mv, compared, kv == mv,
+                        "" if known else "not modelled"))
+        md = model.get(fn, {}).get("detail", {})
+        kd = kdetail.get(fn, {})
+        for key in sorted(set(kd) | set(md)):
+            if not comparable_key(fn, key):
+                continue
+            for fld in ("hitcount", "size", "pages"):
+                a = kd.get(key, {}).get(fld)
+                b = md.get(key, {}).get(fld)
+                if a is None and b is None:
+                    continue
+                if a is None and key not in kd and b == 0:
+                    continue
+                rows.append(Row(phase, fn, key, fld, a or 0, b or 0, compared,
+                                (a or 0) == (b or 0)))
+    return rows
+
+
+def _modelled() -> set[str]:
+    from .kernel_counters import KERNEL_FUNCTIONS
+    return set(KERNEL_FUNCTIONS)
+
+
+def check_run(fixture: str, run: dict, engine: str = "auto",
+              host_va_bits: int = 52) -> tuple[RunCheck, RunResult]:
+    profile = load_profile("qemu-tcg")
+    params = params_from_command(run["command"], fixture, features=profile.features,
+                                 host_va_bits=host_va_bits)
+    res = run_perf_test(params, VANILLA, engine)
+    check = RunCheck(fixture, str(run.get("label", "")), run["command"], params)
+    rng = run.get("gpa_range")
+    if isinstance(rng, list) and len(rng) == 2:
+        try:
+            want = (int(str(rng[0]), 0), int(str(rng[1]), 0))
+        except ValueError:
+            raise _fail(fixture, f"gpa_range {rng!r} is not a pair of addresses") from None
+        got = (res.layout.gpa, res.layout.gpa + res.layout.size)
+        check.layout_ok = want == got
+        check.layout_note = (f"test memory [{got[0]:#x}, {got[1]:#x})" if check.layout_ok else
+                             f"test memory: kernel [{want[0]:#x}, {want[1]:#x}) vs model "
+                             f"[{got[0]:#x}, {got[1]:#x})")
+    traced = {fn for ph in run["phases"] for fn in ph.get("calls", {})}
+    names = set(res.phase_names)
+    for ph in run["phases"]:
+        name = ph["phase"]
+        if name not in names:
+            check.rows.append(Row(name, "(phase)", "", "", 1, 0, name not in INFO_PHASES, False,
+                                  "the model has no such phase"))
+            continue
+        check.rows.extend(_compare_phase(name, ph, res.phase(name), traced))
+    return check, res
+
+
+def check_fixture(path: str, engine: str = "auto", host_va_bits: int = 52) -> list[RunCheck]:
+    data = load_fixture(path)
+    return [check_run(str(path), run, engine, host_va_bits)[0] for run in data["runs"]]

@@ -1,0 +1,46 @@
+"""CPU features that change what the stage-2 code does (not how fast it is).
+
+These are the profile switches of the brief: they decide *which* maintenance
+the kernel performs, so they change counts. How long each event takes is the
+cost model's business (:mod:`s2split.cost`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import S2Error
+
+
+@dataclass(frozen=True)
+class Features:
+    """Host CPU features visible to KVM's stage-2 code.
+
+    * ``vhe``: KVM runs at EL2 with the host (VHE); otherwise every hyp TLB
+      function is a hypercall (nVHE), counted as ``hyp_call``.
+    * ``fwb``: FEAT_S2FWB; no D-cache maintenance when mapping or unmapping,
+      different MemAttr encodings.
+    * ``tlbirange``: FEAT_TLBIRANGE; range TLBIs instead of whole-VMID ones, and
+      (with FWB) unmap defers its per-entry TLBIs to one range flush.
+    * ``dic``: CTR_EL0.DIC; KVM then maps guest memory executable by default.
+    """
+
+    vhe: bool = True
+    fwb: bool = True
+    tlbirange: bool = True
+    dic: bool = False
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={'on' if v else 'off'}" for k, v in asdict(self).items())
+
+    @classmethod
+    def parse(cls, text: str) -> "Features":
+        """``"vhe,fwb,-tlbirange"``: names switch a feature on, a leading ``-`` off."""
+        values = asdict(cls())
+        for token in filter(None, (t.strip() for t in text.split(","))):
+            on = not token.startswith(("-", "no-"))
+            name = token.lstrip("-").removeprefix("no-")
+            if name not in values:
+                raise S2Error(f"unknown CPU feature {name!r}: choose from {', '.join(values)}")
+            values[name] = on
+        return cls(**values)

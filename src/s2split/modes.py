@@ -1,0 +1,85 @@
+"""The selftests' guest modes (``enum vm_guest_mode``, Linux 6.12 numbering).
+
+``dirty_log_perf_test -m N`` selects mode ``N``; s2split also accepts the
+mode's name (``P40V48_4K``) or its string. On arm64 the stage-2 IPA size is the
+mode's PA bits and -- in the kernel the fixtures come from -- the stage-2
+granule is the host page size, which the fixtures chose equal to the guest's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import S2Error
+
+
+@dataclass(frozen=True)
+class GuestMode:
+    id: int
+    name: str
+    pa_bits: int
+    va_bits: int
+    page_size: int
+    arm64: bool = True
+
+    @property
+    def string(self) -> str:
+        """``vm_guest_mode_string()``, double spaces included."""
+        pa = f"{self.pa_bits},  " if self.pa_bits else "ANY, "
+        size = f"{self.page_size // 1024}K"
+        return f"PA-bits:{pa}VA-bits:{self.va_bits}, {size:>3} pages"
+
+
+_MODES = [
+    (0, "P52V48_4K", 52, 48, 4096), (1, "P52V48_16K", 52, 48, 16384),
+    (2, "P52V48_64K", 52, 48, 65536), (3, "P48V48_4K", 48, 48, 4096),
+    (4, "P48V48_16K", 48, 48, 16384), (5, "P48V48_64K", 48, 48, 65536),
+    (6, "P40V48_4K", 40, 48, 4096), (7, "P40V48_16K", 40, 48, 16384),
+    (8, "P40V48_64K", 40, 48, 65536), (9, "PXXV48_4K", 0, 48, 4096),
+    (10, "P47V64_4K", 47, 64, 4096), (11, "P44V64_4K", 44, 64, 4096),
+    (12, "P36V48_4K", 36, 48, 4096), (13, "P36V48_16K", 36, 48, 16384),
+    (14, "P36V48_64K", 36, 48, 65536), (15, "P36V47_16K", 36, 47, 16384),
+]
+MODES: tuple[GuestMode, ...] = tuple(
+    GuestMode(i, n, pa, va, ps, arm64=i not in (9, 10, 11)) for i, n, pa, va, ps in _MODES)
+DEFAULT_MODE = MODES[6]  # VM_MODE_DEFAULT on an arm64 host with a >= 40-bit IPA
+
+
+def parse_mode(text: str | int) -> GuestMode:
+    """``-m 6``, ``-m P40V48_4K`` or ``-m "PA-bits:40,  VA-bits:48,  4K pages"``."""
+    if isinstance(text, int) or str(text).strip().isdigit():
+        i = int(text)
+        if not 0 <= i < len(MODES):
+            raise S2Error(f"guest mode ID {i} too big: modes are 0..{len(MODES) - 1} (see -h)")
+        mode = MODES[i]
+    else:
+        key = str(text).strip().upper().removeprefix("VM_MODE_")
+        norm = " ".join(str(text).split()).lower()
+        found = [m for m in MODES if m.name == key or " ".join(m.string.split()).lower() == norm]
+        if not found:
+            raise S2Error(f"unknown guest mode {text!r}: use an ID or a name such as P40V48_4K "
+                          "(list them with -h)")
+        mode = found[0]
+    if not mode.arm64:
+        raise S2Error(f"guest mode {mode.id} ({mode.string}) does not exist on arm64")
+    return mode
+
+
+def mode_for(granule: int, ipa_bits: int) -> GuestMode:
+    """The mode with this page size and PA bits, for ``--granule``/``--ipa-bits``."""
+    for m in MODES:
+        if m.arm64 and m.page_size == granule and m.pa_bits == ipa_bits and m.va_bits == 48:
+            return m
+    # Not a selftest mode: describe it anyway (the model is not limited to them).
+    return GuestMode(-1, f"P{ipa_bits}V48_{granule // 1024}K", ipa_bits, 48, granule)
+
+
+def modes_help() -> str:
+    lines = [" -m: specify the guest mode ID (or name) to test",
+             f"     (default: {DEFAULT_MODE.id}, {DEFAULT_MODE.name}; upstream tests every "
+             "supported mode by default)",
+             "     Guest mode IDs:"]
+    for m in MODES:
+        if m.arm64:
+            lines.append(f"         {m.id}:    {m.string}  [{m.name}]")
+    return "\n".join(lines)

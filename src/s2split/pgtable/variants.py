@@ -1,0 +1,125 @@
+"""Variants: named changes to how the walker and visitors work.
+
+A variant adds walk flags to the walks of chosen operations (and, for
+experiments that need code, may replace a visitor). It must never change the
+final tables, the TLB invalidations or the cache maintenance compared to
+``vanilla`` -- only the work spent walking; :func:`check_variant` tests a
+variant against ``vanilla`` on randomized workloads.
+
+Built-in variants (the 2026 "Optimize S2 page splitting" series and its RFC):
+
+``vanilla``
+    Linux 6.12.
+``skip-levels``
+    The split walk carries ``SKIP_LEVEL3``: the walker never descends into a
+    table of level-3 entries -- they can never need splitting.
+``skip-children``
+    After the split visitor has replaced a block with a complete subtree
+    (built with ``force_pte``), the walker does not descend into it. A subtree
+    built without ``force_pte`` (the cache was too small) still holds blocks,
+    so the walker descends as in vanilla -- skipping it would leave blocks
+    unsplit, the problem raised in review of the RFC.
+``skip-levels+skip-children``
+    Both.
+``return-hints``
+    The RFC: the split visitor returns positive hints, "skip my siblings" at
+    level 3 and "skip my children" after a complete split.
+
+Defining a variant takes a few lines::
+
+    from s2split.pgtable.variants import Variant, register
+    from s2split.pgtable.walker import skip_level
+
+    register(Variant("skip-l3-wp", "also skip level 3 when write-protecting",
+                     walk_flags={"split": skip_level(3), "wrprotect": skip_level(3)}))
+
+(that one is wrong on purpose: ``check_variant`` reports that it leaves pages
+writable). Flag-only variants run on both engines; a variant that replaces a
+visitor (``visitors={"split": my_split_walker}``) runs on the reference engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from ..errors import S2Error
+from .walker import RETURN_HINTS, SKIP_NEW_CHILDREN, skip_level
+
+#: Operations whose walks a variant may change.
+WALK_OPS = ("map", "unmap", "wrprotect", "relax_perms", "split", "destroy")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    walk_flags: Mapping[str, int] = field(default_factory=dict)
+    visitors: Mapping[str, Callable] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for op in (*self.walk_flags, *self.visitors):
+            if op not in WALK_OPS:
+                raise S2Error(f"variant {self.name!r}: unknown operation {op!r}; "
+                              f"choose from {', '.join(WALK_OPS)}")
+        object.__setattr__(self, "walk_flags", MappingProxyType(dict(self.walk_flags)))
+        object.__setattr__(self, "visitors", MappingProxyType(dict(self.visitors)))
+
+    def flags_for(self, op: str) -> int:
+        return self.walk_flags.get(op, 0)
+
+    @property
+    def flag_only(self) -> bool:
+        """True when the fast engine can run it (no replaced visitors)."""
+        return not self.visitors
+
+    def __add__(self, other: "Variant") -> "Variant":
+        flags = dict(self.walk_flags)
+        for op, f in other.walk_flags.items():
+            flags[op] = flags.get(op, 0) | f
+        return Variant(f"{self.name}+{other.name}", f"{self.description}; {other.description}",
+                       flags, {**self.visitors, **other.visitors})
+
+
+VANILLA = Variant("vanilla", "Linux 6.12: the split walk visits every entry of its range")
+SKIP_LEVELS = Variant("skip-levels", "the split walk skips level 3 (SKIP_LEVEL3)",
+                      {"split": skip_level(3)})
+SKIP_CHILDREN = Variant("skip-children",
+                        "the split walk does not descend into a subtree it just built complete",
+                        {"split": SKIP_NEW_CHILDREN})
+SKIP_BOTH = SKIP_LEVELS + SKIP_CHILDREN
+RETURN_HINTS_VARIANT = Variant("return-hints",
+                               "RFC: the split visitor returns skip-siblings at level 3 and "
+                               "skip-children after a complete split",
+                               {"split": RETURN_HINTS})
+
+_REGISTRY: dict[str, Variant] = {}
+
+
+def register(variant: Variant, *, replace: bool = False) -> Variant:
+    if variant.name in _REGISTRY and not replace:
+        raise S2Error(f"a variant named {variant.name!r} already exists")
+    _REGISTRY[variant.name] = variant
+    return variant
+
+
+for _v in (VANILLA, SKIP_LEVELS, SKIP_CHILDREN, SKIP_BOTH, RETURN_HINTS_VARIANT):
+    register(_v)
+
+DEFAULT_VARIANTS = ("vanilla", "skip-levels", "skip-levels+skip-children")
+
+
+def get(name: str) -> Variant:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise S2Error(f"unknown variant {name!r}: choose from {', '.join(_REGISTRY)}") from None
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def all_variants() -> list[Variant]:
+    return list(_REGISTRY.values())

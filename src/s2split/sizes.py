@@ -1,0 +1,39 @@
+"""Size strings as the selftests parse them (``parse_size``)."""
+
+from __future__ import annotations
+
+from .errors import S2Error
+
+_SHIFT = {"t": 40, "g": 30, "m": 20, "k": 10, "b": 0}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """``[0-9]+[kmgtb]?`` with C base prefixes (``0x``, leading ``0``), like the
+    selftests' ``parse_size``; characters after the suffix letter are ignored
+    (``1GB`` is 1 GiB)."""
+    s = str(text).strip()
+    if not s or not s[0].isdigit():
+        raise S2Error(f"{what} {text!r}: need at least one digit")
+    i = 0
+    if s[:2].lower() == "0x":
+        i = 2
+        while i < len(s) and s[i] in "0123456789abcdefABCDEF":
+            i += 1
+        digits, base = s[2:i], 16
+    else:
+        while i < len(s) and s[i].isdigit():
+            i += 1
+        digits = s[:i]
+        base = 8 if len(digits) > 1 and digits.startswith("0") else 10
+    try:
+        value = int(digits, base)
+    except ValueError:
+        raise S2Error(f"{what} {text!r}: not a number") from None
+    rest = s[i:]
+    shift = 0
+    if rest:
+        letter = rest[0].lower()
+        if letter not in _SHIFT:
+            raise S2Error(f"{what} {text!r}: unknown size letter {rest[0]!r} (use k, m, g or t)")
+        shift = _SHIFT[letter]
+    return value << shift
