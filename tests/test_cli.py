@@ -1,0 +1,116 @@
+"""Command-line behaviour: outputs, help, and one-line errors with exit status 2."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from s2split.cli import build_parser, main
+
+
+def run(argv, capsys):
+    code = None
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["perf-test", "--chunk-size", "4M"], "not 0 or a supported block size"),
+    (["perf-test", "--chunk-size", "3K"], "not 0 or a supported block size"),
+    (["perf-test", "-b", "1M", "-x", "3"], "cannot be evenly divided"),
+    (["perf-test", "-b", "3M", "-x", "3", "-s", "anonymous_hugetlb"], "not aligned"),
+    (["perf-test", "-s", "nosuchbacking"], "unknown backing src type"),
+    (["perf-test", "-s", "anonymous_hugetlb_64kb", "-m", "7"], "do not exist"),
+    (["perf-test", "-m", "99"], "guest mode ID 99 too big"),
+    (["perf-test", "-m", "P11V48_4K"], "unknown guest mode"),
+    (["perf-test", "-i", "1"], "at least two iterations"),
+    (["perf-test", "-b", "12Q"], "unknown size letter"),
+    (["perf-test", "-b", "lots"], "need at least one digit"),
+    (["perf-test", "-w", "101"], "must be <= 100"),
+    (["perf-test", "--variant", "nope"], "unknown variant"),
+    (["perf-test", "--profile", "nope"], "unknown profile"),
+    (["perf-test", "--granule", "4K"], "go together"),
+    (["perf-test", "--granule", "8K", "--ipa-bits", "40"], "unknown granule"),
+    (["perf-test", "--granule", "4K", "--ipa-bits", "50"], "needs LPA2"),
+    (["geometry", "--ipa-bits", "31"], "out of range"),
+    (["variants", "--check", "nope"], "unknown variant"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert needle in lines[0]
+    assert "Traceback" not in err
+
+
+def test_chunk_size_after_memslot_is_rejected():
+    from s2split.arch import Geometry
+    from s2split.errors import KernelError
+    from s2split.kvm.backing import parse_backing
+    from s2split.kvm.vm import VM
+    vm = VM(Geometry())
+    vm.add_memslot(1, 0, 1 << 21, parse_backing("anonymous", 4096))
+    with pytest.raises(KernelError, match="before any memslot"):
+        vm.set_eager_split_chunk_size(1 << 21)
+
+
+def test_perf_test_help_documents_every_option(capsys):
+    code, out, _ = run(["perf-test", "-h"], capsys)
+    assert code == 0
+    for opt in ("-b", "-v", "-s", "-g", "-i", "-m", "-x", "-w", "-a", "-o", "-r", "--chunk-size",
+                "--variant", "--ipa-bits", "--granule", "--json", "--profile", "--engine"):
+        assert re.search(rf"(^|\s){re.escape(opt)}[\s,]", out), opt
+    help_ = out.replace("\n", " ")
+    assert help_.count("(default:") >= 15
+    assert "P40V48_4K" in out and "PA-bits:40,  VA-bits:48,  4K pages" in out
+
+
+def test_perf_test_prints_upstream_lines_marked_as_estimates(capsys):
+    code, out, _ = run(["perf-test", "-b", "8M", "-s", "anonymous_thp", "-k", "2M",
+                        "--variant", "vanilla", "--variant", "skip-levels",
+                        "--engine", "reference"], capsys)
+    assert code == 0
+    for pattern in (r"Populate memory time: \d+\.\d{9}s  \[estimate: server-vhe\]",
+                    r"Enabling dirty logging time: \d+\.\d{9}s",
+                    r"Iteration 2 dirty memory time: \d+\.\d{9}s",
+                    r"Iteration 1 clear dirty log time: \d+\.\d{9}s",
+                    r"Get dirty log over 2 iterations took \d+\.\d{9}s\. \(Avg \d+\.\d{9}s/iteration\)",
+                    r"Clear dirty log over 2 iterations took"):
+        assert re.search(pattern, out), pattern
+    assert "not measurements" in out
+    assert "Saved against vanilla" in out
+
+
+def test_perf_test_json_is_consistent(capsys):
+    code, out, _ = run(["perf-test", "-b", "4M", "-g", "-k", "2M", "-s", "anonymous_thp",
+                        "--variant", "vanilla", "--variant", "skip-levels", "--json",
+                        "--engine", "reference"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert set(data["variants"]) == {"vanilla", "skip-levels"}
+    van = {p["phase"]: p for p in data["variants"]["vanilla"]["phases"]}
+    sl = {p["phase"]: p for p in data["variants"]["skip-levels"]["phases"]}
+    # 4M of THP = 2 blocks; -g: enabling logging splits both (2 x 512 new pages)
+    en = van["enable_dirty_logging"]
+    assert en["kernel"]["kvm_pgtable_stage2_create_unlinked"]["calls"] == 2
+    assert en["kernel"]["stage2_split_walker"]["detail"]["level=3,visit=1"]["hitcount"] == 1024
+    assert "level=3,visit=1" not in sl["enable_dirty_logging"]["kernel"]["stage2_split_walker"]["detail"]
+    assert sl["enable_dirty_logging"]["estimate_ns"] < en["estimate_ns"]
+
+
+def test_console_script_entry_point():
+    r = subprocess.run([sys.executable, "-m", "s2split.cli", "geometry", "--granule", "16K"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0
+    assert "16K/40-bit: 2 levels from level 2, 16 root page(s)" in r.stdout
+
+
+def test_parser_builds():
+    assert build_parser().prog == "s2split"
