@@ -246,65 +246,164 @@ def phase_names(p: PerfTestParams) -> list[str]:
     return names + ["disable_dirty_logging", "destroy_vm"]
 
 
+def _phase_steps(p: PerfTestParams, layout: Layout) -> list[tuple[str, Callable[[Any, dict], None]]]:
+    """The test as a list of phases, each a function of the VM and a context
+    (the bitmaps userspace got back from KVM_GET_DIRTY_LOG)."""
+    backing = p.backing_type()
+    slot_ids = [slot_id for slot_id, _, _ in layout.slots]
+
+    def create_vm(vm: Any, ctx: dict) -> None:
+        # The selftest patch of the fixtures: the chunk size right after KVM_CREATE_VM.
+        vm.set_eager_split_chunk_size(p.chunk_size)
+        for slot_id, gpa, pages in layout.slots:
+            vm.add_memslot(slot_id, gpa, pages * p.granule, backing)
+        if p.manual_protect:
+            vm.enable_cap(168, 3)  # MANUAL_DIRTY_LOG_PROTECT2: MANUAL_PROTECT_ENABLE|INITIALLY_SET
+        seed0 = p.seed if p.seed_synced else 0
+        for i, (gpa, pages) in enumerate(layout.vcpus):
+            vm.add_vcpu(gpa, pages, (seed0 + i) & 0xFFFFFFFF)
+
+    def set_flags(flags: int) -> Callable[[Any, dict], None]:
+        def run(vm: Any, ctx: dict) -> None:
+            for slot_id in slot_ids:
+                vm.set_memslot_flags(slot_id, flags)
+        return run
+
+    def dirty(vm: Any, ctx: dict) -> None:
+        vm.guest_pass(p.write_percent, p.random_access)
+
+    def get_log(vm: Any, ctx: dict) -> None:
+        for slot_id in slot_ids:
+            ctx[slot_id] = vm.get_dirty_log(slot_id)
+
+    def clear_log(vm: Any, ctx: dict) -> None:
+        for slot_id in slot_ids:
+            vm.clear_dirty_log(slot_id, 0, layout.pages_per_slot, ctx[slot_id])
+
+    def destroy(vm: Any, ctx: dict) -> None:
+        ctx["tables"] = vm.dump_tables() if ctx.get("keep_tables") else b""
+        for slot_id in slot_ids:
+            vm.delete_memslot(slot_id)
+        vm.destroy()
+
+    steps: list[tuple[str, Callable[[Any, dict], None]]] = [
+        ("create_vm", create_vm),
+        ("populate", lambda vm, ctx: vm.guest_pass(100, False)),
+        ("enable_dirty_logging", set_flags(KVM_MEM_LOG_DIRTY_PAGES)),
+    ]
+    for it in range(1, p.iterations + 1):
+        steps += [(f"iter{it}_dirty", dirty), (f"iter{it}_get_dirty_log", get_log)]
+        if p.manual_protect:
+            steps.append((f"iter{it}_clear_dirty_log", clear_log))
+    steps += [("disable_dirty_logging", set_flags(0)), ("destroy_vm", destroy)]
+    return steps
+
+
 def run_perf_test(p: PerfTestParams, variant: Variant, engine: Any = None,
                   keep_tables: bool = False,
                   on_phase: Callable[[str], None] | None = None) -> RunResult:
     """Run the whole test on one engine under one variant."""
+    return run_variants(p, [variant], engine, keep_tables, on_phase)[0]
+
+
+#: Operations each kind of phase may walk. ``run_variants`` snapshots a phase
+#: only if a variant changes one of them, and checks afterwards that the phase
+#: walked nothing else (so a wrong entry here fails loudly instead of sharing
+#: counts a variant would have changed).
+PHASE_OPS = {
+    "create_vm": (),
+    "populate": ("map", "relax_perms", "get_leaf"),
+    "dirty": ("map", "relax_perms", "get_leaf"),
+    "enable_dirty_logging": ("wrprotect", "split"),
+    "get_dirty_log": ("wrprotect", "split"),
+    "clear_dirty_log": ("wrprotect", "split"),
+    "disable_dirty_logging": (),
+    "destroy_vm": ("unmap", "destroy"),
+}
+
+
+def phase_ops(name: str) -> tuple[str, ...]:
+    return PHASE_OPS[name.split("_", 1)[1] if name.startswith("iter") else name]
+
+
+def run_variants(p: PerfTestParams, variants: list[Variant], engine: Any = None,
+                 keep_tables: bool = False,
+                 on_phase: Callable[[str], None] | None = None) -> list[RunResult]:
+    """Run the test under several variants on identical input.
+
+    On an engine that can snapshot its state (the fast engine), the test runs
+    once under the first variant; a phase whose walks another variant changes
+    is re-run under that variant from a snapshot taken before it, and must end
+    in exactly the same state (tables, caches, bitmaps) -- a variant may only
+    change the work spent walking. Other phases do identical work under every
+    variant by construction and are run once. Elsewhere, each variant runs the
+    whole test on its own VM.
+    """
     from .engine import get_engine
 
-    eng = get_engine(engine, p, variant)
+    if not variants:
+        raise S2Error("no variant to run")
     layout = memstress_layout(p)
-    t0 = time.perf_counter()
-    vm = eng.create_vm(p.geometry(), p.features, variant, p.host_va_bits)
-    phases: list[tuple[str, Counts]] = []
+    eng = get_engine(engine, p, variants[0])
+    shared = len(variants) > 1 and getattr(eng, "snapshots", False) and \
+        all(v.flag_only for v in variants)
+    groups = [variants] if shared else [[v] for v in variants]
+    results: list[RunResult] = []
+    for group in groups:
+        results += _run_group(p, layout, group, eng, keep_tables, on_phase)
+    order = {v.name: i for i, v in enumerate(variants)}
+    return sorted(results, key=lambda r: order[r.variant])
 
-    def end_phase(name: str) -> None:
-        phases.append((name, vm.take_counts()))
+
+def _run_group(p: PerfTestParams, layout: Layout, group: list[Variant], eng: Any,
+               keep_tables: bool, on_phase: Callable[[str], None] | None) -> list[RunResult]:
+    t0 = time.perf_counter()
+    first, others = group[0], group[1:]
+    vm = eng.create_vm(p.geometry(), p.features, first, p.host_va_bits)
+    phases: dict[str, list[tuple[str, Counts]]] = {v.name: [] for v in group}
+    ctx: dict = {"keep_tables": keep_tables}
+    touched = {v.name: {op for op in v.walk_flags} for v in others}
+    tables: dict[str, bytes] = {}
+    for name, step in _phase_steps(p, layout):
+        predicted = set(phase_ops(name))
+        maybe = [v for v in others if touched[v.name] & predicted]
+        before = (vm.snapshot(), dict(ctx)) if maybe else None
+        step(vm, ctx)
+        base = vm.take_counts()
+        phases[first.name].append((name, base))
+        walked = {op for op in OPS_WITH_WALKS if base.get(op, "walks")}
+        if walked - predicted:
+            raise AssertionError(f"phase {name} walked {sorted(walked - predicted)}, not in "
+                                 f"PHASE_OPS")
+        rerun = [v for v in maybe if touched[v.name] & walked]
+        if rerun:
+            after, after_ctx = vm.snapshot(), dict(ctx)
+            for v in rerun:
+                vm.restore(before[0])
+                vm.set_variant(v)
+                vctx = dict(before[1])
+                step(vm, vctx)
+                phases[v.name].append((name, vm.take_counts()))
+                if not vm.state_equals(after):
+                    raise AssertionError(f"variant {v.name} changed the state in phase {name}")
+                if name == "destroy_vm":
+                    tables[v.name] = vctx.get("tables", b"")
+            vm.restore(after)
+            vm.set_variant(first)
+            ctx = after_ctx
+        for v in others:
+            if v not in rerun:
+                phases[v.name].append((name, base))
         if on_phase:
             on_phase(name)
+    seconds = time.perf_counter() - t0
+    bitmaps = {k: v for k, v in ctx.items() if isinstance(k, int)}
+    return [RunResult(p, v.name, vm.engine, layout, phases[v.name],
+                      tables.get(v.name, ctx.get("tables", b"")), bitmaps, seconds)
+            for v in group]
 
-    # The selftest patch of the fixtures: the chunk size right after KVM_CREATE_VM.
-    vm.set_eager_split_chunk_size(p.chunk_size)
-    backing = p.backing_type()
-    for slot_id, gpa, pages in layout.slots:
-        vm.add_memslot(slot_id, gpa, pages * p.granule, backing)
-    if p.manual_protect:
-        vm.enable_cap(168, 3)  # MANUAL_DIRTY_LOG_PROTECT2: MANUAL_PROTECT_ENABLE|INITIALLY_SET
-    seed0 = p.seed if p.seed_synced else 0
-    for i, (gpa, pages) in enumerate(layout.vcpus):
-        vm.add_vcpu(gpa, pages, (seed0 + i) & 0xFFFFFFFF)
-    end_phase("create_vm")
 
-    vm.guest_pass(100, False)
-    end_phase("populate")
-
-    for slot_id, _, _ in layout.slots:
-        vm.set_memslot_flags(slot_id, KVM_MEM_LOG_DIRTY_PAGES)
-    end_phase("enable_dirty_logging")
-
-    bitmaps: dict[int, list[int]] = {}
-    for it in range(1, p.iterations + 1):
-        vm.guest_pass(p.write_percent, p.random_access)
-        end_phase(f"iter{it}_dirty")
-        for slot_id, _, _ in layout.slots:
-            bitmaps[slot_id] = vm.get_dirty_log(slot_id)
-        end_phase(f"iter{it}_get_dirty_log")
-        if p.manual_protect:
-            for slot_id, _, _ in layout.slots:
-                vm.clear_dirty_log(slot_id, 0, layout.pages_per_slot, bitmaps[slot_id])
-            end_phase(f"iter{it}_clear_dirty_log")
-
-    for slot_id, _, _ in layout.slots:
-        vm.set_memslot_flags(slot_id, 0)
-    end_phase("disable_dirty_logging")
-    tables = vm.dump_tables() if keep_tables else b""
-
-    for slot_id, _, _ in layout.slots:
-        vm.delete_memslot(slot_id)
-    vm.destroy()
-    end_phase("destroy_vm")
-    return RunResult(p, variant.name, vm.engine, layout, phases, tables, bitmaps,
-                     time.perf_counter() - t0)
+OPS_WITH_WALKS = ("map", "unmap", "wrprotect", "relax_perms", "split", "destroy", "get_leaf")
 
 
 def with_params(p: PerfTestParams, **changes: Any) -> PerfTestParams:
@@ -312,4 +411,5 @@ def with_params(p: PerfTestParams, **changes: Any) -> PerfTestParams:
 
 
 __all__ = ["PerfTestParams", "Layout", "memstress_layout", "memstress_pass", "run_perf_test",
+           "run_variants",
            "RunResult", "phase_names", "guest_random_u32", "parse_mode"]

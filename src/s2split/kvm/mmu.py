@@ -21,7 +21,7 @@ from ..pgtable.walker import HANDLE_FAULT, SHARED
 from .memslot import Memslot, ffs, fls
 
 if TYPE_CHECKING:
-    from .vm import VM, Vcpu
+    from .vm import VM, VMBase, Vcpu
 
 #: ``KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE`` on arm64.
 VCPU_CACHE_CAPACITY = 40
@@ -130,20 +130,23 @@ def kvm_arch_mmu_enable_log_dirty_pt_masked(vm: "VM", slot: Memslot, gfn_offset:
         kvm_mmu_split_huge_pages(vm, start, end)
 
 
-def kvm_arch_commit_memory_region(vm: "VM", old: Memslot | None, new: Memslot | None,
+def kvm_arch_commit_memory_region(vm: "VMBase", old: Memslot | None, new: Memslot | None,
                                   change: str) -> None:
     """Dirty logging turned on: write-protect and split now, unless
     manual-protect + initially-set defers both to KVM_CLEAR_DIRTY_LOG.
-    Anything else frees what is left in the split cache."""
+    Anything else frees what is left in the split cache.
+
+    The decision is shared by both engines; the work is each engine's
+    ``wp_memory_region``, ``split_memory_region`` and ``free_split_cache``."""
     if new is not None and new.flags & 1:
         if change == "delete":
             return
         if vm.manual_protect_and_init_set:
             return
-        kvm_mmu_wp_memory_region(vm, new)
-        kvm_mmu_split_memory_region(vm, new)
+        vm.wp_memory_region(new)
+        vm.split_memory_region(new)
     else:
-        _k(vm, K_CACHE_PAGES_FREED, vm.split_cache.free_all())
+        vm.free_split_cache()
 
 
 # -- faults ------------------------------------------------------------------

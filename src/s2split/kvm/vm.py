@@ -1,27 +1,29 @@
 """A modelled KVM VM: capabilities, memslots, vCPUs and guest memory accesses.
 
-This is the reference engine's VM. Its methods are the ioctls the selftest
-uses, with the kernel's checks and errnos (raised as
-:class:`~s2split.errors.KernelError`), and :meth:`VM.guest_pass`, one
-memstress pass over every vCPU's region.
+:class:`VMBase` holds what both engines share -- the ioctls' rules and
+errnos (raised as :class:`~s2split.errors.KernelError`), memslot bookkeeping
+and host-memory placement, and the decisions of
+``kvm_arch_commit_memory_region()``. :class:`VM` is the reference engine's VM:
+the stage-2 work runs through :mod:`s2split.kvm.mmu` and the walker.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Sequence
 
 from .. import pte as P
 from ..arch import Geometry, size_name
-from ..counters import (K_ABORTS, K_GUEST_ACCESSES, K_IOCTLS, K_MMIO_EXITS, NOLEVEL, OP_KVM,
-                        SLOTS, Counts)
-from ..errors import EEXIST, EFAULT, EINVAL, KernelError, S2Error
+from ..counters import (K_ABORTS, K_CACHE_PAGES_FREED, K_GUEST_ACCESSES, K_IOCTLS, K_MMIO_EXITS,
+                        NOLEVEL, OP_KVM, SLOTS, Counts, Tally)
+from ..errors import EEXIST, EFAULT, EINVAL, ENOENT, KernelError, S2Error
 from ..hw import Features
 from ..pgtable.memory import MemoryCache
 from ..pgtable.stage2 import Stage2PageTable
 from ..pgtable.variants import VANILLA, Variant
 from . import dirty_log, mmu
 from .backing import Backing
-from .memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, VALID_FLAGS, Memslot
+from .memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, VALID_FLAGS, WORD_BITS, Memslot
 
 # Capability numbers (include/uapi/linux/kvm.h).
 KVM_CAP_ARM_VM_IPA_SIZE = 165
@@ -42,23 +44,16 @@ class Vcpu:
     """A vCPU running memstress: its region, its generator state, its memcache."""
 
     index: int
-    memcache: MemoryCache
+    memcache: MemoryCache | None
     gpa: int = 0
     pages: int = 0
     rng: int = 0  # struct guest_random_state, persisting across passes
 
 
-@dataclass
-class VMConfig:
-    geom: Geometry = field(default_factory=Geometry)
-    features: Features = field(default_factory=Features)
-    host_va_bits: int = 48
+class VMBase:
+    """Engine-independent VM state and the rules of the VM ioctls."""
 
-
-class VM:
-    """A VM on the reference engine."""
-
-    engine = "reference"
+    engine = "base"
 
     def __init__(self, geom: Geometry, features: Features | None = None,
                  variant: Variant = VANILLA, host_va_bits: int = 48):
@@ -66,17 +61,44 @@ class VM:
         self.features = features or Features()
         self.variant = variant
         self.host_va_bits = host_va_bits
-        self.pgt = Stage2PageTable(geom, self.features, variant)
-        self.tally = self.pgt.tally
-        self.k = self.tally.ops[OP_KVM]
         self.memslots: dict[int, Memslot] = {}
         self.split_chunk_size = 0
-        self.split_cache = MemoryCache(self.pgt.mem)
         self.manual_dirty_log_protect = 0
         self.vcpus: list[Vcpu] = []
         self._next_hva = HVA_BASE
         self._next_pa = GUEST_PA_BASE
-        self._last_slot: Memslot | None = None
+
+    # engine hooks ----------------------------------------------------------
+    def _count(self, kind: int, n: int = 1) -> None:
+        raise NotImplementedError
+
+    def _slot_created(self, slot: Memslot) -> None:
+        raise NotImplementedError
+
+    def _bitmap_changed(self, slot: Memslot, enabled: bool, all_set: bool) -> None:
+        raise NotImplementedError
+
+    def _slot_deleted(self, slot: Memslot) -> None:
+        raise NotImplementedError
+
+    def _get_dirty_log(self, slot: Memslot) -> Sequence[int]:
+        raise NotImplementedError
+
+    def _clear_dirty_log(self, slot: Memslot, first_page: int, num_pages: int,
+                         bitmap: Sequence[int]) -> None:
+        raise NotImplementedError
+
+    def _vcpu_added(self, vcpu: Vcpu) -> None:
+        raise NotImplementedError
+
+    def wp_memory_region(self, slot: Memslot) -> None:
+        raise NotImplementedError
+
+    def split_memory_region(self, slot: Memslot) -> None:
+        raise NotImplementedError
+
+    def free_split_cache(self) -> None:
+        raise NotImplementedError
 
     # -- capabilities ------------------------------------------------------
     @property
@@ -127,6 +149,9 @@ class VM:
         setattr(self, attr, base + size)
         return base
 
+    def _ioctl(self) -> None:
+        self._count(K_IOCTLS)
+
     def add_memslot(self, slot_id: int, gpa: int, size: int, backing: Backing,
                     flags: int = 0) -> Memslot:
         """``KVM_SET_USER_MEMORY_REGION`` creating a slot over fresh host memory."""
@@ -158,6 +183,7 @@ class VM:
             raise S2Error("guest memory does not fit the model's 48-bit physical space")
         slot = Memslot(slot_id, base_gfn, npages, 0, hva, backing, host_pa)
         self.memslots[slot_id] = slot
+        self._slot_created(slot)
         mmu.kvm_arch_commit_memory_region(self, None, slot, "create")
         if flags:
             self.set_memslot_flags(slot_id, flags)
@@ -177,11 +203,12 @@ class VM:
             return
         old_flags = slot.flags
         slot.flags = flags
-        # kvm_prepare_memory_region(): the dirty bitmap follows LOG_DIRTY_PAGES.
+        # kvm_prepare_memory_region(): the dirty bitmap follows LOG_DIRTY_PAGES,
+        # all set with manual-protect + initially-set.
         if not flags & KVM_MEM_LOG_DIRTY_PAGES:
-            slot.dirty_bitmap = None
+            self._bitmap_changed(slot, False, False)
         elif not old_flags & KVM_MEM_LOG_DIRTY_PAGES:
-            slot.dirty_bitmap = slot.new_bitmap(self.manual_protect_and_init_set)
+            self._bitmap_changed(slot, True, self.manual_protect_and_init_set)
         mmu.kvm_arch_commit_memory_region(self, slot, slot, "flags_only")
 
     def delete_memslot(self, slot_id: int) -> None:
@@ -190,39 +217,109 @@ class VM:
         slot = self.memslots.pop(slot_id, None)
         if slot is None:
             raise KernelError(EINVAL, f"memslot {slot_id} does not exist")
+        self._slot_deleted(slot)
+        mmu.kvm_arch_commit_memory_region(self, slot, None, "delete")
+
+    # -- dirty log -----------------------------------------------------------
+    def _slot_with_log(self, slot_id: int) -> Memslot:
+        slot = self.memslots.get(slot_id)
+        if slot is None or not slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            raise KernelError(ENOENT, f"memslot {slot_id} has no dirty log")
+        return slot
+
+    def get_dirty_log(self, slot_id: int) -> Sequence[int]:
+        """``KVM_GET_DIRTY_LOG``: the slot's bitmap, one 64-bit word per 64 pages."""
+        self._ioctl()
+        return self._get_dirty_log(self._slot_with_log(slot_id))
+
+    def clear_dirty_log(self, slot_id: int, first_page: int, num_pages: int,
+                        bitmap: Sequence[int]) -> None:
+        """``KVM_CLEAR_DIRTY_LOG`` with the kernel's checks on the range."""
+        self._ioctl()
+        if first_page & 63:
+            raise KernelError(EINVAL, f"first_page {first_page} is not a multiple of 64")
+        slot = self._slot_with_log(slot_id)
+        if first_page > slot.npages or num_pages > slot.npages - first_page or \
+                (num_pages < slot.npages - first_page and num_pages & 63):
+            raise KernelError(EINVAL, f"pages [{first_page}, {first_page + num_pages}) do not "
+                              f"fit memslot {slot_id} of {slot.npages} pages in whole 64-page "
+                              "words")
+        nwords = (num_pages + WORD_BITS - 1) // WORD_BITS
+        if len(bitmap) < nwords:
+            raise KernelError(EINVAL, f"the bitmap holds {len(bitmap)} words, {nwords} are "
+                              "needed")
+        self._clear_dirty_log(slot, first_page, num_pages, bitmap)
+
+    # -- vCPUs ---------------------------------------------------------------
+    def add_vcpu(self, gpa: int = 0, pages: int = 0, seed: int = 0) -> Vcpu:
+        vcpu = Vcpu(len(self.vcpus), None, gpa, pages, seed)
+        self.vcpus.append(vcpu)
+        self._vcpu_added(vcpu)
+        return vcpu
+
+    def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        for s in self.memslots.values():
+            if s.contains(gfn):
+                return s
+        return None
+
+
+class VM(VMBase):
+    """A VM on the reference engine."""
+
+    engine = "reference"
+
+    def __init__(self, geom: Geometry, features: Features | None = None,
+                 variant: Variant = VANILLA, host_va_bits: int = 48):
+        super().__init__(geom, features, variant, host_va_bits)
+        self.pgt = Stage2PageTable(geom, self.features, variant)
+        self.tally: Tally = self.pgt.tally
+        self.k = self.tally.ops[OP_KVM]
+        self.split_cache = MemoryCache(self.pgt.mem)
+        self._last_slot: Memslot | None = None
+
+    def _count(self, kind: int, n: int = 1) -> None:
+        self.k[kind * SLOTS + NOLEVEL] += n
+
+    def _slot_created(self, slot: Memslot) -> None:
+        pass
+
+    def _bitmap_changed(self, slot: Memslot, enabled: bool, all_set: bool) -> None:
+        slot.dirty_bitmap = slot.new_bitmap(all_set) if enabled else None
+
+    def _slot_deleted(self, slot: Memslot) -> None:
         self._last_slot = None
         self.pgt.unmap(slot.base_gpa, slot.size)
-        mmu.kvm_arch_commit_memory_region(self, slot, None, "delete")
+
+    def _get_dirty_log(self, slot: Memslot) -> list[int]:
+        return dirty_log.kvm_get_dirty_log_protect(self, slot)
+
+    def _clear_dirty_log(self, slot: Memslot, first_page: int, num_pages: int,
+                         bitmap: Sequence[int]) -> None:
+        dirty_log.kvm_clear_dirty_log_protect(self, slot, first_page, num_pages, bitmap)
+
+    def _vcpu_added(self, vcpu: Vcpu) -> None:
+        vcpu.memcache = MemoryCache(self.pgt.mem)
+
+    def wp_memory_region(self, slot: Memslot) -> None:
+        mmu.kvm_mmu_wp_memory_region(self, slot)
+
+    def split_memory_region(self, slot: Memslot) -> None:
+        mmu.kvm_mmu_split_memory_region(self, slot)
+
+    def free_split_cache(self) -> None:
+        self._count(K_CACHE_PAGES_FREED, self.split_cache.free_all())
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
         s = self._last_slot
         if s is not None and s.contains(gfn):
             return s
-        for s in self.memslots.values():
-            if s.contains(gfn):
-                self._last_slot = s
-                return s
-        return None
+        s = super().gfn_to_memslot(gfn)
+        if s is not None:
+            self._last_slot = s
+        return s
 
-    # -- dirty log -----------------------------------------------------------
-    def _ioctl(self) -> None:
-        self.k[K_IOCTLS * SLOTS + NOLEVEL] += 1
-
-    def get_dirty_log(self, slot_id: int) -> list[int]:
-        self._ioctl()
-        return dirty_log.kvm_get_dirty_log_protect(self, slot_id)
-
-    def clear_dirty_log(self, slot_id: int, first_page: int, num_pages: int,
-                        bitmap: list[int]) -> None:
-        self._ioctl()
-        dirty_log.kvm_clear_dirty_log_protect(self, slot_id, first_page, num_pages, bitmap)
-
-    # -- vCPUs and guest accesses -------------------------------------------
-    def add_vcpu(self, gpa: int = 0, pages: int = 0, seed: int = 0) -> Vcpu:
-        vcpu = Vcpu(len(self.vcpus), MemoryCache(self.pgt.mem), gpa, pages, seed)
-        self.vcpus.append(vcpu)
-        return vcpu
-
+    # -- guest accesses --------------------------------------------------------
     def guest_access(self, vcpu: Vcpu, gpa: int, write: bool) -> None:
         """One guest load or store: the MMU translates it or KVM handles a fault,
         until the access goes through (a fault that only changed part of the
@@ -249,6 +346,7 @@ class VM:
         from ..workload import memstress_pass
         memstress_pass(self, write_percent, random_access)
 
+    # -- results -------------------------------------------------------------
     def destroy(self) -> None:
         """Tear down: free the vCPU caches and the split cache, destroy the stage-2."""
         for vcpu in self.vcpus:
@@ -256,7 +354,6 @@ class VM:
         self.split_cache.free_all()
         self.pgt.destroy()
 
-    # -- results -------------------------------------------------------------
     def take_counts(self) -> Counts:
         return self.tally.take()
 
