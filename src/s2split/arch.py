@@ -80,7 +80,8 @@ class Geometry:
     pgd_pages: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.granule not in GRANULES:
+        if isinstance(self.granule, bool) or not isinstance(self.granule, int) or \
+                self.granule not in GRANULES:
             raise S2Error(f"granule {self.granule} is not supported: use 4K, 16K or 64K")
         if isinstance(self.ipa_bits, bool) or not isinstance(self.ipa_bits, int):
             raise S2Error(f"IPA size must be an integer number of bits, got {self.ipa_bits!r}")

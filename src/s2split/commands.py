@@ -1,9 +1,365 @@
-"""Registration of the larger subcommands (reproduce, explain, store, calibrate, hw)."""
+"""The subcommands around the results store: reproduce, explain, show, compare,
+export, calibrate (and hw, in :mod:`s2split.hw.cli`)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import S2Error
+
+
+def _csv(what: str, parse=str):
+    def f(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{what}: empty list")
+        try:
+            return [parse(t) for t in items]
+        except S2Error as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return f
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write a file completely or not at all (temp file + rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def add_matrix_options(p: argparse.ArgumentParser, single: bool = False) -> None:
+    from .arch import parse_granule
+    from .cli import _int_arg, _size
+    from .store import DEFAULT_DB
+    g = p.add_argument_group("the matrix")
+    g.add_argument("--size", type=_size("--size"), default=64 << 30, metavar="SIZE",
+                   help="guest memory of the VM, e.g. 64G or 1T (default: 64G)")
+    g.add_argument("--granule", type=_csv("--granule", parse_granule), default=None,
+                   metavar="LIST", help="granules, e.g. 4K,16K (default: 4K,16K,64K)")
+    g.add_argument("--backing", type=_csv("--backing"), default=None, metavar="LIST",
+                   help="regular, thp, hugetlb (default: all three)")
+    g.add_argument("--scenario", type=_csv("--scenario"), default=None, metavar="LIST",
+                   help="clear (KVM_CLEAR_DIRTY_LOG with manual-protect) and/or enable "
+                   "(enabling dirty logging) (default: both)")
+    g.add_argument("--variant", type=_csv("--variant"), default=None, metavar="LIST",
+                   help="variants; vanilla is always included (default: vanilla,skip-levels,"
+                   "skip-levels+skip-children)")
+    g.add_argument("--chunk-size", type=_size("--chunk-size"), default=None, metavar="SIZE",
+                   help="eager-split chunk size (default: the PMD block size of each granule)")
+    g.add_argument("--iterations", type=_int_arg("--iterations", 2), default=2, metavar="N",
+                   help="iterations of the test (default: 2)")
+    g.add_argument("--ipa-bits", type=_int_arg("--ipa-bits", 32, 52), default=40, metavar="N",
+                   help="guest physical address bits (default: 40)")
+    g.add_argument("--hugetlb-1g", action="store_true",
+                   help="back hugetlb with 1G pages on 4K (default: the default hugepage size)")
+    g.add_argument("--profile", default="server-vhe", metavar="NAME|FILE",
+                   help="hardware profile: CPU features and unit costs (default: server-vhe)")
+    r = p.add_argument_group("running")
+    r.add_argument("--db", default=DEFAULT_DB, metavar="FILE",
+                   help=f"results database (default: ./{DEFAULT_DB})")
+    r.add_argument("--engine", choices=("auto", "reference", "fast"), default="auto",
+                   help="auto: the fast engine from 64M of guest memory (default: auto)")
+    if not single:
+        r.add_argument("--workers", type=_int_arg("--workers", 1), default=None, metavar="N",
+                       help="parallel processes (default: one per CPU)")
+        r.add_argument("--dask", default=None, metavar="ADDRESS",
+                       help="run groups on a Dask cluster, e.g. tcp://10.0.0.5:8786")
+
+
+def matrix_from(args: argparse.Namespace) -> Any:
+    from .pgtable.variants import DEFAULT_VARIANTS
+    from .reproduce import Matrix
+    variants = list(args.variant or DEFAULT_VARIANTS)
+    if "vanilla" not in variants:
+        variants.insert(0, "vanilla")
+    kw: dict[str, Any] = dict(size=args.size, variants=tuple(variants),
+                              iterations=args.iterations, ipa_bits=args.ipa_bits,
+                              hugetlb_1g=args.hugetlb_1g, profile=args.profile,
+                              chunk=args.chunk_size)
+    if args.granule:
+        kw["granules"] = tuple(args.granule)
+    if args.backing:
+        kw["backings"] = tuple(args.backing)
+    if args.scenario:
+        kw["scenarios"] = tuple(args.scenario)
+    return Matrix(**kw)
+
+
+def _run_matrix(args: argparse.Namespace, matrix: Any, show_progress: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeElapsedColumn
+
+    from .reproduce import DaskExecutor, LocalExecutor, reproduce
+    from .store import Store
+    store = Store.open(args.db)
+    executor = None
+    if getattr(args, "dask", None):
+        executor = DaskExecutor(args.dask)
+    elif getattr(args, "workers", None):
+        executor = LocalExecutor(args.workers)
+    try:
+        if not show_progress:
+            return reproduce(matrix, store, args.engine, executor)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), transient=True, console=_err_console()) as prog:
+            task = prog.add_task("groups", total=None)
+
+            def progress(label: str, done: int, total: int) -> None:
+                prog.update(task, completed=done, total=total,
+                            description=f"groups (last: {label})" if label else "groups")
+            return reproduce(matrix, store, args.engine, executor, progress)
+    finally:
+        store.close()
+
+
+def _err_console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import time
+
+    from .cli import _console
+    from .report.reproduce import outcome_json, print_outcome
+    from .reproduce import matrix_summary
+
+    matrix = matrix_from(args)
+    t0 = time.perf_counter()
+    outcome = _run_matrix(args, matrix, not args.no_progress and not args.json)
+    elapsed = time.perf_counter() - t0
+    if args.plots:
+        from .report.plots import write_plots
+        written = write_plots(outcome, args.plots)
+    if args.json:
+        data = outcome_json(outcome)
+        data["elapsed_s"] = elapsed
+        json.dump(data, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    console = _console()
+    console.print(f"Matrix: {matrix_summary(matrix)}", highlight=False)
+    console.print(f"Profile: {outcome.profile.name} -- {outcome.profile.description}",
+                  highlight=False)
+    print_outcome(console, outcome)
+    if args.explain:
+        print_explanations(console, outcome)
+    if args.plots:
+        console.print(f"Plots: {len(written)} files in {args.plots}", highlight=False)
+    console.print(f"{outcome.ran} cell(s) computed, {outcome.skipped} found in {args.db}; "
+                  f"{elapsed:.1f} s", highlight=False)
+    return 0
+
+
+def print_explanations(console: Any, outcome: Any) -> None:
+    from .arch import granule_name
+    from .explain import changes, changes_table, identical_work, sentences
+    from .reproduce import BACKING_LABELS, syscall_phases
+    m = outcome.matrix
+    for s in m.scenarios:
+        for b in m.backings:
+            for g in m.granules:
+                label = f"{granule_name(g)} {BACKING_LABELS[b]}, {s}"
+                console.rule(label)
+                phases = syscall_phases(s, m.iterations)
+                syscall = "this ioctl" if s == "enable" else \
+                    f"the {len(phases)} KVM_CLEAR_DIRTY_LOG calls"
+                base = outcome.cells[(g, b, s, "vanilla")]
+                summed = {v: outcome.phase_counts(g, b, s, v) for v in m.variants}
+                for v in m.variants:
+                    if v == "vanilla":
+                        continue
+                    rows = []
+                    for ph in phases:
+                        rows += changes(ph, base[ph], outcome.cells[(g, b, s, v)][ph],
+                                        outcome.profile)
+                    if rows:
+                        console.print(changes_table(f"{v} against vanilla", rows))
+                    for line in sentences(syscall, summed["vanilla"], summed[v],
+                                          outcome.profile, v):
+                        console.print("  " + line, highlight=False)
+                for line in identical_work(summed, syscall):
+                    console.print("  " + line, highlight=False)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .cli import _console
+    matrix = matrix_from(args)
+    if len(matrix.granules) * len(matrix.backings) * len(matrix.scenarios) > 3:
+        raise S2Error("explain one cell at a time: give --granule, --backing and --scenario")
+    outcome = _run_matrix(args, matrix, False)
+    print_explanations(_console(), outcome)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .arch import size_name
+    from .cli import _console
+    from .cost import load_profile
+    from .store import Store
+    store = Store.open(args.db, create=False)
+    profile = load_profile(args.profile) if args.profile else None
+    t = Table(title=f"{store.path}: {store.cell_count()} cell(s)", title_justify="left")
+    for col in ("key", "granule", "size", "backing", "mode", "variant", "profile", "engine"):
+        t.add_column(col)
+    t.add_column("syscall est.", justify="right")
+    t.add_column("entries read", justify="right")
+    n = 0
+    for c in store.cells():
+        cfg = c.config
+        if args.variant and c.variant not in args.variant:
+            continue
+        phases = [(name, cnt, est) for name, cnt, est in c.phases
+                  if name == "enable_dirty_logging" or name.endswith("clear_dirty_log")]
+        if not cfg.get("manual_protect", True):
+            phases = [x for x in phases if x[0] == "enable_dirty_logging"]
+        est = sum(profile.estimate_ns(cnt) if profile else e for _, cnt, e in phases)
+        reads = sum(cnt.entries_read() for _, cnt, _ in phases)
+        t.add_row(c.key[:12], size_name(cfg["granule"]), size_name(cfg["vcpu_memory_bytes"]),
+                  cfg["backing"], "clear" if cfg["manual_protect"] else "enable", c.variant,
+                  profile.name if profile else c.profile, c.engine, f"{est / 1e6:,.2f} ms",
+                  f"{reads:,}")
+        n += 1
+    _console().print(t)
+    store.close()
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Two variants across the stored cells: estimated time and work."""
+    from rich.table import Table
+
+    from .arch import size_name
+    from .cli import _console
+    from .cost import load_profile
+    from .store import Store
+    store = Store.open(args.db, create=False)
+    cells: dict[tuple, dict[str, Any]] = {}
+    for c in store.cells():
+        cfg = dict(c.config)
+        cfg.pop("features", None)
+        key = json.dumps(cfg, sort_keys=True)
+        cells.setdefault(key, {})[c.variant] = c
+    t = Table(title=f"{args.b} against {args.a}", title_justify="left")
+    for col in ("granule", "backing", "scenario"):
+        t.add_column(col)
+    for col in (f"{args.a} est.", f"{args.b} est.", "time", "entries read", "visits"):
+        t.add_column(col, justify="right")
+    rows = 0
+    for key, by_variant in cells.items():
+        if args.a not in by_variant or args.b not in by_variant:
+            continue
+        ca, cb = by_variant[args.a], by_variant[args.b]
+        profile = load_profile(args.profile or ca.profile)
+        manual = ca.config["manual_protect"]
+        names = [n for n, _, _ in ca.phases if (n.endswith("clear_dirty_log") if manual
+                                                else n == "enable_dirty_logging")]
+        sa = sum((ca.phase(n) for n in names[1:]), ca.phase(names[0]))
+        sb = sum((cb.phase(n) for n in names[1:]), cb.phase(names[0]))
+        ea, eb = profile.estimate_ns(sa), profile.estimate_ns(sb)
+
+        def pct(x: float, y: float) -> str:
+            return "n/a" if x == 0 else f"{100 * (y - x) / x:+.1f}%"
+        t.add_row(size_name(ca.config["granule"]), ca.config["backing"],
+                  "clear" if manual else "enable", f"{ea / 1e6:,.2f} ms", f"{eb / 1e6:,.2f} ms",
+                  pct(ea, eb), pct(sa.entries_read(), sb.entries_read()),
+                  pct(sa.visitor_calls(), sb.visitor_calls()))
+        rows += 1
+    store.close()
+    if not rows:
+        raise S2Error(f"no stored configuration has both {args.a!r} and {args.b!r}")
+    _console().print(t)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .store import Store
+    store = Store.open(args.db, create=False)
+    data = json.dumps(store.export_json(), indent=1) + "\n" if args.format == "json" else \
+        store.export_csv()
+    store.close()
+    if args.output in (None, "-"):
+        sys.stdout.write(data)
+    else:
+        write_atomic(args.output, data)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate_command
+    return calibrate_command(args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the subcommands that live in their own modules."""
+    from .store import DEFAULT_DB
+    rp = sub.add_parser("reproduce", help="run the experiment matrix (the main job)",
+                        description="Run the patch series' experiment matrix on the model: "
+                        "64 GiB VM x granule x backing x scenario x variant, with the savings "
+                        "of each variant against vanilla, the command reproducing each cell, "
+                        "and (with --explain) where the gains are.")
+    add_matrix_options(rp)
+    rp.add_argument("--explain", action="store_true", help="explain every cell")
+    rp.add_argument("--plots", metavar="DIR", help="write PNG and SVG plots into DIR")
+    rp.add_argument("--json", action="store_true", help="print the results as JSON")
+    rp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rp.set_defaults(func=cmd_reproduce)
+
+    ex = sub.add_parser("explain", help="where the gains of each variant are, for one cell")
+    add_matrix_options(ex, single=True)
+    ex.set_defaults(func=cmd_explain)
+
+    sh = sub.add_parser("show", help="list the cells in the results database")
+    sh.add_argument("--db", default=DEFAULT_DB)
+    sh.add_argument("--variant", type=_csv("--variant"), default=None)
+    sh.add_argument("--profile", default=None, help="re-estimate under another profile")
+    sh.set_defaults(func=cmd_show)
+
+    cp = sub.add_parser("compare", help="compare two variants over the stored cells")
+    cp.add_argument("a", metavar="VARIANT_A")
+    cp.add_argument("b", metavar="VARIANT_B")
+    cp.add_argument("--db", default=DEFAULT_DB)
+    cp.add_argument("--profile", default=None)
+    cp.set_defaults(func=cmd_compare)
+
+    xp = sub.add_parser("export", help="export the results database as JSON or CSV")
+    xp.add_argument("--db", default=DEFAULT_DB)
+    xp.add_argument("--format", choices=("json", "csv"), default="json")
+    xp.add_argument("-o", "--output", default=None, help="file (default: standard output)")
+    xp.set_defaults(func=cmd_export)
+
+    ca = sub.add_parser("calibrate", help="fit a profile's unit costs to measured times")
+    ca.add_argument("measurements", metavar="MEASUREMENTS",
+                    help="CSV or JSON of (perf-test options, phase, seconds)")
+    ca.add_argument("--profile", default="server-vhe", help="profile to start from")
+    ca.add_argument("--fit", default=None, metavar="KEYS",
+                    help="comma-separated cost keys to fit (default: the main walk, TLBI and "
+                    "fault costs)")
+    ca.add_argument("--name", default=None, help="name of the fitted profile")
+    ca.add_argument("-o", "--output", default=None,
+                    help="write the fitted profile to this file (JSON)")
+    ca.add_argument("--engine", choices=("auto", "reference", "fast"), default="auto")
+    ca.add_argument("--db", default=None, help="use hw measurements from this database instead "
+                    "of a file (MEASUREMENTS is then a label)")
+    ca.set_defaults(func=cmd_calibrate)
+
+    try:
+        from .hw.cli import register as register_hw
+    except ImportError:  # pragma: no cover - the hw package is part of s2split
+        return
+    register_hw(sub)

@@ -23,12 +23,14 @@ class Features:
     * ``tlbirange``: FEAT_TLBIRANGE; range TLBIs instead of whole-VMID ones, and
       (with FWB) unmap defers its per-entry TLBIs to one range flush.
     * ``dic``: CTR_EL0.DIC; KVM then maps guest memory executable by default.
+
+    The defaults are the features of the default profile (``server-vhe``).
     """
 
     vhe: bool = True
     fwb: bool = True
     tlbirange: bool = True
-    dic: bool = False
+    dic: bool = True
 
     def describe(self) -> str:
         return ", ".join(f"{k}={'on' if v else 'off'}" for k, v in asdict(self).items())

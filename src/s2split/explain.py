@@ -1,0 +1,114 @@
+"""Where the gains are: which counters a variant lowers, per phase and level,
+and what share of the syscall's estimated time each accounts for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.table import Table
+
+from .cost import Profile
+from .counters import Counts
+
+READ_KINDS = ("read_table", "read_leaf", "read_invalid")
+VISIT_KINDS = ("visit_leaf", "visit_pre", "visit_post")
+OP_WALK = {"split": "split walk", "wrprotect": "write-protect walk", "map": "map walk",
+           "relax_perms": "relax-permissions walk", "unmap": "unmap walk",
+           "create_unlinked": "walk that builds new tables (create_unlinked)",
+           "free_unlinked": "free walk", "destroy": "destroy walk", "get_leaf": "host lookup"}
+
+
+@dataclass
+class Change:
+    phase: str
+    op: str
+    kind: str
+    level: int | None
+    before: int
+    after: int
+    ns_saved: float  # estimated
+    share_of_time: float  # of the vanilla phase's estimated time, 0..1
+
+
+def changes(phase: str, base: Counts, other: Counts, profile: Profile) -> list[Change]:
+    total = profile.estimate_ns(base)
+    out = []
+    for op, kind, level, before, after in base.diff(other):
+        ns = (before - after) * profile.unit_cost(op, kind, level)
+        out.append(Change(phase, op, kind, level, before, after, ns, ns / total if total else 0.0))
+    return sorted(out, key=lambda c: (-c.ns_saved, -(c.before - c.after)))
+
+
+def _lv(level: int | None) -> str:
+    return "-" if level is None else str(level)
+
+
+def changes_table(title: str, rows: list[Change], limit: int = 12) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("phase", "operation", "counter", "level"):
+        t.add_column(col)
+    for col in ("vanilla", "variant", "change", "est. time share"):
+        t.add_column(col, justify="right")
+    for c in rows[:limit]:
+        t.add_row(c.phase, c.op, c.kind, _lv(c.level), f"{c.before:,}", f"{c.after:,}",
+                  f"{c.after - c.before:+,}", f"{100 * c.share_of_time:.1f}%")
+    if len(rows) > limit:
+        t.add_row("...", f"{len(rows) - limit} smaller changes", "", "", "", "", "", "")
+    return t
+
+
+def sentences(phase_label: str, base: Counts, other: Counts, profile: Profile,
+              variant: str) -> list[str]:
+    """Plain sentences on the largest changes of one syscall's phases (summed)."""
+    out = []
+    reads_total = base.entries_read()
+    est = profile.estimate_ns(base)
+    saved = est - profile.estimate_ns(other)
+    if base == other:
+        return [f"{variant} does exactly the work of vanilla in {phase_label}."]
+    if est:
+        out.append(f"{variant} saves {100 * saved / est:.1f}% of the estimated time of "
+                   f"{phase_label} (profile {profile.name}).")
+    by_op_level: dict[tuple[str, int | None], tuple[int, int]] = {}
+    for op, kind, level, before, after in base.diff(other):
+        if kind in READ_KINDS:
+            b, a = by_op_level.get((op, level), (0, 0))
+            by_op_level[(op, level)] = (b + before, a + after)
+    for (op, level), (before, after) in sorted(by_op_level.items(),
+                                               key=lambda kv: kv[1][1] - kv[1][0])[:3]:
+        walk = OP_WALK.get(op, f"{op} walk")
+        where = f"level-{level} " if level is not None else ""
+        share = 100 * before / reads_total if reads_total else 0.0
+        if after == 0:
+            out.append(f"The {walk} no longer reads the {before:,} {where}entries; they were "
+                       f"{share:.0f}% of all entries read in {phase_label}.")
+        else:
+            out.append(f"The {walk} reads {before - after:,} fewer {where}entries "
+                       f"({before:,} -> {after:,}), {share:.0f}% of all entries read in "
+                       f"{phase_label}.")
+    vb, va = base.visitor_calls(), other.visitor_calls()
+    if vb != va:
+        out.append(f"Visitor calls fall from {vb:,} to {va:,}.")
+    same = [k for k in ("tlbi_ipa", "page_taken", "pte_write") if base.total(k) ==
+            other.total(k)]
+    if len(same) == 3:
+        out.append("TLB invalidations, table pages and PTE writes are unchanged: the same "
+                   "tables are built, only less walking is done.")
+    return out
+
+
+def identical_work(counts: dict[str, Counts], phase_label: str) -> list[str]:
+    """Sentences naming variants that do identical work."""
+    names = list(counts)
+    out = []
+    seen: set[str] = set()
+    for i, a in enumerate(names):
+        if a in seen:
+            continue
+        same = [b for b in names[i + 1:] if counts[b] == counts[a]]
+        if same:
+            seen.update(same)
+            group = " and ".join([a, *same])
+            out.append(f"{group} do identical work in {phase_label}: any measured difference "
+                       f"between them is noise.")
+    return out

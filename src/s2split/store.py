@@ -1,0 +1,254 @@
+"""The results store: one SQLite file holding every cell and measurement.
+
+Schema (version :data:`SCHEMA_VERSION`):
+
+* ``meta(key, value)`` -- ``app = s2split``, ``schema_version``, ``created``;
+* ``cells`` -- one model run of one variant: its key, configuration (the
+  perf-test parameters), variant, engine, profile, tool version and time;
+* ``phases`` -- per cell and phase: the exact counts (sparse JSON) and the
+  estimate under the cell's profile;
+* ``measurements`` -- timings from real hosts (``s2split hw``): a label (e.g.
+  a kernel), the configuration key, phase, repetition, seconds and the host.
+
+Each cell is written in one transaction, so an interrupted run leaves only
+whole cells behind and resumes by skipping the keys already present.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from . import __version__
+from .counters import Counts
+from .errors import S2Error
+
+SCHEMA_VERSION = 1
+APP = "s2split"
+DEFAULT_DB = "s2split-results.sqlite"
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE cells (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    config TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    engine TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    tool_version TEXT NOT NULL,
+    created TEXT NOT NULL,
+    seconds REAL NOT NULL
+);
+CREATE TABLE phases (
+    cell_id INTEGER NOT NULL REFERENCES cells(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    counts TEXT NOT NULL,
+    estimate_ns REAL NOT NULL,
+    PRIMARY KEY (cell_id, phase)
+);
+CREATE TABLE measurements (
+    id INTEGER PRIMARY KEY,
+    label TEXT NOT NULL,
+    config_key TEXT NOT NULL,
+    config TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    repetition INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    host TEXT NOT NULL,
+    source TEXT NOT NULL,
+    tool_version TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE INDEX measurements_label ON measurements(label, config_key, phase);
+"""
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class StoredCell:
+    id: int
+    key: str
+    config: dict[str, Any]
+    variant: str
+    engine: str
+    profile: str
+    tool_version: str
+    created: str
+    seconds: float
+    phases: list[tuple[str, Counts, float]]
+
+    def phase(self, name: str) -> Counts:
+        for n, c, _ in self.phases:
+            if n == name:
+                return c
+        raise KeyError(name)
+
+
+class Store:
+    """A results database; create with :meth:`open`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: str):
+        self.conn = conn
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | Path = DEFAULT_DB, create: bool = True) -> "Store":
+        p = Path(path)
+        exists = p.exists()
+        if not exists and not create:
+            raise S2Error(f"{p}: no such results database")
+        if exists:
+            try:
+                with open(p, "rb") as f:
+                    head = f.read(16)
+            except OSError as e:
+                raise S2Error(f"{p}: cannot read ({e.strerror})") from None
+            if head and not head.startswith(b"SQLite format 3"):
+                raise S2Error(f"{p}: not an s2split results database (not SQLite)")
+        try:
+            conn = sqlite3.connect(str(p), timeout=30)
+            conn.execute("PRAGMA foreign_keys = ON")
+            tables = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise S2Error(f"{p}: not an s2split results database ({e})") from None
+        store = cls(conn, str(p))
+        if not tables:
+            if not create:
+                raise S2Error(f"{p}: empty database, not an s2split results database")
+            with conn:
+                conn.executescript(_SCHEMA)
+                conn.executemany("INSERT INTO meta VALUES (?, ?)", [
+                    ("app", APP), ("schema_version", str(SCHEMA_VERSION)), ("created", now())])
+            return store
+        if "meta" not in tables:
+            raise S2Error(f"{p}: not an s2split results database (no meta table)")
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+        if meta.get("app") != APP:
+            raise S2Error(f"{p}: not an s2split results database (app {meta.get('app')!r})")
+        try:
+            version = int(meta.get("schema_version", "0"))
+        except ValueError:
+            raise S2Error(f"{p}: bad schema version {meta.get('schema_version')!r}") from None
+        if version > SCHEMA_VERSION:
+            raise S2Error(f"{p}: written by a newer s2split (schema {version}, this one reads "
+                          f"{SCHEMA_VERSION}); upgrade s2split")
+        if version < SCHEMA_VERSION:
+            raise S2Error(f"{p}: schema {version} is older than {SCHEMA_VERSION}; no migration "
+                          "exists yet -- use a new file with --db")
+        return store
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- cells -------------------------------------------------------------------
+    def has_cell(self, key: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM cells WHERE key = ?", (key,)).fetchone() \
+            is not None
+
+    def add_cell(self, key: str, config: dict[str, Any], variant: str, engine: str,
+                 profile: str, seconds: float,
+                 phases: Iterable[tuple[str, Counts, float]]) -> int:
+        """Write one cell and its phases in one transaction; an existing key is
+        left alone (and its id returned)."""
+        with self.conn:
+            row = self.conn.execute("SELECT id FROM cells WHERE key = ?", (key,)).fetchone()
+            if row:
+                return int(row[0])
+            cur = self.conn.execute(
+                "INSERT INTO cells (key, config, variant, engine, profile, tool_version, created,"
+                " seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, json.dumps(config, sort_keys=True), variant, engine, profile, __version__,
+                 now(), seconds))
+            cid = int(cur.lastrowid)
+            self.conn.executemany(
+                "INSERT INTO phases (cell_id, seq, phase, counts, estimate_ns) VALUES "
+                "(?, ?, ?, ?, ?)",
+                [(cid, i, name, json.dumps(c.to_dict(), sort_keys=True), est)
+                 for i, (name, c, est) in enumerate(phases)])
+        return cid
+
+    def cells(self, where: str = "", args: tuple = ()) -> Iterator[StoredCell]:
+        rows = self.conn.execute(
+            "SELECT id, key, config, variant, engine, profile, tool_version, created, seconds "
+            f"FROM cells {where} ORDER BY id", args).fetchall()
+        for r in rows:
+            ph = [(name, Counts.from_dict(json.loads(counts)), est) for name, counts, est in
+                  self.conn.execute("SELECT phase, counts, estimate_ns FROM phases WHERE "
+                                    "cell_id = ? ORDER BY seq", (r[0],))]
+            yield StoredCell(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], r[8],
+                             ph)
+
+    def cell_count(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0])
+
+    # -- measurements ---------------------------------------------------------------
+    def add_measurements(self, rows: Iterable[dict[str, Any]]) -> int:
+        rows = list(rows)
+        with self.conn:
+            self.conn.executemany(
+                "INSERT INTO measurements (label, config_key, config, phase, repetition, seconds,"
+                " host, source, tool_version, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r["label"], r["config_key"], json.dumps(r["config"], sort_keys=True),
+                  r["phase"], int(r["repetition"]), float(r["seconds"]),
+                  json.dumps(r.get("host", {}), sort_keys=True), r.get("source", "hw run"),
+                  __version__, now()) for r in rows])
+        return len(rows)
+
+    def measurements(self, label: str | None = None) -> list[dict[str, Any]]:
+        q = "SELECT label, config_key, config, phase, repetition, seconds, host, source " \
+            "FROM measurements"
+        args: tuple = ()
+        if label is not None:
+            q += " WHERE label = ?"
+            args = (label,)
+        return [{"label": r[0], "config_key": r[1], "config": json.loads(r[2]), "phase": r[3],
+                 "repetition": r[4], "seconds": r[5], "host": json.loads(r[6]), "source": r[7]}
+                for r in self.conn.execute(q + " ORDER BY id", args)]
+
+    def labels(self) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT DISTINCT label FROM measurements ORDER BY label")]
+
+    # -- export ------------------------------------------------------------------------
+    def export_json(self) -> dict[str, Any]:
+        return {
+            "format": "s2split-results/1",
+            "schema_version": SCHEMA_VERSION,
+            "cells": [{"key": c.key, "config": c.config, "variant": c.variant,
+                       "engine": c.engine, "profile": c.profile,
+                       "tool_version": c.tool_version, "created": c.created,
+                       "seconds": c.seconds,
+                       "phases": [{"phase": n, "counts": cnt.to_dict(), "estimate_ns": est}
+                                  for n, cnt, est in c.phases]} for c in self.cells()],
+            "measurements": self.measurements(),
+        }
+
+    def export_csv(self) -> str:
+        """One row per cell, phase and counter (long format), then measurements."""
+        out = io.StringIO()
+        w = csv.writer(out)
+        w.writerow(["kind", "cell_key", "variant", "profile", "phase", "op", "counter", "level",
+                    "value", "estimate_ns"])
+        for c in self.cells():
+            for name, cnt, est in c.phases:
+                w.writerow(["phase_estimate", c.key, c.variant, c.profile, name, "", "", "", "",
+                            f"{est:.3f}"])
+                for op, kind, level, value in cnt.items():
+                    w.writerow(["count", c.key, c.variant, c.profile, name, op, kind,
+                                "" if level is None else level, value, ""])
+        for m in self.measurements():
+            w.writerow(["measurement", m["config_key"], m["label"], "", m["phase"], "", "seconds",
+                        m["repetition"], m["seconds"], ""])
+        return out.getvalue()
