@@ -30,6 +30,23 @@ class Change:
     share_of_time: float  # of the vanilla phase's estimated time, 0..1
 
 
+SKIP_KINDS = ("skip_level", "skip_children", "skip_siblings")
+
+
+def same_work(a: Counts, b: Counts) -> bool:
+    """Equal counts, except for *why* the walker did not descend somewhere
+    (skip-levels and skip-children skip the same subtree for different reasons)."""
+    from .counters import KIND
+    x, y = a.array.copy(), b.array.copy()
+    first = KIND[SKIP_KINDS[0]]
+    for k in SKIP_KINDS[1:]:
+        x[:, first, :] += x[:, KIND[k], :]
+        y[:, first, :] += y[:, KIND[k], :]
+        x[:, KIND[k], :] = 0
+        y[:, KIND[k], :] = 0
+    return bool((x == y).all())
+
+
 def changes(phase: str, base: Counts, other: Counts, profile: Profile) -> list[Change]:
     total = profile.estimate_ns(base)
     out = []
@@ -64,7 +81,7 @@ def sentences(phase_label: str, base: Counts, other: Counts, profile: Profile,
     reads_total = base.entries_read()
     est = profile.estimate_ns(base)
     saved = est - profile.estimate_ns(other)
-    if base == other:
+    if same_work(base, other):
         return [f"{variant} does exactly the work of vanilla in {phase_label}."]
     if est:
         out.append(f"{variant} saves {100 * saved / est:.1f}% of the estimated time of "
@@ -105,7 +122,7 @@ def identical_work(counts: dict[str, Counts], phase_label: str) -> list[str]:
     for i, a in enumerate(names):
         if a in seen:
             continue
-        same = [b for b in names[i + 1:] if counts[b] == counts[a]]
+        same = [b for b in names[i + 1:] if same_work(counts[b], counts[a])]
         if same:
             seen.update(same)
             group = " and ".join([a, *same])

@@ -1,0 +1,292 @@
+"""``s2split calibrate``: fit a profile's unit costs to measured times.
+
+Each measurement is (perf-test options, phase, seconds). The model runs each
+configuration once and counts every phase exactly; a measured time is then
+modelled as the sum over counters of count x unit cost. The chosen cost keys
+are fitted by non-negative least squares (``scipy.optimize.nnls``); every
+other counter keeps the starting profile's cost. A key is *determined* when
+the measurements pin it down (its column is non-zero and not a combination of
+the others); undetermined keys keep their starting values and are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cost import Profile, load_profile
+from .counters import KIND, NKINDS, NOPS, OP, SLOTS, Counts, slot
+from .errors import S2Error
+
+DEFAULT_FIT = ("read_leaf", "visit_leaf", "pte_write", "pte_cas", "dsb_ish", "aborts",
+               "guest_accesses", "ioctls")
+PHASE_ALIASES = {
+    "populate memory": "populate", "enabling dirty logging": "enable_dirty_logging",
+    "disabling dirty logging": "disable_dirty_logging",
+}
+
+
+@dataclass
+class Measurement:
+    options: str
+    phase: str
+    seconds: float
+    where: str  # file:line, for messages
+
+
+@dataclass
+class Fit:
+    keys: list[str]
+    values: dict[str, float]
+    determined: dict[str, bool]
+    rows: list[tuple[Measurement, float, float]]  # measurement, measured ns, fitted ns
+    profile: Profile
+
+    @property
+    def rms_rel(self) -> float:
+        rel = [(f - m) / m for _, m, f in self.rows if m]
+        return float(np.sqrt(np.mean(np.square(rel)))) if rel else 0.0
+
+
+def _phase_name(text: str, where: str) -> str:
+    t = text.strip()
+    low = t.lower().removesuffix(" time").strip()
+    if low in PHASE_ALIASES:
+        return PHASE_ALIASES[low]
+    if low.startswith("iteration "):
+        parts = low.split()
+        if len(parts) >= 3 and parts[1].isdigit():
+            what = " ".join(parts[2:])
+            name = {"dirty memory": "dirty", "get dirty log": "get_dirty_log",
+                    "clear dirty log": "clear_dirty_log"}.get(what)
+            if name:
+                return f"iter{parts[1]}_{name}"
+    valid = t.startswith("iter") or t in ("create_vm", "populate", "enable_dirty_logging",
+                                           "disable_dirty_logging", "destroy_vm")
+    if not valid:
+        raise S2Error(f"{where}: unknown phase {text!r} (use names such as "
+                      "enable_dirty_logging or iter1_clear_dirty_log)")
+    return t
+
+
+def _row(options: Any, phase: Any, seconds: Any, where: str) -> Measurement:
+    if not isinstance(options, str) or not isinstance(phase, str):
+        raise S2Error(f"{where}: options and phase must be text")
+    try:
+        sec = float(seconds)
+    except (TypeError, ValueError):
+        raise S2Error(f"{where}: seconds {seconds!r} is not a number") from None
+    if not sec > 0 or sec != sec or sec == float("inf"):
+        raise S2Error(f"{where}: seconds must be a positive number, got {seconds!r}")
+    return Measurement(options.strip(), _phase_name(phase, where), sec, where)
+
+
+def read_measurements(path: str) -> list[Measurement]:
+    """CSV with columns options,phase,seconds -- or JSON: a list of such objects
+    (or ``{"measurements": [...]}``)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise S2Error(f"{path}: cannot read measurements ({e.strerror or e})") from None
+    rows: list[Measurement] = []
+    if p.suffix.lower() == ".json" or text.lstrip().startswith(("[", "{")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise S2Error(f"{path}: not valid JSON: {e.msg} at line {e.lineno}") from None
+        items = data.get("measurements") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise S2Error(f"{path}: expected a list of measurements")
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or not {"options", "phase", "seconds"} <= set(item):
+                raise S2Error(f"{path}: measurement {i} needs options, phase and seconds")
+            rows.append(_row(item["options"], item["phase"], item["seconds"],
+                             f"{path}: measurement {i}"))
+    else:
+        reader = csv.DictReader(text.splitlines())
+        if reader.fieldnames is None or not {"options", "phase", "seconds"} <= \
+                set(reader.fieldnames):
+            raise S2Error(f"{path}: a CSV needs the columns options, phase, seconds")
+        for i, r in enumerate(reader, start=2):
+            rows.append(_row(r["options"], r["phase"], r["seconds"], f"{path}:{i}"))
+    if not rows:
+        raise S2Error(f"{path}: no measurements")
+    return rows
+
+
+def params_of(options: str, where: str, profile: Profile) -> tuple[Any, str]:
+    """Perf-test params (and variant) from an options string."""
+    from .cli import Parser, add_perf_test_options, perf_test_params
+    parser = Parser(prog=f"{where}: options", add_help=False)
+    add_perf_test_options(parser)
+    try:
+        argv = shlex.split(options)
+    except ValueError as e:
+        raise S2Error(f"{where}: cannot parse options {options!r}: {e}") from None
+
+    class _Bad(Exception):
+        pass
+
+    def error(message: str) -> None:
+        raise _Bad(message)
+    parser.error = error  # type: ignore[method-assign]
+    try:
+        args = parser.parse_args(argv)
+    except _Bad as e:
+        raise S2Error(f"{where}: bad options {options!r}: {e}") from None
+    if args.profile is None:
+        args.profile = profile.source if profile.source.endswith(".json") else profile.name
+    params = perf_test_params(args)
+    if len(params) != 1:
+        raise S2Error(f"{where}: one guest mode per measurement")
+    variants = args.variant or ["vanilla"]
+    if len(variants) != 1:
+        raise S2Error(f"{where}: one variant per measurement")
+    return params[0], variants[0]
+
+
+def _governing(profile_keys: set[str], fit: list[str]) -> np.ndarray:
+    """For every counter cell, the index of the fit key that prices it, or -1."""
+    from .cost import _parse_key
+    gov = -np.ones((NOPS, NKINDS, SLOTS), dtype=np.int64)
+    spec = np.full((NOPS, NKINDS, SLOTS), -1, dtype=np.int64)
+    for key in profile_keys | set(fit):
+        op, kind, level = _parse_key(key, "fit")
+        rank = (op is not None) * 2 + (level is not None)
+        ops = [OP[op]] if op else range(NOPS)
+        slots = [slot(level)] if level is not None else range(SLOTS)
+        for o in ops:
+            for s in slots:
+                if rank > spec[o, KIND[kind], s] or (rank == spec[o, KIND[kind], s] and key in fit):
+                    spec[o, KIND[kind], s] = rank
+                    gov[o, KIND[kind], s] = fit.index(key) if key in fit else -1
+    return gov
+
+
+def fit(measurements: list[Measurement], profile: Profile, keys: list[str],
+        engine: str = "auto") -> Fit:
+    from .pgtable.variants import get as get_variant
+    from .workload import run_perf_test
+    for k in keys:
+        from .cost import _parse_key
+        _parse_key(k, "--fit")
+    runs: dict[tuple[str, str], dict[str, Counts]] = {}
+    for m in measurements:
+        params, variant = params_of(m.options, m.where, profile)
+        key = (json.dumps(params.to_dict(), sort_keys=True), variant)
+        if key not in runs:
+            res = run_perf_test(params, get_variant(variant), engine)
+            runs[key] = dict(res.phases)
+        if m.phase not in runs[key]:
+            raise S2Error(f"{m.where}: this configuration has no phase {m.phase!r}")
+        m._counts = runs[key][m.phase]  # type: ignore[attr-defined]
+    gov = _governing(set(profile.unit_costs_ns), keys)
+    fixed = profile.array * (gov < 0)
+    A = np.zeros((len(measurements), len(keys)))
+    b = np.zeros(len(measurements))
+    for i, m in enumerate(measurements):
+        c = m._counts.array  # type: ignore[attr-defined]
+        b[i] = m.seconds * 1e9 - float((c * fixed).sum())
+        for j in range(len(keys)):
+            A[i, j] = float(c[gov == j].sum())
+    # Scale columns for a well-conditioned fit and an honest rank test.
+    scale = np.abs(A).max(axis=0)
+    scale[scale == 0] = 1.0
+    from scipy.optimize import nnls
+    theta_scaled, _ = nnls(A / scale, b)
+    theta = theta_scaled / scale
+    determined = _determined(A / scale)
+    values = {}
+    costs = dict(profile.unit_costs_ns)
+    for j, k in enumerate(keys):
+        values[k] = float(theta[j])
+        if determined[j]:
+            costs[k] = float(theta[j])
+    fitted = Profile(profile.name, profile.description, profile.provenance, profile.features,
+                     costs, profile.notes, profile.source)
+    rows = []
+    for m in measurements:
+        rows.append((m, m.seconds * 1e9, fitted.estimate_ns(m._counts)))  # type: ignore
+    return Fit(list(keys), values, {k: bool(determined[j]) for j, k in enumerate(keys)},
+               rows, fitted)
+
+
+def _determined(A: np.ndarray, tol: float = 1e-9) -> list[bool]:
+    """Key j is determined iff its column is non-zero and the unit vector e_j
+    lies in the row space of A (no null-space direction moves it)."""
+    n = A.shape[1]
+    if A.size == 0:
+        return [False] * n
+    _, s, vt = np.linalg.svd(A, full_matrices=True)
+    rank = int((s > tol * (s[0] if len(s) else 1.0)).sum())
+    null = vt[rank:]  # rows spanning the null space
+    out = []
+    for j in range(n):
+        nonzero = bool(np.any(A[:, j] != 0))
+        out.append(nonzero and (null.shape[0] == 0 or float(np.abs(null[:, j]).max()) < 1e-8))
+    return out
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .cli import _console
+    base = load_profile(args.profile)
+    keys = [k.strip() for k in (args.fit.split(",") if args.fit else DEFAULT_FIT) if k.strip()]
+    if args.db:
+        measurements = measurements_from_store(args.db, args.measurements)
+    else:
+        measurements = read_measurements(args.measurements)
+    result = fit(measurements, base, keys, args.engine)
+    console = _console()
+    t = Table(title=f"Fitted unit costs (starting from {base.name})", title_justify="left")
+    for col in ("key", "start (ns)", "fitted (ns)", "determined by the data"):
+        t.add_column(col)
+    for k in keys:
+        t.add_row(k, f"{base.unit_costs_ns.get(k, 0.0):.4g}", f"{result.values[k]:.4g}",
+                  "yes" if result.determined[k] else "no: kept the starting value")
+    console.print(t)
+    r = Table(title="Residuals (estimates under the fitted profile vs measurements)",
+              title_justify="left")
+    for col in ("measurement", "phase", "measured", "fitted", "residual"):
+        r.add_column(col)
+    for m, meas, fitted_ns in result.rows:
+        r.add_row(m.options, m.phase, f"{meas / 1e9:.6f} s", f"{fitted_ns / 1e9:.6f} s",
+                  f"{100 * (fitted_ns - meas) / meas:+.2f}%")
+    console.print(r)
+    console.print(f"RMS relative residual: {100 * result.rms_rel:.2f}%", highlight=False)
+    name = args.name or f"{base.name}-fit"
+    prof = replace(result.profile, name=name,
+                   provenance=f"fitted by s2split calibrate to {len(measurements)} "
+                   f"measurement(s) from {args.measurements}, starting from {base.name}; keys "
+                   f"{', '.join(k for k in keys if result.determined[k])} determined")
+    if args.output:
+        from .commands import write_atomic
+        write_atomic(args.output, json.dumps(prof.to_json(), indent=2) + "\n")
+        console.print(f"Fitted profile written to {args.output}", highlight=False)
+    return 0
+
+
+def measurements_from_store(db: str, label: str) -> list[Measurement]:
+    """Measured phases of one label in the results store (from ``s2split hw``)."""
+    from .store import Store
+    store = Store.open(db, create=False)
+    rows = store.measurements(label)
+    store.close()
+    if not rows:
+        raise S2Error(f"{db}: no measurements labelled {label!r}")
+    out = []
+    for r in rows:
+        opts = r["config"].get("options") if isinstance(r["config"], dict) else None
+        if not opts:
+            raise S2Error(f"{db}: measurement of {r['config_key']} has no perf-test options")
+        out.append(_row(opts, r["phase"], r["seconds"], f"{db}: {r['config_key']}"))
+    return out
