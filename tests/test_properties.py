@@ -914,11 +914,6 @@ def test_geometry_rejects_non_int_granule(granule):
 
 @pytest.mark.parametrize("call", ["split-memcache-None", "map-prot-None", "map-prot-str",
                                   "relax-prot-None"])
-@pytest.mark.xfail(strict=True, reason="stage2.py promises S2Error for invalid Python "
-                   "arguments, but only addresses and sizes are checked: split() with no "
-                   "cache dies with AttributeError on the first block ('NoneType' object has "
-                   "no attribute 'nobjs'); a prot that is not an int dies in int()/& with "
-                   "TypeError or a bare ValueError")
 def test_other_bad_arguments_raise_s2error(call):
     pgt, mc = _fresh()  # a 2M block at 0, so split reaches its visitor
     with pytest.raises(S2Error):
@@ -1181,9 +1176,6 @@ def test_table_and_invalid_decode():
     assert d.kind == "invalid" and d.owner == 5
 
 
-@pytest.mark.xfail(strict=True, reason="Stage2PageTable.leaves() documents 'in address "
-                   "order' but walks tables depth-first yielding a table's own leaves before "
-                   "those of its child tables: a 2M block at 2M comes before a page at 0")
 def test_leaves_in_address_order():
     pgt = Stage2PageTable(Geometry(4096, 40))
     mc = MemoryCache(pgt.mem)
@@ -1217,3 +1209,22 @@ def test_high_pa_maps_and_translates(geom, ipa, pa):
     page = geom.granule
     assert pgt.translate(ipa + block - page + 5) == (pa + block - page + 5, Prot.RW)
     assert pgt.check_invariants() == []
+
+
+def test_geometry_rejects_non_bool_lpa_flags():
+    for name in ("lpa2", "lpa"):
+        with pytest.raises(S2Error, match=name):
+            Geometry(4096, 48, **{name: "no"})
+
+
+def test_create_unlinked_below_last_level_is_einval():
+    # A level-3 "block" would need a level-4 table: the kernel's walker refuses
+    # it with -EINVAL after create_unlinked took its page, and the error path
+    # (free_unlinked) gives that page back to the allocator, not to the cache.
+    pgt, mc = _fresh()
+    live, cached = pgt.mem.live_pages(), mc.nobjs
+    assert pgt.create_unlinked(PA_BASE, 3, Prot.RW, mc, False) == -errors.EINVAL
+    assert mc.nobjs == cached - 1
+    assert pgt.mem.live_pages() == live - 1  # cache pages count as live until freed
+    with pytest.raises(S2Error, match="level"):
+        pgt.create_unlinked(PA_BASE, 4, Prot.RW, mc, False)

@@ -85,6 +85,9 @@ class Geometry:
             raise S2Error(f"granule {self.granule} is not supported: use 4K, 16K or 64K")
         if isinstance(self.ipa_bits, bool) or not isinstance(self.ipa_bits, int):
             raise S2Error(f"IPA size must be an integer number of bits, got {self.ipa_bits!r}")
+        for name in ("lpa2", "lpa"):
+            if not isinstance(getattr(self, name), bool):
+                raise S2Error(f"{name} must be True or False, got {getattr(self, name)!r}")
         ps = GRANULES[self.granule]
         if self.lpa2 and self.granule == 65536:
             raise S2Error("LPA2 applies to 4K and 16K granules only; 64K uses LPA for 52-bit IPAs")

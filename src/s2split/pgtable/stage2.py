@@ -62,6 +62,14 @@ class AttrData:
     level: int = -2
 
 
+
+def _require_cache(mc: object, optional: bool = False) -> None:
+    if mc is None and optional:
+        return
+    if not isinstance(mc, MemoryCache):
+        raise S2Error(f"the memory cache must be a MemoryCache{' or None' if optional else ''}, "
+                      f"got {mc!r}")
+
 class Stage2PageTable:
     """One VM's stage-2 page table (``struct kvm_pgtable`` + its ``kvm_s2_mmu``).
 
@@ -197,6 +205,8 @@ class Stage2PageTable:
         """``kvm_pgtable_stage2_map()``: map ``[addr, addr+size)`` to ``phys``."""
         self._check_range(addr, size)
         require_int("physical address", phys)
+        require_int("prot", prot)
+        _require_cache(mc, optional=True)
         c = self._c(OP_MAP)
         c[K_CALLS * SLOTS + NOLEVEL] += 1
         attr = P.prot_to_attr(prot, self.geom, self.features.fwb)
@@ -337,6 +347,7 @@ class Stage2PageTable:
     def relax_perms(self, addr: int, prot: int) -> int:
         """``kvm_pgtable_stage2_relax_perms()`` (6.12): one-page walk, then a local TLBI."""
         self._check_range(addr, 0)
+        require_int("prot", prot)
         c = self._c(OP_RELAX)
         c[K_CALLS * SLOTS + NOLEVEL] += 1
         if prot & P.SW_MASK:
@@ -358,6 +369,7 @@ class Stage2PageTable:
     def split(self, addr: int, size: int, mc: MemoryCache) -> int:
         """``kvm_pgtable_stage2_split()``: split every block in the range to pages."""
         self._check_range(addr, size)
+        _require_cache(mc)
         c = self._c(OP_SPLIT)
         c[K_CALLS * SLOTS + NOLEVEL] += 1
         ret = kvm_pgtable_walk(self, addr, size, self._visitor("split", _split_visitor),
@@ -379,6 +391,11 @@ class Stage2PageTable:
                         force_pte: bool) -> int:
         """``kvm_pgtable_stage2_create_unlinked()``: a detached subtree mapping
         ``granule(level)`` bytes at ``phys``; returns its page or a negative errno."""
+        require_int("physical address", phys)
+        if require_int("level", level, minimum=-1) > LAST_LEVEL:
+            raise S2Error(f"level must be at most {LAST_LEVEL}, got {level}")
+        require_int("prot", prot)
+        _require_cache(mc, optional=True)
         c = self._c(OP_CREATE_UNLINKED)
         c[K_CALLS * SLOTS + level + 1] += 1
         if force_pte:
@@ -458,11 +475,16 @@ class Stage2PageTable:
 
     def leaves(self) -> Iterator[tuple[int, int, int]]:
         """Every valid leaf: ``(ipa, level, entry)`` in address order."""
+        found = []
+        # tables() is pre-order (a table's own blocks come before its
+        # children's pages), so sort to get address order.
         for _, level, base, entries in self.tables():
             g = self.geom.granule_size(level)
             for i, e in enumerate(entries):
                 if e & P.VALID and (level == LAST_LEVEL or not e & P.TYPE):
-                    yield base + i * g, level, e
+                    found.append((base + i * g, level, e))
+        found.sort()
+        yield from found
 
     def dump(self) -> bytes:
         """A canonical, bit-exact image of the reachable tables (for comparisons)."""

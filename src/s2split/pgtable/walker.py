@@ -37,6 +37,7 @@ from typing import Any, Callable
 from ..counters import (K_DESCENT, K_LOOPS, K_READ_INVALID, K_READ_LEAF, K_READ_TABLE,
                         K_RELOAD, K_SKIP_CHILDREN, K_SKIP_LEVEL, K_SKIP_SIBLINGS, K_VISIT_LEAF,
                         K_VISIT_POST, K_VISIT_PRE, K_WALK_BYTES, K_WALKS, NOLEVEL, SLOTS)
+from ..arch import LAST_LEVEL
 from ..errors import EAGAIN, EINVAL, ERANGE
 
 
@@ -116,6 +117,10 @@ class Walk:
 def walk_table(w: Walk, pfn: int, level: int) -> int:
     """``__kvm_pgtable_walk()``: one table loop."""
     pgt = w.pgt
+    # The kernel warns and refuses a table below the last level (reachable
+    # only through create_unlinked/free_unlinked of a level-3 "block").
+    if not -1 <= level <= LAST_LEVEL:
+        return -EINVAL
     w.c[K_LOOPS * SLOTS + level + 1] += 1
     table = pgt.mem.pages[pfn]
     ptrs = pgt.ptrs
