@@ -10,6 +10,7 @@ profile), ``fidelity`` (check against real-kernel fixtures), ``variants``,
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from typing import Any, Sequence
@@ -247,6 +248,9 @@ def build_parser() -> Parser:
     from .modes import modes_help
     p = Parser(prog="s2split", description="Exact work counts of arm64 KVM stage-2 huge-page "
                "splitting for dirty logging, and of walker optimizations.")
+    p.add_argument("--variants", metavar="FILE", action="append", default=[],
+                   help="a Python file registering more variants (repeatable; sets "
+                   "S2SPLIT_VARIANTS for worker processes too)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     pt = sub.add_parser("perf-test", help="run dirty_log_perf_test on the model",
@@ -292,6 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.variants:
+            from .pgtable.variants import ENV, load_user_variants
+            files = [os.path.abspath(f) for f in args.variants]
+            os.environ[ENV] = os.pathsep.join(filter(None, [os.environ.get(ENV), *files]))
+            load_user_variants()
         return int(args.func(args) or 0)
     except S2Error as e:
         sys.stderr.write(f"s2split {args.command}: error: {e}\n")

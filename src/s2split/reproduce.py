@@ -118,14 +118,31 @@ class Group:
 def cell_key(params: PerfTestParams, variant: str) -> str:
     """Identifies a cell: the configuration, the variant and the tool version
     (counts depend on nothing else; estimates are recomputed per profile)."""
+    from .pgtable.variants import definition, get
     text = json.dumps({"params": params.to_dict(), "variant": variant,
-                       "version": __version__}, sort_keys=True)
+                       "definition": definition(get(variant)), "version": __version__},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def profile_option(profile: Profile) -> str:
+    """What ``--profile`` must say to load ``profile`` again: a built-in's name,
+    or the path of a profile file (its name alone would not load)."""
+    if profile.source and not profile.source.startswith("builtin:"):
+        return profile.source
+    return profile.name
+
+
 def reproduce_command(params: PerfTestParams, variant: str, profile: str) -> str:
-    return "s2split perf-test " + " ".join(params.argv()) + f" --variant {variant}" + \
-        (f" --profile {profile}" if profile != "server-vhe" else "")
+    """``profile`` is a ``--profile`` argument (see :func:`profile_option`)."""
+    import shlex
+    argv = params.argv()
+    # "--cpu -vhe,..." would read as two options: glue the value on.
+    while "--cpu" in argv:
+        i = argv.index("--cpu")
+        argv[i:i + 2] = [f"--cpu={argv[i + 1]}"]
+    return "s2split perf-test " + " ".join(argv) + f" --variant {variant}" + \
+        (f" --profile {shlex.quote(profile)}" if profile != "server-vhe" else "")
 
 
 # -- execution ----------------------------------------------------------------------
@@ -181,6 +198,12 @@ class DaskExecutor:
             self.client = Client(address, timeout="10s")
         except (OSError, TimeoutError) as e:
             raise S2Error(f"cannot reach the Dask scheduler at {address}: {e}") from None
+        except ValueError as e:  # malformed address: no port, unknown scheme...
+            raise S2Error(f"bad Dask scheduler address {address!r}: {e}") from None
+
+    def close(self) -> None:
+        if self.client.status not in ("closed", "closing"):
+            self.client.close()
 
     def run(self, tasks: list[tuple[Group, str]]) -> Iterator[tuple[Group, Any]]:
         from distributed import as_completed
@@ -244,7 +267,11 @@ def reproduce(matrix: Matrix, store: Any, engine: str = "auto", executor: Any = 
                 phases = [(name, Counts.from_flat(np.asarray(flat)),
                            profile.estimate_ns(Counts.from_flat(np.asarray(flat))))
                           for name, flat in r["phases"]]
-                if not store.has_cell(key):
+                if store.has_cell(key):
+                    # Stored by the interrupted run this one resumes (a group
+                    # it left half-written), or by a concurrent run.
+                    outcome.skipped += 1
+                else:
                     store.add_cell(key, group.params.to_dict(), r["variant"], r["engine"],
                                    profile.name, r["seconds"], phases)
                     outcome.ran += 1
@@ -267,5 +294,6 @@ def matrix_summary(m: Matrix) -> str:
             f"{size_name(m.chunk) if m.chunk else 'PMD block size'}; {m.iterations} iterations")
 
 
-__all__ = ["Matrix", "reproduce", "Outcome", "cell_key", "reproduce_command", "syscall_phases",
+__all__ = ["Matrix", "reproduce", "Outcome", "cell_key", "reproduce_command", "profile_option",
+           "syscall_phases",
            "LocalExecutor", "DaskExecutor", "run_group", "asdict"]

@@ -36,10 +36,17 @@ Defining a variant takes a few lines::
 (that one is wrong on purpose: ``check_variant`` reports that it leaves pages
 writable). Flag-only variants run on both engines; a variant that replaces a
 visitor (``visitors={"split": my_split_walker}``) runs on the reference engine.
+
+To use such variants from the command line, put the ``register`` calls in a
+Python file and name it in ``S2SPLIT_VARIANTS`` (several files separated by
+``:``), or pass ``--variants FILE`` to ``s2split``, which sets it; worker
+processes inherit the variable, so ``reproduce`` sees the same variants.
 """
 
 from __future__ import annotations
 
+import os
+import runpy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -110,7 +117,28 @@ for _v in (VANILLA, SKIP_LEVELS, SKIP_CHILDREN, SKIP_BOTH, RETURN_HINTS_VARIANT)
 DEFAULT_VARIANTS = ("vanilla", "skip-levels", "skip-levels+skip-children")
 
 
+ENV = "S2SPLIT_VARIANTS"
+_loaded: set[str] = set()
+
+
+def load_user_variants() -> None:
+    """Run the files named in ``S2SPLIT_VARIANTS`` (once each)."""
+    for path in filter(None, os.environ.get(ENV, "").split(os.pathsep)):
+        if path in _loaded:
+            continue
+        _loaded.add(path)
+        if not os.path.isfile(path):
+            raise S2Error(f"{ENV}: no such file {path!r}")
+        try:
+            runpy.run_path(path, run_name="s2split_user_variants")
+        except S2Error as e:
+            raise S2Error(f"{path}: {e}") from None
+        except Exception as e:  # a user's file: report it in one line
+            raise S2Error(f"{path}: {type(e).__name__}: {e}") from None
+
+
 def get(name: str) -> Variant:
+    load_user_variants()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -118,8 +146,18 @@ def get(name: str) -> Variant:
 
 
 def names() -> list[str]:
+    load_user_variants()
     return list(_REGISTRY)
 
 
 def all_variants() -> list[Variant]:
+    load_user_variants()
     return list(_REGISTRY.values())
+
+
+def definition(variant: Variant) -> dict:
+    """What a variant does, for result keys: same name, different flags or
+    visitors, must not reuse stored results."""
+    return {"flags": {op: int(f) for op, f in sorted(variant.walk_flags.items())},
+            "visitors": {op: f"{v.__module__}.{v.__qualname__}"
+                         for op, v in sorted(variant.visitors.items())}}
