@@ -10,12 +10,13 @@ profile), ``fidelity`` (check against real-kernel fixtures), ``variants``,
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 from typing import Any, Sequence
 
 from .errors import S2Error
+from .versions import DEFAULT_KERNEL, KERNELS
 
 
 class Parser(argparse.ArgumentParser):
@@ -124,6 +125,9 @@ def add_perf_test_options(p: argparse.ArgumentParser) -> None:
                    "faults (default: 48)")
     m.add_argument("--lpa2", action="store_true",
                    help="52-bit descriptors (FEAT_LPA2 on 4K/16K, FEAT_LPA on 64K)")
+    m.add_argument("--kernel", choices=tuple(KERNELS), default=DEFAULT_KERNEL,
+                   help="kernel rules: 6.19 tears the stage-2 down in chunks with the newer "
+                   "free walker (only destroy_vm changes; default: 6.12)")
     m.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -158,7 +162,7 @@ def perf_test_params(args: argparse.Namespace) -> list[Any]:
             slots=args.slots, write_percent=args.write_percent,
             random_access=args.random_access, partition=not args.overlap, seed=args.seed,
             chunk_size=args.chunk_size or 0, seed_synced=args.seed_synced, features=features,
-            host_va_bits=args.host_va_bits, lpa2=args.lpa2)
+            host_va_bits=args.host_va_bits, lpa2=args.lpa2, kernel=args.kernel)
         p.geometry()  # validate the IPA size for this granule now
         p.backing_type()
         out.append(replace(p))

@@ -33,10 +33,12 @@ from .errors import S2Error
 from .hw import Features
 from .kvm.backing import Backing, parse_backing
 from .kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
+from .memstress import Layout
+from .memstress import memstress_layout as _layout
 from .modes import DEFAULT_MODE, GuestMode, parse_mode
 from .pgtable.variants import Variant
+from .versions import DEFAULT_KERNEL, kernel_rules
 
-MEMSTRESS_MEM_SLOT_INDEX = 1
 DEFAULT_PER_VCPU_MEM_SIZE = 1 << 30
 PRNG_MULTIPLIER = 48271
 PRNG_MODULUS = (1 << 31) - 1
@@ -67,6 +69,7 @@ class PerfTestParams:
     features: Features = field(default_factory=Features)
     host_va_bits: int = 48
     lpa2: bool = False
+    kernel: str = DEFAULT_KERNEL  # the teardown rules of newer kernels (versions.py)
 
     def __post_init__(self) -> None:
         if self.iterations < 2:
@@ -81,6 +84,7 @@ class PerfTestParams:
             raise S2Error("-b: the memory size per vCPU must be greater than 0")
         if self.seed < 0 or self.seed >= 1 << 32:
             raise S2Error(f"-r {self.seed}: the seed must fit 32 bits")
+        kernel_rules(self.kernel)
         if not 32 <= self.host_va_bits <= 52:
             raise S2Error(f"host VA bits {self.host_va_bits}: must be 32..52")
 
@@ -130,6 +134,8 @@ class PerfTestParams:
             out += ["--host-va-bits", str(self.host_va_bits)]
         if self.lpa2:
             out.append("--lpa2")
+        if self.kernel != DEFAULT_KERNEL:
+            out += ["--kernel", self.kernel]
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,49 +148,10 @@ class PerfTestParams:
         return d
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where memstress puts things (``memstress_create_vm``/``memstress_setup_vcpus``)."""
-
-    gpa: int
-    size: int
-    guest_num_pages: int
-    pages_per_slot: int
-    slots: tuple[tuple[int, int, int], ...]  # (slot id, gpa, pages)
-    vcpus: tuple[tuple[int, int], ...]  # (gpa, pages)
-
-
 def memstress_layout(p: PerfTestParams) -> Layout:
     """The test region and its slots and vCPU regions, with memstress's checks."""
-    page = p.granule
-    backing = p.backing_type()
-    if p.vcpu_memory_bytes % page:
-        raise S2Error(f"-b {p.vcpu_memory_bytes:#x}: guest memory size is not guest page size "
-                      f"({size_name(page)}) aligned")
-    guest_num_pages = p.vcpus * p.vcpu_memory_bytes // page
-    if guest_num_pages % p.slots:
-        raise S2Error(f"guest memory ({guest_num_pages} pages) cannot be evenly divided into "
-                      f"{p.slots} slots")
-    region_end_gfn = (1 << p.mode.pa_bits) // page  # vm->max_gfn + 1
-    if guest_num_pages >= region_end_gfn:
-        raise S2Error(f"requested more guest memory ({size_name(guest_num_pages * page)}) than "
-                      f"the {p.mode.pa_bits}-bit address space allows")
-    gpa = (region_end_gfn - guest_num_pages - 1) * page
-    gpa &= ~(backing.page_size - 1)
-    size = guest_num_pages * page
-    region_pages = guest_num_pages // p.slots
-    slots = []
-    for i in range(p.slots):
-        start = gpa + region_pages * page * i
-        if start % backing.page_size:
-            raise S2Error(f"memslot {MEMSTRESS_MEM_SLOT_INDEX + i} would start at {start:#x}, "
-                          f"not aligned to the {size_name(backing.page_size)} backing page size "
-                          "(guest_paddr != align_up(guest_paddr, backing_src_pagesz))")
-        slots.append((MEMSTRESS_MEM_SLOT_INDEX + i, start, region_pages))
-    per_vcpu = p.vcpu_memory_bytes // page
-    vcpus = tuple((gpa + i * p.vcpu_memory_bytes, per_vcpu) if p.partition else (gpa, guest_num_pages)
-                  for i in range(p.vcpus))
-    return Layout(gpa, size, guest_num_pages, guest_num_pages // p.slots, tuple(slots), vcpus)
+    return _layout(p.granule, p.mode.pa_bits, p.vcpus, p.vcpu_memory_bytes, p.slots,
+                   p.partition, p.backing_type().page_size)
 
 
 def memstress_pass(vm: Any, write_percent: int, random_access: bool) -> None:
@@ -359,7 +326,7 @@ def _run_group(p: PerfTestParams, layout: Layout, group: list[Variant], eng: Any
                keep_tables: bool, on_phase: Callable[[str], None] | None) -> list[RunResult]:
     t0 = time.perf_counter()
     first, others = group[0], group[1:]
-    vm = eng.create_vm(p.geometry(), p.features, first, p.host_va_bits)
+    vm = eng.create_vm(p.geometry(), p.features, first, p.host_va_bits, kernel=p.kernel)
     phases: dict[str, list[tuple[str, Counts]]] = {v.name: [] for v in group}
     ctx: dict = {"keep_tables": keep_tables}
     touched = {v.name: {op for op in v.walk_flags} for v in others}

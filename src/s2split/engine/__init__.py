@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import S2Error
+from ..versions import DEFAULT_KERNEL
 
 ENGINES = ("auto", "reference", "fast")
 
@@ -20,9 +21,9 @@ AUTO_FAST_BYTES = 64 << 20
 class ReferenceEngine:
     name = "reference"
 
-    def create_vm(self, geom, features, variant, host_va_bits):
+    def create_vm(self, geom, features, variant, host_va_bits, kernel=DEFAULT_KERNEL):
         from ..kvm.vm import VM
-        return VM(geom, features, variant, host_va_bits)
+        return VM(geom, features, variant, host_va_bits, kernel)
 
 
 def get_engine(engine: Any, params: Any = None, variant: Any = None) -> Any:

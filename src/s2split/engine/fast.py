@@ -26,6 +26,7 @@ from ..kvm.mmu import kvm_mmu_split_nr_page_tables
 from ..kvm.vm import VMBase, Vcpu
 from ..pgtable.memory import TABLE_PA_BASE
 from ..pgtable.variants import VANILLA, Variant
+from ..versions import DEFAULT_KERNEL
 from . import kernels as KN
 
 #: The variable regions of M, in order: (scalar holding the offset, columns).
@@ -39,11 +40,12 @@ class FastVM(VMBase):
     engine = "fast"
 
     def __init__(self, geom: Geometry, features: Features | None = None,
-                 variant: Variant = VANILLA, host_va_bits: int = 48):
+                 variant: Variant = VANILLA, host_va_bits: int = 48,
+                 kernel: str = DEFAULT_KERNEL):
         if not variant.flag_only:
             raise S2Error(f"variant {variant.name!r} replaces a visitor; only the reference "
                           "engine can run it")
-        super().__init__(geom, features, variant, host_va_bits)
+        super().__init__(geom, features, variant, host_va_bits, kernel)
         g = geom
         self._rows = {"refc": 0, "fstack": 0, "vcache": 1, "vcn": 1, "vregs": 1, "scache": 1,
                       "slots": 4}
@@ -66,6 +68,8 @@ class FastVM(VMBase):
         M[KN.S_PHYSBITS] = 52 if (g.lpa2 or g.lpa) else 48
         M[KN.S_TABLE_BASE] = TABLE_PA_BASE
         M[KN.S_LEVELS] = g.levels
+        M[KN.S_FREECLEAR] = self.rules.free_clears_tables
+        M[KN.S_CHUNKDESTROY] = self.rules.chunked_destroy
         for op in ("map", "unmap", "wrprotect", "relax_perms", "split", "destroy"):
             M[KN.S_VF0 + OP[op]] = variant.flags_for(op)
         self.T = np.zeros((0, g.ptrs_per_table), dtype=np.int64)
@@ -341,5 +345,5 @@ class FastEngine:
     name = "fast"
     snapshots = True  # run_variants may share phases between variants
 
-    def create_vm(self, geom, features, variant, host_va_bits):
-        return FastVM(geom, features, variant, host_va_bits)
+    def create_vm(self, geom, features, variant, host_va_bits, kernel=DEFAULT_KERNEL):
+        return FastVM(geom, features, variant, host_va_bits, kernel)

@@ -31,6 +31,7 @@ S_PTRS, S_PS, S_BPL, S_START, S_PGDP, S_IPA, S_FMT, S_NEXT, S_FTOP, S_CAP, S_VHE
     S_RANGE, S_DIC, S_MINBLK, S_CHUNK, S_SCN, S_SCCAP, S_MANUAL, S_NSLOTS, S_NVCPU, \
     S_HOSTVA, S_LASTSLOT, S_PHYSBITS, S_TABLE_BASE, S_LEVELS, S_LPA2, \
     S_REFC, S_FSTACK, S_VCACHE, S_VCN, S_VREGS, S_SCACHE, S_SLOTS = range(34)
+S_FREECLEAR, S_CHUNKDESTROY = 34, 35  # the kernel rules of versions.py
 S_VF0 = 40  # variant walk flags per operation: M[S_VF0 + op]
 NS = S_VF0 + C.NOPS + 5
 CNT0 = NS  # counters: M[CNT0 + index]
@@ -473,8 +474,15 @@ def free_unlinked(T, M, pfn, level):
             # TABLE_POST on the parent entry, then the free visitor's puts.
             old = M[K20 + 16 + d]
             add(M, op, K_VPOST, L, 1)
-            put_page(M, op, M[K20 + d], L)
-            put_page(M, op, pfn_of(M, old), L + 1)
+            child = pfn_of(M, old)
+            if not M[S_FREECLEAR]:
+                put_page(M, op, M[K20 + d], L)
+                put_page(M, op, child, L + 1)
+            elif M[M[S_REFC] + child] == 1:
+                put_page(M, op, M[K20 + d], L)
+                put_page(M, op, child, L + 1)
+                T[M[K20 + d], M[K20 + 8 + d]] = 0
+                add(M, op, K_WR, L, 1)
             M[K20 + 8 + d] += 1
             continue
         old = T[M[K20 + d], i]
@@ -734,6 +742,21 @@ def _free_visitor(T, M, pfn, idx, old, level, visit):
     if old == 0:
         return 0
     op = M[W0 + W_OP]
+    if M[S_FREECLEAR]:
+        # 6.19+: a table goes only once empty, and its entry is cleared.
+        if visit == LEAF:
+            put_page(M, op, pfn, level)
+            return 0
+        if visit != POST:
+            return -EINVAL
+        child = pfn_of(M, old)
+        if M[M[S_REFC] + child] != 1:
+            return 0
+        put_page(M, op, pfn, level)
+        put_page(M, op, child, level + 1)
+        T[pfn, idx] = 0
+        add(M, op, K_WR, level, 1)
+        return 0
     put_page(M, op, pfn, level)
     if is_table(old, level):
         put_page(M, op, pfn_of(M, old), level + 1)
@@ -1029,9 +1052,16 @@ def s2_split(T, M, addr, size):
 
 @njit(cache=True, _nrt=False)
 def s2_destroy(T, M):
-    add(M, OP_DESTROY, C.K_CALLS, NOLV, 1)
-    kvm_pgtable_walk(T, M, OP_DESTROY, 0, np.int64(1) << M[S_IPA],
-                     LEAF | POST | M[S_VF0 + OP_DESTROY])
+    end = np.int64(1) << M[S_IPA]
+    flags = LEAF | POST | M[S_VF0 + OP_DESTROY]
+    # 6.17+ (mmu.c): one destroy_range walk per MIN_BLOCK_LEVEL granule.
+    chunk = gsize(M, M[S_MINBLK]) if M[S_CHUNKDESTROY] else end
+    addr = np.int64(0)
+    while addr != end:
+        nxt = range_addr_end(addr, end, chunk)
+        add(M, OP_DESTROY, C.K_CALLS, NOLV, 1)
+        kvm_pgtable_walk(T, M, OP_DESTROY, addr, nxt - addr, flags)
+        addr = nxt
     for i in range(M[S_PGDP]):
         page_free(M, M[ROOT0 + i])
         add(M, OP_DESTROY, K_FREED, M[S_START], 1)

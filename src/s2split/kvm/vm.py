@@ -21,6 +21,7 @@ from ..hw import Features
 from ..pgtable.memory import MemoryCache
 from ..pgtable.stage2 import Stage2PageTable
 from ..pgtable.variants import VANILLA, Variant
+from ..versions import DEFAULT_KERNEL, kernel_rules
 from . import dirty_log, mmu
 from .backing import Backing
 from .memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, VALID_FLAGS, WORD_BITS, Memslot
@@ -56,8 +57,10 @@ class VMBase:
     engine = "base"
 
     def __init__(self, geom: Geometry, features: Features | None = None,
-                 variant: Variant = VANILLA, host_va_bits: int = 48):
+                 variant: Variant = VANILLA, host_va_bits: int = 48,
+                 kernel: str = DEFAULT_KERNEL):
         self.geom = geom
+        self.rules = kernel_rules(kernel)
         self.features = features or Features()
         self.variant = variant
         self.host_va_bits = host_va_bits
@@ -270,9 +273,10 @@ class VM(VMBase):
     engine = "reference"
 
     def __init__(self, geom: Geometry, features: Features | None = None,
-                 variant: Variant = VANILLA, host_va_bits: int = 48):
-        super().__init__(geom, features, variant, host_va_bits)
-        self.pgt = Stage2PageTable(geom, self.features, variant)
+                 variant: Variant = VANILLA, host_va_bits: int = 48,
+                 kernel: str = DEFAULT_KERNEL):
+        super().__init__(geom, features, variant, host_va_bits, kernel)
+        self.pgt = Stage2PageTable(geom, self.features, variant, kernel=kernel)
         self.tally: Tally = self.pgt.tally
         self.k = self.tally.ops[OP_KVM]
         self.split_cache = MemoryCache(self.pgt.mem)
@@ -352,7 +356,7 @@ class VM(VMBase):
         for vcpu in self.vcpus:
             vcpu.memcache.free_all()
         self.split_cache.free_all()
-        self.pgt.destroy()
+        mmu.kvm_stage2_destroy(self)
 
     def take_counts(self) -> Counts:
         return self.tally.take()

@@ -31,6 +31,7 @@ from ..counters import (K_BBM, K_CALLS, K_CALLS_FORCE_PTE, K_EAGAIN, K_ERRORS, K
                         OP_MAP, OP_RELAX, OP_SPLIT, OP_UNMAP, OP_WRPROTECT, OPS, SLOTS, Tally)
 from ..errors import E2BIG, EAGAIN, EINVAL, ENOMEM, S2Error, require_int
 from ..hw import Features
+from ..versions import DEFAULT_KERNEL, kernel_rules
 from . import tlb
 from .memory import MemoryCache, TableMemory
 from .variants import VANILLA, Variant
@@ -80,8 +81,9 @@ class Stage2PageTable:
 
     def __init__(self, geom: Geometry, features: Features | None = None,
                  variant: Variant = VANILLA, tally: Tally | None = None,
-                 mem: TableMemory | None = None):
+                 mem: TableMemory | None = None, kernel: str = DEFAULT_KERNEL):
         self.geom = geom
+        self.rules = kernel_rules(kernel)
         self.features = features or Features()
         self.variant = variant
         self.tally = tally or Tally()
@@ -188,12 +190,25 @@ class Stage2PageTable:
 
     def destroy(self) -> None:
         """``kvm_pgtable_stage2_destroy()``: drop every reference, free the root."""
+        self.destroy_range(0, self.geom.ipa_size)
+        self.destroy_pgd()
+
+    def destroy_range(self, addr: int, size: int) -> None:
+        """The free walk over ``[addr, addr+size)`` (``kvm_pgtable_stage2_destroy_range()``
+        since 6.17; the first half of ``kvm_pgtable_stage2_destroy()`` before)."""
+        if self.root is None:
+            raise S2Error("this page table was already destroyed")
+        self._check_range(addr, size)
+        c = self._c(OP_DESTROY)
+        c[K_CALLS * SLOTS + NOLEVEL] += 1
+        kvm_pgtable_walk(self, addr, size, self._visitor("destroy", _free_visitor),
+                         self._flags("destroy", LEAF | TABLE_POST), None, OP_DESTROY)
+
+    def destroy_pgd(self) -> None:
+        """Free the (concatenated) root pages, whatever references remain."""
         if self.root is None:
             raise S2Error("this page table was already destroyed")
         c = self._c(OP_DESTROY)
-        c[K_CALLS * SLOTS + NOLEVEL] += 1
-        kvm_pgtable_walk(self, 0, self.geom.ipa_size, self._visitor("destroy", _free_visitor),
-                         self._flags("destroy", LEAF | TABLE_POST), None, OP_DESTROY)
         for pfn in self.root:
             self.mem.free(pfn)
             c[K_PAGE_FREED * SLOTS + self.geom.start_level + 1] += 1
@@ -610,9 +625,32 @@ def _free_visitor(w: Walk, pfn: int, table: list, idx: int, old: int, level: int
     if not old:
         return 0
     pgt = w.pgt
+    if pgt.rules.free_clears_tables:
+        return _free_visitor_619(w, pfn, table, idx, old, level, visit)
+    # 6.12: the same drop at LEAF and TABLE_POST; entries stay as they are.
     pgt._put_page(w.c, pfn, level)
     if P.is_table(old, level):
         pgt._put_page(w.c, pgt.mem.pfn(pgt.pte_to_phys(old)), level + 1)
+    return 0
+
+
+def _free_visitor_619(w: Walk, pfn: int, table: list, idx: int, old: int, level: int,
+                      visit: int) -> int:
+    """6.19+: a table goes only once it is empty, and its entry is cleared, so
+    that the walk of a later chunk cannot reach the freed table."""
+    pgt = w.pgt
+    if visit == LEAF:
+        pgt._put_page(w.c, pfn, level)
+        return 0
+    if visit != TABLE_POST:
+        return -EINVAL
+    child = pgt.mem.pfn(pgt.pte_to_phys(old))
+    if pgt.mem.refcount[child] != 1:
+        return 0
+    pgt._put_page(w.c, pfn, level)
+    pgt._put_page(w.c, child, level + 1)
+    table[idx] = 0
+    w.c[K_PTE_WRITE * SLOTS + level + 1] += 1
     return 0
 
 

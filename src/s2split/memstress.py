@@ -1,0 +1,62 @@
+"""Where the selftests' memstress library puts the test memory (numpy-free).
+
+Shared by the model (:mod:`s2split.workload`) and the real-KVM harness
+(:mod:`s2split.hw`, which must run on a bare Python), so that both place
+memory exactly alike: ``memstress_create_vm`` puts the test region at the top
+of the guest physical space, one page below the end, aligned down to the
+backing page size, split evenly into memslots, with one region per vCPU
+(or one shared region with ``-o``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .arch import size_name
+from .errors import S2Error
+
+MEMSTRESS_MEM_SLOT_INDEX = 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The test region, its memslots and the vCPU regions (guest pages)."""
+
+    gpa: int
+    size: int
+    guest_num_pages: int
+    pages_per_slot: int
+    slots: tuple[tuple[int, int, int], ...]  # (slot id, gpa, pages)
+    vcpus: tuple[tuple[int, int], ...]  # (gpa, pages)
+
+
+def memstress_layout(page: int, pa_bits: int, vcpus: int, vcpu_memory_bytes: int, slots: int,
+                     partition: bool, backing_page_size: int) -> Layout:
+    """The placement, with memstress's checks and messages."""
+    if vcpu_memory_bytes % page:
+        raise S2Error(f"-b {vcpu_memory_bytes:#x}: guest memory size is not guest page size "
+                      f"({size_name(page)}) aligned")
+    guest_num_pages = vcpus * vcpu_memory_bytes // page
+    if guest_num_pages % slots:
+        raise S2Error(f"guest memory ({guest_num_pages} pages) cannot be evenly divided into "
+                      f"{slots} slots")
+    region_end_gfn = (1 << pa_bits) // page  # vm->max_gfn + 1
+    if guest_num_pages >= region_end_gfn:
+        raise S2Error(f"requested more guest memory ({size_name(guest_num_pages * page)}) than "
+                      f"the {pa_bits}-bit address space allows")
+    gpa = (region_end_gfn - guest_num_pages - 1) * page
+    gpa &= ~(backing_page_size - 1)
+    region_pages = guest_num_pages // slots
+    placed = []
+    for i in range(slots):
+        start = gpa + region_pages * page * i
+        if start % backing_page_size:
+            raise S2Error(f"memslot {MEMSTRESS_MEM_SLOT_INDEX + i} would start at {start:#x}, "
+                          f"not aligned to the {size_name(backing_page_size)} backing page size "
+                          "(guest_paddr != align_up(guest_paddr, backing_src_pagesz))")
+        placed.append((MEMSTRESS_MEM_SLOT_INDEX + i, start, region_pages))
+    per_vcpu = vcpu_memory_bytes // page
+    regions = tuple((gpa + i * vcpu_memory_bytes, per_vcpu) if partition
+                    else (gpa, guest_num_pages) for i in range(vcpus))
+    return Layout(gpa, guest_num_pages * page, guest_num_pages, region_pages, tuple(placed),
+                  regions)
