@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .errors import S2Error
+from ..errors import S2Error
 
 
 @dataclass(frozen=True)

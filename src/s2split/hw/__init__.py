@@ -1,0 +1,26 @@
+"""Real hardware: CPU features for the model, and the KVM harness.
+
+* :mod:`.features` -- :class:`Features`, the CPU features the model's stage-2
+  code depends on (re-exported here: ``from s2split.hw import Features``).
+
+Nothing here imports numpy, so the harness (``python3 -m s2split.hw run``)
+runs on a minimal Python.
+
+Submodules:
+
+* :mod:`.kvm` -- a KVM userspace driver on ``/dev/kvm`` (ioctls, memslots,
+  backing memory, vCPUs), standard library only;
+* :mod:`.guest` -- the guest programs (AArch64 and x86-64 machine code);
+* :mod:`.params`, :mod:`.harness` -- ``s2split hw run``: the
+  ``dirty_log_perf_test`` phases, timed from userspace;
+* :mod:`.fingerprint` -- what identifies the host a result came from;
+* :mod:`.selftest` -- parser of the upstream ``dirty_log_perf_test`` output;
+* :mod:`.compare` -- statistics between two labelled result sets;
+* :mod:`.cli` -- the ``s2split hw`` subcommands.
+"""
+
+from __future__ import annotations
+
+from .features import Features
+
+__all__ = ["Features"]

@@ -1,0 +1,394 @@
+"""``s2split hw``: run the real-KVM harness, import upstream output, compare.
+
+* ``hw run``: the ``dirty_log_perf_test`` phases on this machine's /dev/kvm,
+  timed from userspace, into the results store (or a JSON file);
+* ``hw import``: the output of the upstream selftest, into the store;
+* ``hw import-json``: results that ``hw run --json`` wrote elsewhere (e.g. in
+  a minimal VM without numpy), into the store;
+* ``hw compare``: two labelled result sets, phase by phase, with the model's
+  estimate alongside.
+
+``hw run`` imports nothing beyond the standard library and s2split's
+numpy-free modules unless it writes to the store, so ``python3 -m s2split.hw
+run ... --json FILE`` runs on a bare Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..cli import Parser, _int_arg, _size
+from ..errors import S2Error
+
+DEFAULT_DB = "s2split-results.sqlite"  # s2split.store.DEFAULT_DB, without importing numpy
+JSON_FORMAT = "s2split-hw-run/1"
+MIB = 1 << 20
+
+
+def _list(what: str, parse):
+    def f(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{what}: empty list")
+        return [parse(t) for t in items]
+    return f
+
+
+def _chunk(text: str) -> int:
+    return 0 if text.strip() == "0" else _size("--chunk-size")(text)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``s2split perf-test`` that mean something on a real host
+    (same letters, destinations and defaults), plus the harness's own."""
+    from ..kvm.backing import UPSTREAM_NAMES
+    g = p.add_argument_group("dirty_log_perf_test options (upstream letters and meanings)")
+    g.add_argument("-b", dest="vcpu_memory_bytes", type=_size("-b"), default=1 << 30,
+                   metavar="SIZE", help="memory dirtied by each vCPU, e.g. 10M or 3G "
+                   "(default: 1G)")
+    g.add_argument("-v", dest="vcpus", type=_int_arg("-v", 1), default=1, metavar="N",
+                   help="number of vCPUs (default: 1)")
+    g.add_argument("-s", dest="backing", type=_list("-s", str), default=["anonymous"],
+                   metavar="TYPE[,TYPE...]",
+                   help="backing memory: " + ", ".join(n for n in UPSTREAM_NAMES
+                                                       if not n.startswith("sh"))
+                   + "; a comma list runs each (default: anonymous)")
+    g.add_argument("-g", dest="no_manual", action="store_true",
+                   help="do not enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_GET_DIRTY_LOG "
+                   "clears the log (default: manual-protect + initially-set)")
+    g.add_argument("-i", dest="iterations", type=_int_arg("-i"), default=2, metavar="N",
+                   help="iterations, at least 2 (default: 2)")
+    g.add_argument("-m", dest="mode", action="append", metavar="MODE",
+                   help="guest mode ID or name, repeatable (default: 6, P40V48_4K)")
+    g.add_argument("-x", dest="slots", type=_int_arg("-x", 1), default=1, metavar="N",
+                   help="split the test memory into N memslots (default: 1)")
+    g.add_argument("-w", dest="write_percent", type=_int_arg("-w", 0, 100), default=100,
+                   metavar="PCT", help="percentage of pages written in the dirtying passes, "
+                   "0-100 (default: 100)")
+    g.add_argument("-a", dest="random_access", action="store_true",
+                   help="access pages at random instead of in order")
+    g.add_argument("-o", dest="overlap", action="store_true",
+                   help="overlap vCPU regions instead of partitioning them")
+    g.add_argument("-r", dest="seed", type=_int_arg("-r", 0, (1 << 32) - 1), default=1,
+                   metavar="SEED", help="random seed (default: 1); see --seed-synced")
+    h = p.add_argument_group("harness options")
+    h.add_argument("-k", "--chunk-size", dest="chunk_size", type=_list("--chunk-size", _chunk),
+                   default=None, metavar="SIZE[,SIZE...]",
+                   help="KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, set before the first memslot: 0 "
+                   "(off) or a supported block size; a comma list runs each (default: not "
+                   "set, as upstream)")
+    h.add_argument("--granule", default=None, metavar="SIZE",
+                   help="page size 4K, 16K or 64K (with --ipa-bits, instead of -m)")
+    h.add_argument("--ipa-bits", type=_int_arg("--ipa-bits"), default=None, metavar="N",
+                   help="guest physical address bits (with --granule, instead of -m)")
+    h.add_argument("--seed-synced", action="store_true",
+                   help="seed vCPU k with -r + k; upstream 6.10+ never copies the seed into the "
+                   "guest, so vCPU k is seeded with k (default: as upstream)")
+    h.add_argument("--x86-map", choices=("2M", "1G"), default="2M",
+                   help="x86-64 only: guest page-table mappings of the test memory "
+                   "(default: 2M)")
+    h.add_argument("--repeat", type=_int_arg("--repeat", 1), default=1, metavar="N",
+                   help="run every configuration N times, interleaved (default: 1)")
+    h.add_argument("--label", default=None,
+                   help="name of this result set, e.g. the kernel (default: the kernel "
+                   "release)")
+    h.add_argument("--db", default=None, metavar="PATH",
+                   help=f"results store (default: {DEFAULT_DB}, unless --json)")
+    h.add_argument("--json", default=None, metavar="FILE",
+                   help="write the results as JSON instead (numpy-free; load them later with "
+                   "'s2split hw import-json')")
+    h.add_argument("--verify", action="store_true",
+                   help="check every dirty bitmap against the pages the guest wrote, and the "
+                   "memory against the values written (exit 1 on a mismatch)")
+    h.add_argument("--keep-bitmaps", action="store_true",
+                   help="put each iteration's dirty bitmap in the JSON output")
+    h.add_argument("--kvm", default="/dev/kvm", metavar="PATH", help="the KVM device")
+
+
+def run_params(args: argparse.Namespace) -> list[Any]:
+    """Every configuration the options ask for (modes x backings x chunk sizes)."""
+    from ..arch import parse_granule
+    from ..modes import DEFAULT_MODE, mode_for, parse_mode
+    from .params import HwParams
+
+    if (args.granule is None) != (args.ipa_bits is None):
+        raise S2Error("--granule and --ipa-bits go together (or use -m)")
+    if args.granule is not None:
+        if args.mode:
+            raise S2Error("use either -m or --granule/--ipa-bits, not both")
+        modes = [mode_for(parse_granule(args.granule), args.ipa_bits)]
+    else:
+        modes = [parse_mode(m) for m in args.mode] if args.mode else [DEFAULT_MODE]
+    chunks = args.chunk_size if args.chunk_size is not None else [None]
+    out = []
+    for mode in modes:
+        for backing in args.backing:
+            for chunk in chunks:
+                out.append(HwParams(
+                    vcpu_memory_bytes=args.vcpu_memory_bytes, vcpus=args.vcpus,
+                    backing=backing, manual_protect=not args.no_manual,
+                    iterations=args.iterations, mode=mode, slots=args.slots,
+                    write_percent=args.write_percent, random_access=args.random_access,
+                    partition=not args.overlap, seed=args.seed, chunk_size=chunk,
+                    seed_synced=args.seed_synced,
+                    x86_map=1 << 30 if args.x86_map == "1G" else 1 << 21))
+    return out
+
+
+def _bitmap_hex(pages: list[int], npages: int) -> str:
+    value = 0
+    for p in pages:
+        value |= 1 << p
+    return value.to_bytes((npages + 63) // 64 * 8, "little").hex()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import platform
+
+    from .fingerprint import fingerprint
+    from .harness import measurement_rows, run_config
+    from .kvm import Kvm
+    from .params import memstress_layout
+
+    from ..kvm.backing import parse_backing
+    from .kvm import backing_page_size
+
+    if args.json is not None and args.db is not None:
+        raise S2Error("use either --db or --json, not both")
+    configs = run_params(args)
+    for p in configs:  # layout errors before any work
+        parse_backing(p.backing, p.granule)
+        memstress_layout(p, backing_page_size(p.backing))
+    store = None
+    if args.json is None:
+        store = _open_store(args.db or DEFAULT_DB)
+    kvm = Kvm(args.kvm)
+    try:
+        host = fingerprint(kvm)
+        label = args.label or platform.release()
+        rows: list[dict[str, Any]] = []
+        runs: list[dict[str, Any]] = []
+        problems = 0
+        print(f"Test iterations: {args.iterations}")
+        for rep in range(args.repeat):
+            shift = rep % len(configs)
+            order = configs[shift:] + configs[:shift]  # interleaved, rotated each round
+            for p in order:
+                if args.repeat > 1:
+                    print(f"# repetition {rep + 1}/{args.repeat}: {p.config_key()}")
+                result = run_config(p, print, verify=args.verify,
+                                    keep_bitmaps=args.keep_bitmaps, kvm=kvm)
+                rows += measurement_rows(result, label, rep, host)
+                run = {"config_key": p.config_key(), "repetition": rep,
+                       "capabilities": result.capabilities, "layout":
+                       {"gpa": result.layout.gpa, "size": result.layout.size,
+                        "slots": [list(s) for s in result.layout.slots]},
+                       "checks": result.checks, "problems": result.problems}
+                if args.keep_bitmaps:
+                    npages = {s: pages * p.granule // _host_page() for s, _, pages in
+                              result.layout.slots}
+                    run["bitmaps"] = [{str(s): _bitmap_hex(v, npages[s]) for s, v in it.items()}
+                                      for it in result.bitmaps]
+                runs.append(run)
+                for problem in result.problems:
+                    print(f"verify: {problem}", file=sys.stderr)
+                problems += len(result.problems)
+                if args.verify and not result.problems:
+                    print(f"verify: {len(result.checks)} checks passed")
+    finally:
+        kvm.close()
+    if args.json is not None:
+        doc = {"format": JSON_FORMAT, "label": label, "host": host, "rows": rows,
+               "runs": runs}
+        _write_json(args.json, doc)
+        print(f"wrote {len(rows)} measurements of {len(configs)} configuration(s) as "
+              f"'{label}' to {args.json}")
+    else:
+        n = _add_rows(store, rows)
+        print(f"stored {n} measurements of {len(configs)} configuration(s) as '{label}' in "
+              f"{store.path}")
+        store.close()
+    return 1 if problems else 0
+
+
+def _host_page() -> int:
+    from .kvm import host_page_size
+    return host_page_size()
+
+
+def _write_json(path: str, doc: dict[str, Any]) -> None:
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        tmp.replace(target)
+    except OSError as e:
+        raise S2Error(f"cannot write {path} ({e.strerror})") from None
+
+
+def _open_store(path: str):
+    try:
+        from ..store import Store
+    except ImportError as e:
+        raise S2Error(f"the results store cannot be opened here ({e}); write the results "
+                      "with --json FILE and load them with 's2split hw import-json FILE' "
+                      "where s2split is fully installed") from None
+    return Store.open(path)
+
+
+def _add_rows(store, rows: list[dict[str, Any]]) -> int:
+    """Add rows, numbering repetitions after those already stored for the same
+    label and configuration."""
+    offsets: dict[tuple[str, str], int] = {}
+    for label in {r["label"] for r in rows}:
+        for m in store.measurements(label):
+            k = (label, m["config_key"])
+            offsets[k] = max(offsets.get(k, 0), m["repetition"] + 1)
+    out = [dict(r, repetition=r["repetition"] + offsets.get((r["label"], r["config_key"]), 0))
+           for r in rows]
+    return store.add_measurements(out)
+
+
+# -- import ------------------------------------------------------------------------------
+def cmd_import(args: argparse.Namespace) -> int:
+    from .selftest import import_rows, parse_output
+
+    store = _open_store(args.db)
+    total = 0
+    for path in args.files:
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError as e:
+            raise S2Error(f"cannot read {path} ({e.strerror})") from None
+        parsed = parse_output(text, path)
+        rows, notes = import_rows(parsed, args.label, args.args, source=f"import {path}")
+        for note in notes:
+            print(f"{path}: {note}")
+        if rows:
+            total += _add_rows(store, rows)
+    print(f"stored {total} measurements as '{args.label}' in {store.path}")
+    store.close()
+    return 0
+
+
+def cmd_import_json(args: argparse.Namespace) -> int:
+    store = _open_store(args.db)
+    total = 0
+    for path in args.files:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise S2Error(f"cannot read {path} ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise S2Error(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
+            raise S2Error(f"{path} is not the output of 's2split hw run --json' (format "
+                          f"{JSON_FORMAT!r})")
+        rows = doc.get("rows", [])
+        if args.label:
+            rows = [dict(r, label=args.label) for r in rows]
+        total += _add_rows(store, rows)
+        bad = sum(len(r.get("problems", [])) for r in doc.get("runs", []))
+        if bad:
+            print(f"{path}: warning: verification found {bad} problem(s) in these runs")
+    print(f"stored {total} measurements in {store.path}")
+    store.close()
+    return 0
+
+
+# -- compare -------------------------------------------------------------------------------
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_labels, print_comparison
+
+    store = _open_store(args.db)
+    try:
+        report = compare_labels(store, args.a, args.b, threshold=args.threshold / 100,
+                                alpha=args.alpha, min_reps=args.min_reps, max_cv=args.max_cv / 100,
+                                model=not args.no_model, profile=args.profile,
+                                config=args.config, seed=args.bootstrap_seed)
+    finally:
+        store.close()
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print_comparison(report)
+    return 1 if report.regressions else 0
+
+
+def _percent(what: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text.rstrip("%"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} {text!r} is not a number") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{what} must not be negative")
+        return v
+    return parse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    hw = sub.add_parser("hw", help="real KVM: time the dirty-log ioctls, import upstream "
+                        "results, compare kernels",
+                        description="The real-KVM harness: 'run' times the "
+                        "dirty_log_perf_test phases on /dev/kvm from userspace, 'import' "
+                        "reads the upstream selftest's output, 'compare' tells whether two "
+                        "labelled result sets (e.g. kernels) differ.")
+    hsub = hw.add_subparsers(dest="hw_command", metavar="SUBCOMMAND", parser_class=Parser)
+    hw.set_defaults(func=lambda a: (hw.print_help(), 2)[1])
+
+    rp = hsub.add_parser("run", help="run the phases on this machine's KVM and store the times",
+                         description="Run dirty_log_perf_test's phases on a real VM created on "
+                         "/dev/kvm (arm64 or x86-64), timing each from userspace, and store "
+                         "the times with a fingerprint of the host.")
+    add_run_options(rp)
+    rp.set_defaults(func=cmd_run)
+
+    ip = hsub.add_parser("import", help="import dirty_log_perf_test output",
+                         description="Parse the output of the upstream dirty_log_perf_test "
+                         "(any version since -f became -w; every guest mode in it) into the "
+                         "results store. Failed and skipped runs are reported, not stored.")
+    ip.add_argument("files", nargs="+", metavar="FILE")
+    ip.add_argument("--label", required=True, help="name of this result set, e.g. the kernel")
+    ip.add_argument("--args", default="", metavar="OPTIONS",
+                    help="the options the selftest ran with, e.g. \"-b 1G -s anonymous_thp "
+                    "-v 4\" (what the output does not say: backing, vCPUs, ...)")
+    ip.add_argument("--db", default=DEFAULT_DB)
+    ip.set_defaults(func=cmd_import)
+
+    jp = hsub.add_parser("import-json", help="import the JSON of 'hw run --json'")
+    jp.add_argument("files", nargs="+", metavar="FILE")
+    jp.add_argument("--label", default=None, help="store under this label instead")
+    jp.add_argument("--db", default=DEFAULT_DB)
+    jp.set_defaults(func=cmd_import_json)
+
+    cp = hsub.add_parser("compare", help="compare two labelled result sets",
+                         description="Per configuration and phase: the medians of A and B, "
+                         "the relative change (B vs A) with a bootstrap confidence interval, "
+                         "the Mann-Whitney U p-value, and the model's estimate. Exit status 1 "
+                         "when B is significantly slower than A by more than the threshold.")
+    cp.add_argument("a", metavar="LABEL_A", help="the baseline")
+    cp.add_argument("b", metavar="LABEL_B", help="the candidate")
+    cp.add_argument("--db", default=DEFAULT_DB)
+    cp.add_argument("--threshold", type=_percent("--threshold"), default=5.0, metavar="PCT",
+                    help="smallest slowdown that counts as a regression (default: 5)")
+    cp.add_argument("--alpha", type=float, default=0.05,
+                    help="significance level, Holm-corrected over all rows (default: 0.05)")
+    cp.add_argument("--min-reps", type=_int_arg("--min-reps", 1), default=9,
+                    help="warn below this many repetitions (default: 9)")
+    cp.add_argument("--max-cv", type=_percent("--max-cv"), default=10.0, metavar="PCT",
+                    help="warn when a sample's coefficient of variation exceeds this "
+                    "(default: 10)")
+    cp.add_argument("--config", default=None, metavar="KEY",
+                    help="only this configuration (its options, as listed)")
+    cp.add_argument("--no-model", action="store_true", help="leave out the model's estimates")
+    cp.add_argument("--profile", default=None, help="cost profile for the model's estimates")
+    cp.add_argument("--bootstrap-seed", type=int, default=0, help=argparse.SUPPRESS)
+    cp.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    cp.set_defaults(func=cmd_compare)

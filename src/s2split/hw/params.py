@@ -1,0 +1,146 @@
+"""One harness configuration and where memstress puts its memory (numpy-free).
+
+:class:`HwParams` carries the ``dirty_log_perf_test`` options of
+:class:`s2split.workload.PerfTestParams` that mean something on real hardware,
+plus the eager-split chunk size. :func:`memstress_layout` places memory with
+the model's own code (:mod:`s2split.memstress`, numpy-free like everything
+``hw run`` imports), so the harness puts memory exactly where the model does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..arch import size_name
+from ..errors import S2Error
+from ..memstress import Layout
+from ..memstress import memstress_layout as _layout
+from ..modes import MODES, GuestMode, parse_mode
+
+
+@dataclass(frozen=True)
+class HwParams:
+    """One configuration of ``s2split hw run`` (upstream letters in comments)."""
+
+    vcpu_memory_bytes: int = 1 << 30  # -b
+    vcpus: int = 1  # -v
+    backing: str = "anonymous"  # -s
+    manual_protect: bool = True  # not -g
+    iterations: int = 2  # -i
+    mode: GuestMode = MODES[6]  # -m
+    slots: int = 1  # -x
+    write_percent: int = 100  # -w
+    random_access: bool = False  # -a
+    partition: bool = True  # not -o
+    seed: int = 1  # -r
+    chunk_size: int | None = None  # None: KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE left alone
+    seed_synced: bool = False
+    x86_map: int = 1 << 21  # x86-64 only: guest page-table mapping size
+
+    def __post_init__(self) -> None:
+        if self.iterations < 2:
+            raise S2Error(f"-i {self.iterations}: the test should have at least two iterations")
+        if self.vcpus < 1:
+            raise S2Error(f"-v {self.vcpus}: the number of vCPUs must be greater than 0")
+        if self.slots < 1:
+            raise S2Error(f"-x {self.slots}: the number of memslots must be greater than 0")
+        if not 0 <= self.write_percent <= 100:
+            raise S2Error(f"-w {self.write_percent}: write percentage must be between 0 and 100")
+        if self.vcpu_memory_bytes <= 0:
+            raise S2Error("-b: the memory size per vCPU must be greater than 0")
+        if not 0 <= self.seed < 1 << 32:
+            raise S2Error(f"-r {self.seed}: the seed must fit 32 bits")
+        if self.chunk_size is not None and (self.chunk_size < 0 or
+                                            self.chunk_size & (self.chunk_size - 1)):
+            raise S2Error(f"--chunk-size {self.chunk_size:#x}: not 0 or a power of two")
+
+    @property
+    def granule(self) -> int:
+        return self.mode.page_size
+
+    def vcpu_seed(self, index: int) -> int:
+        """The guest's initial Park-Miller state for vCPU ``index``:
+        ``guest_random_seed + index``, where upstream 6.10+ leaves the guest's
+        ``guest_random_seed`` at 0 (``--seed-synced``: the ``-r`` value)."""
+        return ((self.seed if self.seed_synced else 0) + index) & 0xFFFFFFFF
+
+    def argv(self) -> list[str]:
+        """Options reproducing this configuration (also its key in the store)."""
+        if self.mode.id >= 0:
+            out = ["-m", str(self.mode.id)]
+        else:
+            out = ["--granule", size_name(self.granule), "--ipa-bits", str(self.mode.pa_bits)]
+        out += ["-b", size_name(self.vcpu_memory_bytes), "-s", self.backing]
+        if self.vcpus != 1:
+            out += ["-v", str(self.vcpus)]
+        if not self.manual_protect:
+            out.append("-g")
+        if self.iterations != 2:
+            out += ["-i", str(self.iterations)]
+        if self.slots != 1:
+            out += ["-x", str(self.slots)]
+        if self.write_percent != 100:
+            out += ["-w", str(self.write_percent)]
+        if self.random_access:
+            out.append("-a")
+        if not self.partition:
+            out.append("-o")
+        if self.seed != 1:
+            out += ["-r", str(self.seed)]
+        if self.chunk_size is not None:
+            out += ["--chunk-size", size_name(self.chunk_size) if self.chunk_size else "0"]
+        if self.seed_synced:
+            out.append("--seed-synced")
+        return out
+
+    def config_key(self) -> str:
+        return " ".join(self.argv())
+
+    def to_config(self) -> dict[str, Any]:
+        """The configuration as stored with each measurement; the keys match
+        :meth:`s2split.workload.PerfTestParams.to_dict` where they exist."""
+        return {"vcpu_memory_bytes": self.vcpu_memory_bytes, "vcpus": self.vcpus,
+                "backing": self.backing, "manual_protect": self.manual_protect,
+                "iterations": self.iterations, "mode": self.mode.name,
+                "mode_id": self.mode.id, "pa_bits": self.mode.pa_bits,
+                "granule": self.granule, "slots": self.slots,
+                "write_percent": self.write_percent, "random_access": self.random_access,
+                "partition": self.partition, "seed": self.seed,
+                "chunk_size": self.chunk_size, "seed_synced": self.seed_synced}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "HwParams":
+        mode = mode_from_config(config)
+        return cls(vcpu_memory_bytes=int(config["vcpu_memory_bytes"]),
+                   vcpus=int(config.get("vcpus", 1)),
+                   backing=str(config.get("backing", "anonymous")),
+                   manual_protect=bool(config.get("manual_protect", True)),
+                   iterations=int(config.get("iterations", 2)), mode=mode,
+                   slots=int(config.get("slots", 1)),
+                   write_percent=int(config.get("write_percent", 100)),
+                   random_access=bool(config.get("random_access", False)),
+                   partition=bool(config.get("partition", True)),
+                   seed=int(config.get("seed", 1)),
+                   chunk_size=config.get("chunk_size"),
+                   seed_synced=bool(config.get("seed_synced", False)))
+
+
+def mode_from_config(config: dict[str, Any]) -> GuestMode:
+    mode_id = config.get("mode_id", -1)
+    if isinstance(mode_id, int) and 0 <= mode_id < len(MODES):
+        return MODES[mode_id]
+    if config.get("mode"):
+        try:
+            return parse_mode(str(config["mode"]))
+        except S2Error:
+            pass
+    return GuestMode(-1, str(config.get("mode", "custom")), int(config["pa_bits"]), 48,
+                     int(config["granule"]))
+
+
+def memstress_layout(p: HwParams, backing_page_size: int) -> Layout:
+    """``memstress_create_vm``'s placement for ``p`` with backing pages of
+    ``backing_page_size`` bytes (``get_backing_src_pagesz``), with its checks."""
+    return _layout(p.granule, p.mode.pa_bits, p.vcpus, p.vcpu_memory_bytes, p.slots,
+                   p.partition, backing_page_size)
