@@ -60,3 +60,31 @@ def memstress_layout(page: int, pa_bits: int, vcpus: int, vcpu_memory_bytes: int
                     else (gpa, guest_num_pages) for i in range(vcpus))
     return Layout(gpa, guest_num_pages * page, guest_num_pages, region_pages, tuple(placed),
                   regions)
+
+
+def upstream_argv(p) -> list[str]:
+    """The ``dirty_log_perf_test`` options (and ``--granule/--ipa-bits`` for a
+    mode without an ID) of a configuration: anything with the fields of
+    :class:`s2split.workload.PerfTestParams` -- the model's and the harness's."""
+    if p.mode.id >= 0:
+        out = ["-m", str(p.mode.id)]
+    else:
+        out = ["--granule", size_name(p.granule), "--ipa-bits", str(p.mode.pa_bits)]
+    out += ["-b", size_name(p.vcpu_memory_bytes), "-s", p.backing]
+    if p.vcpus != 1:
+        out += ["-v", str(p.vcpus)]
+    if not p.manual_protect:
+        out.append("-g")
+    if p.iterations != 2:
+        out += ["-i", str(p.iterations)]
+    if p.slots != 1:
+        out += ["-x", str(p.slots)]
+    if p.write_percent != 100:
+        out += ["-w", str(p.write_percent)]
+    if p.random_access:
+        out.append("-a")
+    if not p.partition:
+        out.append("-o")
+    if p.seed != 1:
+        out += ["-r", str(p.seed)]
+    return out

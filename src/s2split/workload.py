@@ -35,6 +35,7 @@ from .kvm.backing import Backing, parse_backing
 from .kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
 from .memstress import Layout
 from .memstress import memstress_layout as _layout
+from .memstress import upstream_argv
 from .modes import DEFAULT_MODE, GuestMode, parse_mode
 from .pgtable.variants import Variant
 from .versions import DEFAULT_KERNEL, kernel_rules
@@ -104,26 +105,7 @@ class PerfTestParams:
 
     def argv(self) -> list[str]:
         """Options of the ``s2split perf-test`` command reproducing this run."""
-        out = ["-m", str(self.mode.id) if self.mode.id >= 0 else self.mode.name]
-        if self.mode.id < 0:
-            out = ["--granule", size_name(self.granule), "--ipa-bits", str(self.mode.pa_bits)]
-        out += ["-b", size_name(self.vcpu_memory_bytes), "-s", self.backing]
-        if self.vcpus != 1:
-            out += ["-v", str(self.vcpus)]
-        if not self.manual_protect:
-            out.append("-g")
-        if self.iterations != 2:
-            out += ["-i", str(self.iterations)]
-        if self.slots != 1:
-            out += ["-x", str(self.slots)]
-        if self.write_percent != 100:
-            out += ["-w", str(self.write_percent)]
-        if self.random_access:
-            out.append("-a")
-        if not self.partition:
-            out.append("-o")
-        if self.seed != 1:
-            out += ["-r", str(self.seed)]
+        out = upstream_argv(self)
         out += ["--chunk-size", size_name(self.chunk_size) if self.chunk_size else "0"]
         if self.seed_synced:
             out.append("--seed-synced")

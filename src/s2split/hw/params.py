@@ -16,6 +16,7 @@ from ..arch import size_name
 from ..errors import S2Error
 from ..memstress import Layout
 from ..memstress import memstress_layout as _layout
+from ..memstress import upstream_argv
 from ..modes import MODES, GuestMode, parse_mode
 
 
@@ -67,27 +68,7 @@ class HwParams:
 
     def argv(self) -> list[str]:
         """Options reproducing this configuration (also its key in the store)."""
-        if self.mode.id >= 0:
-            out = ["-m", str(self.mode.id)]
-        else:
-            out = ["--granule", size_name(self.granule), "--ipa-bits", str(self.mode.pa_bits)]
-        out += ["-b", size_name(self.vcpu_memory_bytes), "-s", self.backing]
-        if self.vcpus != 1:
-            out += ["-v", str(self.vcpus)]
-        if not self.manual_protect:
-            out.append("-g")
-        if self.iterations != 2:
-            out += ["-i", str(self.iterations)]
-        if self.slots != 1:
-            out += ["-x", str(self.slots)]
-        if self.write_percent != 100:
-            out += ["-w", str(self.write_percent)]
-        if self.random_access:
-            out.append("-a")
-        if not self.partition:
-            out.append("-o")
-        if self.seed != 1:
-            out += ["-r", str(self.seed)]
+        out = upstream_argv(self)
         if self.chunk_size is not None:
             out += ["--chunk-size", size_name(self.chunk_size) if self.chunk_size else "0"]
         if self.seed_synced:
