@@ -7,17 +7,10 @@ import sys
 
 import pytest
 
-from s2split.cli import build_parser, main
+from s2split.cli import build_parser
 
+from _cli import run_cli as run
 
-def run(argv, capsys):
-    code = None
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -79,6 +79,8 @@ def _phase_name(text: str, where: str) -> str:
 def _row(options: Any, phase: Any, seconds: Any, where: str) -> Measurement:
     if not isinstance(options, str) or not isinstance(phase, str):
         raise S2Error(f"{where}: options and phase must be text")
+    if isinstance(seconds, bool):
+        raise S2Error(f"{where}: seconds {seconds!r} is not a number")
     try:
         sec = float(seconds)
     except (TypeError, ValueError):
@@ -96,6 +98,8 @@ def read_measurements(path: str) -> list[Measurement]:
         text = p.read_text()
     except OSError as e:
         raise S2Error(f"{path}: cannot read measurements ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise S2Error(f"{path}: not a text file (expected CSV or JSON measurements)") from None
     rows: list[Measurement] = []
     if p.suffix.lower() == ".json" or text.lstrip().startswith(("[", "{")):
         try:
@@ -144,7 +148,10 @@ def params_of(options: str, where: str, profile: Profile) -> tuple[Any, str]:
         raise S2Error(f"{where}: bad options {options!r}: {e}") from None
     if args.profile is None:
         args.profile = profile.source if profile.source.endswith(".json") else profile.name
-    params = perf_test_params(args)
+    try:
+        params = perf_test_params(args)
+    except S2Error as e:
+        raise S2Error(f"{where}: {e}") from None
     if len(params) != 1:
         raise S2Error(f"{where}: one guest mode per measurement")
     variants = args.variant or ["vanilla"]
@@ -175,15 +182,21 @@ def fit(measurements: list[Measurement], profile: Profile, keys: list[str],
         engine: str = "auto") -> Fit:
     from .pgtable.variants import get as get_variant
     from .workload import run_perf_test
+    from .cost import _parse_key
+    keys = list(dict.fromkeys(keys))  # a repeated key would get a zero column
+    if not keys:
+        raise S2Error("--fit: no cost key to fit")
     for k in keys:
-        from .cost import _parse_key
         _parse_key(k, "--fit")
     runs: dict[tuple[str, str], dict[str, Counts]] = {}
     for m in measurements:
         params, variant = params_of(m.options, m.where, profile)
         key = (json.dumps(params.to_dict(), sort_keys=True), variant)
         if key not in runs:
-            res = run_perf_test(params, get_variant(variant), engine)
+            try:
+                res = run_perf_test(params, get_variant(variant), engine)
+            except S2Error as e:
+                raise S2Error(f"{m.where}: {e}") from None
             runs[key] = dict(res.phases)
         if m.phase not in runs[key]:
             raise S2Error(f"{m.where}: this configuration has no phase {m.phase!r}")
@@ -241,6 +254,9 @@ def calibrate_command(args: argparse.Namespace) -> int:
     from .cli import _console
     base = load_profile(args.profile)
     keys = [k.strip() for k in (args.fit.split(",") if args.fit else DEFAULT_FIT) if k.strip()]
+    keys = list(dict.fromkeys(keys))
+    if args.output and Path(args.output).is_dir():
+        raise S2Error(f"-o {args.output}: is a directory")
     if args.db:
         measurements = measurements_from_store(args.db, args.measurements)
     else:
@@ -276,17 +292,32 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
 
 def measurements_from_store(db: str, label: str) -> list[Measurement]:
-    """Measured phases of one label in the results store (from ``s2split hw``)."""
+    """The measured phases of one label in the results store (``s2split hw run``
+    or ``hw import``): the median over repetitions of each configuration and
+    phase, one measurement each."""
+    import shlex
+    import statistics
+
+    from .hw.params import HwParams
     from .store import Store
     store = Store.open(db, create=False)
-    rows = store.measurements(label)
-    store.close()
+    try:
+        rows = store.measurements(label)
+    finally:
+        store.close()
     if not rows:
         raise S2Error(f"{db}: no measurements labelled {label!r}")
-    out = []
+    groups: dict[tuple[str, str], list[float]] = {}
     for r in rows:
-        opts = r["config"].get("options") if isinstance(r["config"], dict) else None
+        config = r["config"] if isinstance(r["config"], dict) else {}
+        opts = config.get("options")
         if not opts:
-            raise S2Error(f"{db}: measurement of {r['config_key']} has no perf-test options")
-        out.append(_row(opts, r["phase"], r["seconds"], f"{db}: {r['config_key']}"))
-    return out
+            try:
+                opts = shlex.join(HwParams.from_config(config).argv())
+            except (S2Error, KeyError, TypeError, ValueError) as e:
+                raise S2Error(f"{db}: measurement of {r['config_key']} has no usable "
+                              f"configuration ({e})") from None
+        groups.setdefault((opts, r["phase"]), []).append(float(r["seconds"]))
+    return [_row(opts, phase, statistics.median(secs),
+                 f"{db}: {label} {opts} {phase} (median of {len(secs)})")
+            for (opts, phase), secs in groups.items()]

@@ -29,15 +29,22 @@ def _csv(what: str, parse=str):
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Write a file completely or not at all (temp file + rename)."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+    if p.is_dir():
+        raise S2Error(f"{p}: is a directory, cannot write a file there")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+    except OSError as e:
+        raise S2Error(f"{p}: cannot write ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise S2Error(f"{p}: cannot write ({e.strerror or e})") from None
         raise
 
 
@@ -81,8 +88,10 @@ def add_matrix_options(p: argparse.ArgumentParser, single: bool = False) -> None
 
 
 def matrix_from(args: argparse.Namespace) -> Any:
+    from .cost import load_profile
     from .pgtable.variants import DEFAULT_VARIANTS
     from .reproduce import Matrix
+    load_profile(args.profile)  # a bad profile fails before the database is created
     variants = list(args.variant or DEFAULT_VARIANTS)
     if "vanilla" not in variants:
         variants.insert(0, "vanilla")
@@ -124,6 +133,8 @@ def _run_matrix(args: argparse.Namespace, matrix: Any, show_progress: bool) -> A
             return reproduce(matrix, store, args.engine, executor, progress)
     finally:
         store.close()
+        if isinstance(executor, DaskExecutor):
+            executor.close()
 
 
 def _err_console():
@@ -139,12 +150,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import matrix_summary
 
     matrix = matrix_from(args)
+    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
+        # Before the run, which may take hours.
+        raise S2Error(f"--plots {args.plots}: exists and is not a directory")
     t0 = time.perf_counter()
     outcome = _run_matrix(args, matrix, not args.no_progress and not args.json)
     elapsed = time.perf_counter() - t0
     if args.plots:
         from .report.plots import write_plots
-        written = write_plots(outcome, args.plots)
+        try:
+            written = write_plots(outcome, args.plots)
+        except OSError as e:
+            raise S2Error(f"--plots {args.plots}: cannot write ({e.strerror or e}); the "
+                          f"results are stored in {args.db}") from None
     if args.json:
         data = outcome_json(outcome)
         data["elapsed_s"] = elapsed
@@ -249,6 +267,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .cli import _console
     from .cost import load_profile
     from .store import Store
+    given = load_profile(args.profile) if args.profile else None
     store = Store.open(args.db, create=False)
     cells: dict[tuple, dict[str, Any]] = {}
     for c in store.cells():
@@ -266,13 +285,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.a not in by_variant or args.b not in by_variant:
             continue
         ca, cb = by_variant[args.a], by_variant[args.b]
-        profile = load_profile(args.profile or ca.profile)
         manual = ca.config["manual_protect"]
         names = [n for n, _, _ in ca.phases if (n.endswith("clear_dirty_log") if manual
                                                 else n == "enable_dirty_logging")]
         sa = sum((ca.phase(n) for n in names[1:]), ca.phase(names[0]))
         sb = sum((cb.phase(n) for n in names[1:]), cb.phase(names[0]))
-        ea, eb = profile.estimate_ns(sa), profile.estimate_ns(sb)
+        if given is None and ca.profile == cb.profile:
+            # The estimates stored with the cells: the store keeps a profile's
+            # name, which need not load again (a profile file elsewhere).
+            ea = sum(e for n, _, e in ca.phases if n in names)
+            eb = sum(e for n, _, e in cb.phases if n in names)
+        else:
+            try:
+                profile = given or load_profile(ca.profile)
+            except S2Error as e:
+                store.close()
+                raise S2Error(f"the cells were estimated under different profiles "
+                              f"({ca.profile!r}, {cb.profile!r}) and {e}; give --profile") \
+                    from None
+            ea, eb = profile.estimate_ns(sa), profile.estimate_ns(sb)
 
         def pct(x: float, y: float) -> str:
             return "n/a" if x == 0 else f"{100 * (y - x) / x:+.1f}%"

@@ -137,10 +137,6 @@ def reproduce_command(params: PerfTestParams, variant: str, profile: str) -> str
     """``profile`` is a ``--profile`` argument (see :func:`profile_option`)."""
     import shlex
     argv = params.argv()
-    # "--cpu -vhe,..." would read as two options: glue the value on.
-    while "--cpu" in argv:
-        i = argv.index("--cpu")
-        argv[i:i + 2] = [f"--cpu={argv[i + 1]}"]
     return "s2split perf-test " + " ".join(argv) + f" --variant {variant}" + \
         (f" --profile {shlex.quote(profile)}" if profile != "server-vhe" else "")
 
@@ -165,6 +161,13 @@ def warmup(engine: str = "fast") -> None:
         run_variants(replace(p, manual_protect=manual), [get_variant("vanilla")], engine)
 
 
+def _worker_init() -> None:
+    """Workers leave Ctrl-C to the main process, which stops them (instead of
+    each printing a KeyboardInterrupt traceback)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class LocalExecutor:
     """Groups in a pool of local processes."""
 
@@ -176,13 +179,39 @@ class LocalExecutor:
             for group, engine in tasks:
                 yield group, run_group(group.params, group.variants, engine)
             return
-        with ProcessPoolExecutor(max_workers=self.workers) as pool:
-            pending: dict[Future, Group] = {
-                pool.submit(run_group, g.params, g.variants, eng): g for g, eng in tasks}
+        import signal
+        pool = ProcessPoolExecutor(max_workers=self.workers, initializer=_worker_init)
+        finished = False
+        try:
+            # The workers are forked here. Ctrl-C during a fork would be lost in
+            # CPython's fork hooks ("Exception ignored in _releaseLock"): hold
+            # SIGINT back until the forks are done (then it is raised below).
+            masked = hasattr(signal, "pthread_sigmask")
+            if masked:
+                old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                pending: dict[Future, Group] = {
+                    pool.submit(run_group, g.params, g.variants, eng): g for g, eng in tasks}
+            finally:
+                if masked:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     yield pending.pop(fut), fut.result()
+            finished = True
+        finally:
+            if not finished:
+                # Interrupted (Ctrl-C, a failed group, the caller stopped): stop
+                # the workers, or the exit would wait for every queued group
+                # and then drop its results. ProcessPoolExecutor has no public
+                # way to do this before Python 3.14 (terminate_workers).
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.terminate()
+            # Waiting is quick once the workers are stopped, and joining the
+            # pool's thread here keeps its exit hook from writing to a closed
+            # pipe ("Exception ignored in ... _python_exit").
+            pool.shutdown(wait=True, cancel_futures=not finished)
 
 
 class DaskExecutor:

@@ -16,6 +16,7 @@ whole cells behind and resumes by skipping the keys already present.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
@@ -122,19 +123,37 @@ class Store:
             tables = {r[0] for r in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as e:
+            if not exists:
+                raise S2Error(f"{p}: cannot create the results database ({e})") from None
             raise S2Error(f"{p}: not an s2split results database ({e})") from None
         store = cls(conn, str(p))
+        try:
+            store._check(tables, create)
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def _check(self, tables: set[str], create: bool) -> None:
+        p, conn = self.path, self.conn
         if not tables:
             if not create:
                 raise S2Error(f"{p}: empty database, not an s2split results database")
-            with conn:
-                conn.executescript(_SCHEMA)
-                conn.executemany("INSERT INTO meta VALUES (?, ?)", [
-                    ("app", APP), ("schema_version", str(SCHEMA_VERSION)), ("created", now())])
-            return store
+            # One transaction, so that an interrupted or concurrent creation
+            # never leaves a half-made schema behind.
+            script = _SCHEMA.replace("CREATE TABLE ", "CREATE TABLE IF NOT EXISTS ") \
+                .replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ")
+            rows = [("app", APP), ("schema_version", str(SCHEMA_VERSION)), ("created", now())]
+            inserts = "".join(f"INSERT OR IGNORE INTO meta VALUES ('{k}', '{v}');\n"
+                              for k, v in rows)
+            with self._errors():
+                conn.executescript(f"BEGIN IMMEDIATE;\n{script}{inserts}COMMIT;\n")
+                tables = {r[0] for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type='table'")}
         if "meta" not in tables:
             raise S2Error(f"{p}: not an s2split results database (no meta table)")
-        meta = dict(conn.execute("SELECT key, value FROM meta"))
+        with self._errors():
+            meta = dict(conn.execute("SELECT key, value FROM meta"))
         if meta.get("app") != APP:
             raise S2Error(f"{p}: not an s2split results database (app {meta.get('app')!r})")
         try:
@@ -147,22 +166,31 @@ class Store:
         if version < SCHEMA_VERSION:
             raise S2Error(f"{p}: schema {version} is older than {SCHEMA_VERSION}; no migration "
                           "exists yet -- use a new file with --db")
-        return store
 
     def close(self) -> None:
         self.conn.close()
 
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """SQLite errors past :meth:`open` (a damaged file, a locked or read-only
+        database) as one-line S2Error exceptions."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            raise S2Error(f"{self.path}: database error: {e}") from None
+
     # -- cells -------------------------------------------------------------------
     def has_cell(self, key: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM cells WHERE key = ?", (key,)).fetchone() \
-            is not None
+        with self._errors():
+            return self.conn.execute("SELECT 1 FROM cells WHERE key = ?", (key,)).fetchone() \
+                is not None
 
     def add_cell(self, key: str, config: dict[str, Any], variant: str, engine: str,
                  profile: str, seconds: float,
                  phases: Iterable[tuple[str, Counts, float]]) -> int:
         """Write one cell and its phases in one transaction; an existing key is
         left alone (and its id returned)."""
-        with self.conn:
+        with self._errors(), self.conn:
             row = self.conn.execute("SELECT id FROM cells WHERE key = ?", (key,)).fetchone()
             if row:
                 return int(row[0])
@@ -180,23 +208,26 @@ class Store:
         return cid
 
     def cells(self, where: str = "", args: tuple = ()) -> Iterator[StoredCell]:
-        rows = self.conn.execute(
-            "SELECT id, key, config, variant, engine, profile, tool_version, created, seconds "
-            f"FROM cells {where} ORDER BY id", args).fetchall()
+        with self._errors():
+            rows = self.conn.execute(
+                "SELECT id, key, config, variant, engine, profile, tool_version, created, "
+                f"seconds FROM cells {where} ORDER BY id", args).fetchall()
         for r in rows:
-            ph = [(name, Counts.from_dict(json.loads(counts)), est) for name, counts, est in
-                  self.conn.execute("SELECT phase, counts, estimate_ns FROM phases WHERE "
-                                    "cell_id = ? ORDER BY seq", (r[0],))]
+            with self._errors():
+                ph = [(name, Counts.from_dict(json.loads(counts)), est) for name, counts, est in
+                      self.conn.execute("SELECT phase, counts, estimate_ns FROM phases WHERE "
+                                        "cell_id = ? ORDER BY seq", (r[0],))]
             yield StoredCell(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], r[8],
                              ph)
 
     def cell_count(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0])
+        with self._errors():
+            return int(self.conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0])
 
     # -- measurements ---------------------------------------------------------------
     def add_measurements(self, rows: Iterable[dict[str, Any]]) -> int:
         rows = list(rows)
-        with self.conn:
+        with self._errors(), self.conn:
             self.conn.executemany(
                 "INSERT INTO measurements (label, config_key, config, phase, repetition, seconds,"
                 " host, source, tool_version, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -213,13 +244,16 @@ class Store:
         if label is not None:
             q += " WHERE label = ?"
             args = (label,)
-        return [{"label": r[0], "config_key": r[1], "config": json.loads(r[2]), "phase": r[3],
-                 "repetition": r[4], "seconds": r[5], "host": json.loads(r[6]), "source": r[7]}
-                for r in self.conn.execute(q + " ORDER BY id", args)]
+        with self._errors():
+            return [{"label": r[0], "config_key": r[1], "config": json.loads(r[2]),
+                     "phase": r[3], "repetition": r[4], "seconds": r[5],
+                     "host": json.loads(r[6]), "source": r[7]}
+                    for r in self.conn.execute(q + " ORDER BY id", args)]
 
     def labels(self) -> list[str]:
-        return [r[0] for r in self.conn.execute(
-            "SELECT DISTINCT label FROM measurements ORDER BY label")]
+        with self._errors():
+            return [r[0] for r in self.conn.execute(
+                "SELECT DISTINCT label FROM measurements ORDER BY label")]
 
     # -- export ------------------------------------------------------------------------
     def export_json(self) -> dict[str, Any]:

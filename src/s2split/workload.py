@@ -110,8 +110,9 @@ class PerfTestParams:
         if self.seed_synced:
             out.append("--seed-synced")
         if self.features != Features():
-            out += ["--cpu", ",".join(("" if v else "-") + k
-                                     for k, v in asdict(self.features).items())]
+            # One word: "--cpu -vhe,..." would read as two options.
+            out.append("--cpu=" + ",".join(("" if v else "-") + k
+                                           for k, v in asdict(self.features).items()))
         if self.host_va_bits != 48:
             out += ["--host-va-bits", str(self.host_va_bits)]
         if self.lpa2:

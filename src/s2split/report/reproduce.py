@@ -16,7 +16,8 @@ from rich.table import Table
 
 from ..arch import granule_name
 from ..counters import Counts
-from ..reproduce import BACKING_LABELS, SCENARIOS, Outcome, reproduce_command
+from ..reproduce import BACKING_LABELS, SCENARIOS, Outcome, profile_option, \
+    reproduce_command
 
 
 def saving(base: float, value: float) -> float | None:
@@ -105,7 +106,7 @@ def commands(outcome: Outcome) -> list[str]:
                 p = outcome.params[(g, b, s)]
                 for v in m.variants:
                     lines.append(f"{s:6} {BACKING_LABELS[b]:13} {granule_name(g):>3} {v:26} "
-                                 + reproduce_command(p, v, outcome.profile.name))
+                                 + reproduce_command(p, v, profile_option(outcome.profile)))
     return lines
 
 
@@ -120,11 +121,13 @@ def outcome_json(outcome: Outcome) -> dict[str, Any]:
                     entry[f"{what}_saved_pct"] = {str(k): val for k, val in
                                                   savings(outcome, s, b, v, what).items()}
                 entry["commands"] = {granule_name(g): reproduce_command(
-                    outcome.params[(g, b, s)], v, outcome.profile.name) for g in m.granules}
+                    outcome.params[(g, b, s)], v, profile_option(outcome.profile))
+                    for g in m.granules}
                 rows.append(entry)
     return {"format": "s2split-reproduce/1", "profile": outcome.profile.name,
             "times_are": f"estimates under profile {outcome.profile.name}",
-            "scenarios": SCENARIOS, "rows": rows}
+            "scenarios": SCENARIOS, "rows": rows,
+            "cells": {"computed": outcome.ran, "found": outcome.skipped}}
 
 
 def print_outcome(console: Console, outcome: Outcome) -> None:
