@@ -118,8 +118,9 @@ def outcome_json(outcome: Outcome) -> dict[str, Any]:
             for v in m.variants:
                 entry = {"scenario": s, "backing": b, "variant": v}
                 for what in ("time", "reads", "visits"):
-                    entry[f"{what}_saved_pct"] = {str(k): val for k, val in
-                                                  savings(outcome, s, b, v, what).items()}
+                    entry[f"{what}_saved_pct"] = {
+                        granule_name(k) if isinstance(k, int) else k: val
+                        for k, val in savings(outcome, s, b, v, what).items()}
                 entry["commands"] = {granule_name(g): reproduce_command(
                     outcome.params[(g, b, s)], v, profile_option(outcome.profile))
                     for g in m.granules}
