@@ -10,12 +10,26 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import S2Error
-from ..versions import DEFAULT_KERNEL
+from ..versions import DEFAULT_KERNEL, kernel_rules
 
 ENGINES = ("auto", "reference", "fast")
 
-#: ``auto`` switches to the fast engine at this much guest memory.
+#: ``auto`` switches to the fast engine at this much guest memory,
 AUTO_FAST_BYTES = 64 << 20
+#: or at this many teardown walks (6.19 rules walk the IPA space chunk by chunk:
+#: 2^27 walks on 16K pages with a 52-bit IPA, minutes on the reference engine).
+AUTO_FAST_DESTROY_WALKS = 1 << 16
+
+
+def _big(params: Any) -> bool:
+    if params is None:
+        return False
+    if params.vcpus * params.vcpu_memory_bytes >= AUTO_FAST_BYTES:
+        return True
+    if kernel_rules(params.kernel).chunked_destroy:
+        g = params.geometry()
+        return g.ipa_size // g.granule_size(g.min_block_level) >= AUTO_FAST_DESTROY_WALKS
+    return False
 
 
 class ReferenceEngine:
@@ -38,8 +52,7 @@ def get_engine(engine: Any, params: Any = None, variant: Any = None) -> Any:
                           "engine can run it")
         return FastEngine()
     if engine == "auto":
-        big = params is not None and params.vcpus * params.vcpu_memory_bytes >= AUTO_FAST_BYTES
-        if big and (variant is None or variant.flag_only):
+        if _big(params) and (variant is None or variant.flag_only):
             try:
                 from .fast import FastEngine
             except ImportError:  # pragma: no cover - numba is a dependency
