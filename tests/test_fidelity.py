@@ -1,7 +1,6 @@
 """The model against the real kernel's call counts (the shared fixtures)."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

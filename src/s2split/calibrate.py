@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .cost import Profile, load_profile
-from .counters import KIND, NKINDS, NOPS, OP, SLOTS, Counts, slot
+from .cost import Profile, governing_keys, load_profile
+from .counters import Counts
 from .errors import S2Error
 
 DEFAULT_FIT = ("read_leaf", "visit_leaf", "pte_write", "pte_cas", "dsb_ish", "aborts",
@@ -162,20 +162,9 @@ def params_of(options: str, where: str, profile: Profile) -> tuple[Any, str]:
 
 def _governing(profile_keys: set[str], fit: list[str]) -> np.ndarray:
     """For every counter cell, the index of the fit key that prices it, or -1."""
-    from .cost import _parse_key
-    gov = -np.ones((NOPS, NKINDS, SLOTS), dtype=np.int64)
-    spec = np.full((NOPS, NKINDS, SLOTS), -1, dtype=np.int64)
-    for key in profile_keys | set(fit):
-        op, kind, level = _parse_key(key, "fit")
-        rank = (op is not None) * 2 + (level is not None)
-        ops = [OP[op]] if op else range(NOPS)
-        slots = [slot(level)] if level is not None else range(SLOTS)
-        for o in ops:
-            for s in slots:
-                if rank > spec[o, KIND[kind], s] or (rank == spec[o, KIND[kind], s] and key in fit):
-                    spec[o, KIND[kind], s] = rank
-                    gov[o, KIND[kind], s] = fit.index(key) if key in fit else -1
-    return gov
+    keys = sorted(profile_keys | set(fit))
+    to_fit = np.array([fit.index(k) if k in fit else -1 for k in keys] + [-1])
+    return to_fit[governing_keys(keys, "--fit")]
 
 
 def fit(measurements: list[Measurement], profile: Profile, keys: list[str],

@@ -133,8 +133,6 @@ def add_perf_test_options(p: argparse.ArgumentParser) -> None:
 
 def perf_test_params(args: argparse.Namespace) -> list[Any]:
     """Params for each selected mode, from parsed options."""
-    from dataclasses import replace
-
     from .arch import parse_granule
     from .cost import load_profile
     from .hw import Features
@@ -144,8 +142,7 @@ def perf_test_params(args: argparse.Namespace) -> list[Any]:
     profile = load_profile(args.profile)
     features = profile.features
     if args.cpu:
-        base = ",".join(("" if v else "-") + k for k, v in vars(features).items())
-        features = Features.parse(base + "," + args.cpu)
+        features = Features.parse(args.cpu, base=features)
     if (args.granule is None) != (args.ipa_bits is None):
         raise S2Error("--granule and --ipa-bits go together (or use -m)")
     if args.granule is not None:
@@ -165,7 +162,7 @@ def perf_test_params(args: argparse.Namespace) -> list[Any]:
             host_va_bits=args.host_va_bits, lpa2=args.lpa2, kernel=args.kernel)
         p.geometry()  # validate the IPA size for this granule now
         p.backing_type()
-        out.append(replace(p))
+        out.append(p)
     return out
 
 
@@ -173,7 +170,7 @@ def cmd_perf_test(args: argparse.Namespace) -> int:
     from .cost import load_profile
     from .pgtable.variants import DEFAULT_VARIANTS, get
     from .report.perftest import print_perf_test, result_json
-    from .workload import memstress_layout, run_perf_test
+    from .workload import memstress_layout, run_variants
 
     profile = load_profile(args.profile)
     variants = [get(v) for v in (args.variant or DEFAULT_VARIANTS)]
@@ -181,7 +178,7 @@ def cmd_perf_test(args: argparse.Namespace) -> int:
     console = _console()
     for params in perf_test_params(args):
         memstress_layout(params)  # layout errors before any work
-        results = [run_perf_test(params, v, args.engine) for v in variants]
+        results = run_variants(params, variants, args.engine)
         if args.json:
             all_json.append(result_json(results, profile))
         else:

@@ -230,6 +230,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .arch import size_name
     from .cli import _console
     from .cost import load_profile
+    from .reproduce import syscall_phases
     from .store import Store
     store = Store.open(args.db, create=False)
     profile = load_profile(args.profile) if args.profile else None
@@ -243,10 +244,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         cfg = c.config
         if args.variant and c.variant not in args.variant:
             continue
-        phases = [(name, cnt, est) for name, cnt, est in c.phases
-                  if name == "enable_dirty_logging" or name.endswith("clear_dirty_log")]
-        if not cfg.get("manual_protect", True):
-            phases = [x for x in phases if x[0] == "enable_dirty_logging"]
+        wanted = syscall_phases("clear" if cfg["manual_protect"] else "enable",
+                                cfg["iterations"])
+        phases = [(name, cnt, est) for name, cnt, est in c.phases if name in wanted]
         est = sum(profile.estimate_ns(cnt) if profile else e for _, cnt, e in phases)
         reads = sum(cnt.entries_read() for _, cnt, _ in phases)
         t.add_row(c.key[:12], size_name(cfg["granule"]), size_name(cfg["vcpu_memory_bytes"]),
@@ -266,6 +266,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .arch import size_name
     from .cli import _console
     from .cost import load_profile
+    from .counters import sum_counts
+    from .report import saving
+    from .reproduce import syscall_phases
     from .store import Store
     given = load_profile(args.profile) if args.profile else None
     store = Store.open(args.db, create=False)
@@ -278,7 +281,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     t = Table(title=f"{args.b} against {args.a}", title_justify="left")
     for col in ("granule", "backing", "scenario"):
         t.add_column(col)
-    for col in (f"{args.a} est.", f"{args.b} est.", "time", "entries read", "visits"):
+    for col in (f"{args.a} est.", f"{args.b} est.", "time saved", "entries read saved",
+                "visits saved"):
         t.add_column(col, justify="right")
     rows = 0
     for key, by_variant in cells.items():
@@ -286,10 +290,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             continue
         ca, cb = by_variant[args.a], by_variant[args.b]
         manual = ca.config["manual_protect"]
-        names = [n for n, _, _ in ca.phases if (n.endswith("clear_dirty_log") if manual
-                                                else n == "enable_dirty_logging")]
-        sa = sum((ca.phase(n) for n in names[1:]), ca.phase(names[0]))
-        sb = sum((cb.phase(n) for n in names[1:]), cb.phase(names[0]))
+        names = syscall_phases("clear" if manual else "enable", ca.config["iterations"])
+        sa = sum_counts(ca.phase(n) for n in names)
+        sb = sum_counts(cb.phase(n) for n in names)
         if given is None and ca.profile == cb.profile:
             # The estimates stored with the cells: the store keeps a profile's
             # name, which need not load again (a profile file elsewhere).
@@ -306,7 +309,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             ea, eb = profile.estimate_ns(sa), profile.estimate_ns(sb)
 
         def pct(x: float, y: float) -> str:
-            return "n/a" if x == 0 else f"{100 * (y - x) / x:+.1f}%"
+            saved = saving(x, y)
+            return "n/a" if saved is None else f"{saved:.1f}%"
         t.add_row(size_name(ca.config["granule"]), ca.config["backing"],
                   "clear" if manual else "enable", f"{ea / 1e6:,.2f} ms", f"{eb / 1e6:,.2f} ms",
                   pct(ea, eb), pct(sa.entries_read(), sb.entries_read()),

@@ -38,22 +38,10 @@ class Profile:
     _array: np.ndarray = field(default=None, repr=False, compare=False)  # type: ignore
 
     def __post_init__(self) -> None:
-        for key in self.unit_costs_ns:
-            _parse_key(key, self.name)
-        object.__setattr__(self, "_array", self._build())
-
-    def _build(self) -> np.ndarray:
-        arr = np.zeros((NOPS, NKINDS, SLOTS), dtype=np.float64)
-        # Least specific first, so that more specific keys overwrite.
-        keys = sorted(self.unit_costs_ns, key=lambda k: (":" in k, "@" in k))
-        for key in keys:
-            op, kind, level = _parse_key(key, self.name)
-            ops = [OP[op]] if op else range(NOPS)
-            slots = [slot(level)] if level is not None else range(SLOTS)
-            for o in ops:
-                for s in slots:
-                    arr[o, KIND[kind], s] = self.unit_costs_ns[key]
-        return arr
+        keys = list(self.unit_costs_ns)
+        values = np.array([self.unit_costs_ns[k] for k in keys] + [0.0])
+        # A cell no key prices indexes -1: the 0.0 appended.
+        object.__setattr__(self, "_array", values[governing_keys(keys, self.name)])
 
     @property
     def array(self) -> np.ndarray:
@@ -75,6 +63,20 @@ class Profile:
         return {"format": PROFILE_FORMAT, "name": self.name, "description": self.description,
                 "provenance": self.provenance, "features": vars(self.features) | {},
                 "unit_costs_ns": dict(self.unit_costs_ns), "notes": list(self.notes)}
+
+
+def governing_keys(keys: list[str], where: str) -> np.ndarray:
+    """For every ``(op, kind, level)`` cell, the index in ``keys`` of the key
+    that prices it -- the most specific of ``op:kind@level``, ``op:kind``,
+    ``kind@level``, ``kind`` -- or -1. The one rule for estimates and
+    calibration alike."""
+    gov = np.full((NOPS, NKINDS, SLOTS), -1, dtype=np.int64)
+    # Least specific first, so that more specific keys overwrite.
+    for i in sorted(range(len(keys)), key=lambda i: (":" in keys[i], "@" in keys[i])):
+        op, kind, level = _parse_key(keys[i], where)
+        gov[OP[op] if op else slice(None), KIND[kind],
+            slot(level) if level is not None else slice(None)] = i
+    return gov
 
 
 def _parse_key(key: str, profile: str) -> tuple[str | None, str, int | None]:
@@ -123,14 +125,23 @@ def load_profile(name_or_path: str | None = None) -> Profile:
     if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
         raise S2Error(f"{source}: not an s2split profile (format must be {PROFILE_FORMAT!r})")
     costs: dict[str, float] = {}
+    feats = Features()
     if data.get("inherits"):
-        costs.update(load_profile(data["inherits"]).unit_costs_ns)
+        parent = str(data["inherits"])
+        if not source.startswith("builtin:") and (parent.endswith(".json") or "/" in parent):
+            parent = str(Path(source).parent / parent)  # relative to this file
+        base = load_profile(parent)
+        costs.update(base.unit_costs_ns)
+        feats = base.features
     try:
         for k, v in data.get("unit_costs_ns", {}).items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise S2Error(f"{source}: unit cost {k!r} must be a non-negative number")
             costs[k] = float(v)
-        feats = Features(**data.get("features", {}))
+        given = data.get("features", {})
+        if not isinstance(given, dict):
+            raise TypeError("features must be an object")
+        feats = Features(**{**vars(feats), **given})
         return Profile(str(data["name"]), str(data.get("description", "")),
                        str(data.get("provenance", "")), feats, costs,
                        tuple(data.get("notes", ())), source)

@@ -129,10 +129,6 @@ def slot_level(s: int) -> int | None:
     return None if s == NOLEVEL else s - 1
 
 
-def flat_index(op: int, kind: int, level: int | None) -> int:
-    return (op * NKINDS + kind) * SLOTS + slot(level)
-
-
 class Tally:
     """The reference engine's live counters: one flat list per operation.
 
@@ -143,9 +139,6 @@ class Tally:
 
     def __init__(self) -> None:
         self.ops: list[list[int]] = [[0] * (NKINDS * SLOTS) for _ in OPS]
-
-    def add(self, op: int, kind: int, level: int | None = None, n: int = 1) -> None:
-        self.ops[op][kind * SLOTS + slot(level)] += n
 
     def snapshot(self) -> "Counts":
         return Counts(np.array(self.ops, dtype=np.int64).reshape(NOPS, NKINDS, SLOTS))
@@ -200,6 +193,11 @@ class Counts:
         kinds = ("visit_leaf", "visit_pre", "visit_post")
         return sum(self.op_total(op, k) if op else self.total(k) for k in kinds)
 
+    def tlbi_calls(self) -> int:
+        """Stage-2 TLB invalidation calls of every kind (by IPA, local, range, VMID)."""
+        return sum(self.total(k) for k in ("tlbi_ipa", "tlbi_ipa_nsh", "tlbi_range",
+                                           "tlbi_vmid"))
+
     def items(self) -> Iterator[tuple[str, str, int | None, int]]:
         for o, k, s in zip(*np.nonzero(self.array)):
             yield OPS[o], KINDS[k], slot_level(int(s)), int(self.array[o, k, s])
@@ -225,8 +223,7 @@ class Counts:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Counts) and bool(np.array_equal(self.array, other.array))
 
-    def __hash__(self) -> int:  # pragma: no cover - dataclass requires it with eq=False
-        return id(self)
+    __hash__ = None  # type: ignore[assignment]  # equal by value, and mutable inside
 
     def diff(self, other: "Counts") -> list[tuple[str, str, int | None, int, int]]:
         """Entries that differ: ``(op, kind, level, self, other)``."""

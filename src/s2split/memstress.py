@@ -16,6 +16,14 @@ from .arch import size_name
 from .errors import S2Error
 
 MEMSTRESS_MEM_SLOT_INDEX = 1
+#: The selftests' guest pRNG (Park-Miller "minimal standard").
+PRNG_MULTIPLIER = 48271
+PRNG_MODULUS = (1 << 31) - 1
+
+
+def guest_random_u32(state: int) -> int:
+    """``guest_random_u32()``: the next state, which is also the value returned."""
+    return state * PRNG_MULTIPLIER % PRNG_MODULUS
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,6 @@ class Prot(enum.IntFlag):
     RWX = R | W | X
 
 
-PROT_SW_MASK = SW_MASK
 
 
 def addr_mask(geom: Geometry) -> int:
@@ -108,11 +107,6 @@ def is_table(pte: int, level: int) -> bool:
 def is_locked(pte: int) -> bool:
     """``stage2_pte_is_locked()``."""
     return not (pte & VALID) and bool(pte & LOCKED)
-
-
-def is_counted(pte: int) -> bool:
-    """``stage2_pte_is_counted()``: any non-zero entry holds a table-page reference."""
-    return pte != 0
 
 
 def make_table(child_pa: int, geom: Geometry) -> int:

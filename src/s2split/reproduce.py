@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -24,7 +24,8 @@ import numpy as np
 from . import __version__
 from .arch import GRANULES, granule_name, size_name
 from .cost import Profile, load_profile
-from .counters import Counts
+from .counters import Counts, sum_counts
+from .engine import engine_name
 from .errors import S2Error
 from .hw import Features
 from .modes import mode_for
@@ -260,10 +261,7 @@ class Outcome:
                      variant: str) -> Counts:
         """Counts of the scenario's syscall phases, summed."""
         cell = self.cells[(granule, backing, scenario, variant)]
-        total = Counts.zeros()
-        for name in syscall_phases(scenario, self.matrix.iterations):
-            total = total + cell[name]
-        return total
+        return sum_counts(cell[name] for name in syscall_phases(scenario, self.matrix.iterations))
 
 
 def reproduce(matrix: Matrix, store: Any, engine: str = "auto", executor: Any = None,
@@ -279,23 +277,22 @@ def reproduce(matrix: Matrix, store: Any, engine: str = "auto", executor: Any = 
             outcome.skipped += len(g.variants)
         else:
             todo.append(g)
-    eng = engine
-    if engine == "auto":
-        eng = "fast" if matrix.size >= (64 << 20) else "reference"
+    engines = {g.label: engine_name(engine, g.params, [get_variant(v) for v in g.variants])
+               for g in todo}
     total = len(groups)
     done = total - len(todo)
     if progress:
         progress("", done, total)
     if todo:
-        if eng == "fast" and (executor is None or isinstance(executor, LocalExecutor)):
+        local = executor is None or isinstance(executor, LocalExecutor)
+        if local and "fast" in engines.values():
             warmup()
         executor = executor or LocalExecutor()
-        for group, results in executor.run([(g, eng) for g in todo]):
+        for group, results in executor.run([(g, engines[g.label]) for g in todo]):
             for r in results:
                 key = cell_key(group.params, r["variant"])
-                phases = [(name, Counts.from_flat(np.asarray(flat)),
-                           profile.estimate_ns(Counts.from_flat(np.asarray(flat))))
-                          for name, flat in r["phases"]]
+                counts = [(name, Counts.from_flat(np.asarray(flat))) for name, flat in r["phases"]]
+                phases = [(name, c, profile.estimate_ns(c)) for name, c in counts]
                 if store.has_cell(key):
                     # Stored by the interrupted run this one resumes (a group
                     # it left half-written), or by a concurrent run.
@@ -325,4 +322,4 @@ def matrix_summary(m: Matrix) -> str:
 
 __all__ = ["Matrix", "reproduce", "Outcome", "cell_key", "reproduce_command", "profile_option",
            "syscall_phases",
-           "LocalExecutor", "DaskExecutor", "run_group", "asdict"]
+           "LocalExecutor", "DaskExecutor", "run_group"]

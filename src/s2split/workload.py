@@ -24,7 +24,7 @@ whatever ``-r`` says (vCPU 0's generator is stuck at 0). ``seed_synced=False``
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from .arch import Geometry, size_name
@@ -33,21 +33,14 @@ from .errors import S2Error
 from .hw import Features
 from .kvm.backing import Backing, parse_backing
 from .kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
-from .memstress import Layout
+from .memstress import Layout, guest_random_u32
 from .memstress import memstress_layout as _layout
 from .memstress import upstream_argv
 from .modes import DEFAULT_MODE, GuestMode, parse_mode
-from .pgtable.variants import Variant
+from .pgtable.variants import WALK_OPS, Variant
 from .versions import DEFAULT_KERNEL, kernel_rules
 
 DEFAULT_PER_VCPU_MEM_SIZE = 1 << 30
-PRNG_MULTIPLIER = 48271
-PRNG_MODULUS = (1 << 31) - 1
-
-
-def guest_random_u32(state: int) -> int:
-    """``guest_random_u32()``: the next state, which is also the value returned."""
-    return state * PRNG_MULTIPLIER % PRNG_MODULUS
 
 
 @dataclass(frozen=True)
@@ -100,9 +93,6 @@ class PerfTestParams:
     def backing_type(self) -> Backing:
         return parse_backing(self.backing, self.granule)
 
-    def label(self) -> str:
-        return ("manual_protect" if self.manual_protect else "no_manual_protect")
-
     def argv(self) -> list[str]:
         """Options of the ``s2split perf-test`` command reproducing this run."""
         out = upstream_argv(self)
@@ -111,8 +101,7 @@ class PerfTestParams:
             out.append("--seed-synced")
         if self.features != Features():
             # One word: "--cpu -vhe,..." would read as two options.
-            out.append("--cpu=" + ",".join(("" if v else "-") + k
-                                           for k, v in asdict(self.features).items()))
+            out.append("--cpu=" + self.features.spec())
         if self.host_va_bits != 48:
             out += ["--host-va-bits", str(self.host_va_bits)]
         if self.lpa2:
@@ -153,11 +142,11 @@ def memstress_pass(vm: Any, write_percent: int, random_access: bool) -> None:
             if i >= v.pages:
                 continue
             if random_access:
-                v.rng = v.rng * PRNG_MULTIPLIER % PRNG_MODULUS
+                v.rng = guest_random_u32(v.rng)
                 pg = v.rng % v.pages
             else:
                 pg = i
-            v.rng = v.rng * PRNG_MULTIPLIER % PRNG_MODULUS
+            v.rng = guest_random_u32(v.rng)
             access(v, v.gpa + pg * page, v.rng % 100 < write_percent)
     for v in vcpus:
         vm.guest_mmio_exit(v)
@@ -185,15 +174,6 @@ class RunResult:
     @property
     def phase_names(self) -> list[str]:
         return [n for n, _ in self.phases]
-
-
-def phase_names(p: PerfTestParams) -> list[str]:
-    names = ["create_vm", "populate", "enable_dirty_logging"]
-    for i in range(1, p.iterations + 1):
-        names += [f"iter{i}_dirty", f"iter{i}_get_dirty_log"]
-        if p.manual_protect:
-            names.append(f"iter{i}_clear_dirty_log")
-    return names + ["disable_dirty_logging", "destroy_vm"]
 
 
 def _phase_steps(p: PerfTestParams, layout: Layout) -> list[tuple[str, Callable[[Any, dict], None]]]:
@@ -294,7 +274,7 @@ def run_variants(p: PerfTestParams, variants: list[Variant], engine: Any = None,
     if not variants:
         raise S2Error("no variant to run")
     layout = memstress_layout(p)
-    eng = get_engine(engine, p, variants[0])
+    eng = get_engine(engine, p, variants)
     shared = len(variants) > 1 and getattr(eng, "snapshots", False) and \
         all(v.flag_only for v in variants)
     groups = [variants] if shared else [[v] for v in variants]
@@ -312,7 +292,10 @@ def _run_group(p: PerfTestParams, layout: Layout, group: list[Variant], eng: Any
     vm = eng.create_vm(p.geometry(), p.features, first, p.host_va_bits, kernel=p.kernel)
     phases: dict[str, list[tuple[str, Counts]]] = {v.name: [] for v in group}
     ctx: dict = {"keep_tables": keep_tables}
-    touched = {v.name: {op for op in v.walk_flags} for v in others}
+    # The operations whose walks differ between a variant and the first one (in
+    # either direction: the first may be the one with flags).
+    touched = {v.name: {op for op in WALK_OPS if v.flags_for(op) != first.flags_for(op)}
+               for v in others}
     tables: dict[str, bytes] = {}
     for name, step in _phase_steps(p, layout):
         predicted = set(phase_ops(name))
@@ -356,10 +339,6 @@ def _run_group(p: PerfTestParams, layout: Layout, group: list[Variant], eng: Any
 OPS_WITH_WALKS = ("map", "unmap", "wrprotect", "relax_perms", "split", "destroy", "get_leaf")
 
 
-def with_params(p: PerfTestParams, **changes: Any) -> PerfTestParams:
-    return replace(p, **changes)
-
-
 __all__ = ["PerfTestParams", "Layout", "memstress_layout", "memstress_pass", "run_perf_test",
            "run_variants",
-           "RunResult", "phase_names", "guest_random_u32", "parse_mode"]
+           "RunResult", "guest_random_u32", "parse_mode"]

@@ -40,23 +40,32 @@ class ReferenceEngine:
         return VM(geom, features, variant, host_va_bits, kernel)
 
 
-def get_engine(engine: Any, params: Any = None, variant: Any = None) -> Any:
-    if engine is None or engine == "reference":
+def _as_list(variants: Any) -> list:
+    if isinstance(variants, (list, tuple)):
+        return list(variants)
+    return [] if variants is None else [variants]
+
+
+def engine_name(engine: str, params: Any = None, variants: Any = None) -> str:
+    """What ``engine`` means for this run: ``auto`` is the fast engine for
+    large runs when every variant is flag-only, else the reference engine."""
+    if engine not in ENGINES:
+        raise S2Error(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+    if engine != "auto":
+        return engine
+    flag_only = all(v.flag_only for v in _as_list(variants))
+    return "fast" if _big(params) and flag_only else "reference"
+
+
+def get_engine(engine: Any, params: Any = None, variants: Any = None) -> Any:
+    """The engine to run ``params`` under ``variants`` (one variant or a list)."""
+    if engine is None:
         return ReferenceEngine()
     if not isinstance(engine, str):
         return engine
-    if engine == "fast":
-        from .fast import FastEngine
-        if variant is not None and not variant.flag_only:
-            raise S2Error(f"variant {variant.name!r} replaces a visitor; only the reference "
-                          "engine can run it")
-        return FastEngine()
-    if engine == "auto":
-        if _big(params) and (variant is None or variant.flag_only):
-            try:
-                from .fast import FastEngine
-            except ImportError:  # pragma: no cover - numba is a dependency
-                return ReferenceEngine()
-            return FastEngine()
+    if engine_name(engine, params, variants) == "reference":
         return ReferenceEngine()
-    raise S2Error(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+    from .fast import FastEngine, require_flag_only
+    for v in _as_list(variants):
+        require_flag_only(v)
+    return FastEngine()

@@ -25,7 +25,7 @@ from ..kvm.memslot import Memslot
 from ..kvm.mmu import kvm_mmu_split_nr_page_tables
 from ..kvm.vm import VMBase, Vcpu
 from ..pgtable.memory import TABLE_PA_BASE
-from ..pgtable.variants import VANILLA, Variant
+from ..pgtable.variants import VANILLA, WALK_OPS, Variant
 from ..versions import DEFAULT_KERNEL
 from . import kernels as KN
 
@@ -36,15 +36,19 @@ _REGIONS = (("refc", KN.S_REFC, 1), ("fstack", KN.S_FSTACK, 1),
             ("slots", KN.S_SLOTS, KN.NCOL))
 
 
+def require_flag_only(variant: Variant) -> None:
+    if not variant.flag_only:
+        raise S2Error(f"variant {variant.name!r} replaces a visitor; only the reference "
+                      "engine can run it")
+
+
 class FastVM(VMBase):
     engine = "fast"
 
     def __init__(self, geom: Geometry, features: Features | None = None,
                  variant: Variant = VANILLA, host_va_bits: int = 48,
                  kernel: str = DEFAULT_KERNEL):
-        if not variant.flag_only:
-            raise S2Error(f"variant {variant.name!r} replaces a visitor; only the reference "
-                          "engine can run it")
+        require_flag_only(variant)
         super().__init__(geom, features, variant, host_va_bits, kernel)
         g = geom
         self._rows = {"refc": 0, "fstack": 0, "vcache": 1, "vcn": 1, "vregs": 1, "scache": 1,
@@ -70,8 +74,7 @@ class FastVM(VMBase):
         M[KN.S_LEVELS] = g.levels
         M[KN.S_FREECLEAR] = self.rules.free_clears_tables
         M[KN.S_CHUNKDESTROY] = self.rules.chunked_destroy
-        for op in ("map", "unmap", "wrprotect", "relax_perms", "split", "destroy"):
-            M[KN.S_VF0 + OP[op]] = variant.flags_for(op)
+        self.set_variant(variant)
         self.T = np.zeros((0, g.ptrs_per_table), dtype=np.int64)
         self.B = np.zeros(0, dtype=np.int64)
         self._replays = np.zeros(KN.R_SIZE, dtype=np.int64)
@@ -228,11 +231,9 @@ class FastVM(VMBase):
     # -- snapshots (for running several variants off one run) ------------------
     def set_variant(self, variant: Variant) -> None:
         """Switch the walk flags to another (flag-only) variant."""
-        if not variant.flag_only:
-            raise S2Error(f"variant {variant.name!r} replaces a visitor; only the reference "
-                          "engine can run it")
+        require_flag_only(variant)
         self.variant = variant
-        for op in ("map", "unmap", "wrprotect", "relax_perms", "split", "destroy"):
+        for op in WALK_OPS:
             self.M[KN.S_VF0 + OP[op]] = variant.flags_for(op)
 
     def snapshot(self) -> tuple:

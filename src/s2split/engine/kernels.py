@@ -24,7 +24,12 @@ import numpy as np
 from numba import njit
 
 from .. import counters as C
+from .. import errors as E
 from .. import pte as P
+from ..kvm.mmu import VCPU_CACHE_CAPACITY
+from ..memstress import PRNG_MODULUS, PRNG_MULTIPLIER
+from ..pgtable import tlb as TLB
+from ..pgtable import walker as W
 
 # --- M: fixed part ----------------------------------------------------------------
 S_PTRS, S_PS, S_BPL, S_START, S_PGDP, S_IPA, S_FMT, S_NEXT, S_FTOP, S_CAP, S_VHE, S_FWB, \
@@ -49,27 +54,27 @@ NCOL = 13
 KIND_ANON, KIND_THP, KIND_HUGETLB = 0, 1, 2
 HC_NONE, HC_PUD, HC_CONT_PMD, HC_PMD, HC_CONT_PTE = 0, 1, 2, 3, 4
 HCLASS = {"pud": HC_PUD, "cont_pmd": HC_CONT_PMD, "pmd": HC_PMD, "cont_pte": HC_CONT_PTE}
-VCACHE_CAP = 40  # KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE
+VCACHE_CAP = VCPU_CACHE_CAPACITY  # KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE
 
 # --- walk state (M[W0 + ...]) ------------------------------------------------------------
-W_ADDR, W_START, W_END, W_FLAGS, W_OP, W_BUILT, W_A0, W_A1, W_A2, W_A3, W_A4 = range(11)
+W_ADDR, W_START, W_END, W_FLAGS, W_OP, W_BUILT, W_A0, W_A1, W_A2, W_A3 = range(10)
 MC_NONE = -1
 MC_SPLIT = -2
 
 # --- constants ------------------------------------------------------------------------
-LEAF, PRE, POST, SHARED, HANDLE_FAULT, SKIP_BBM, SKIP_CMO = 1, 2, 4, 8, 16, 32, 64
-SKIP_NEW = 1 << 13
-HINTS = 1 << 14
-HINT_SIBLINGS, HINT_CHILDREN = 1, 2
+# The reference engine's own constants (numba freezes module globals at compile time).
+LEAF, PRE, POST, SHARED = W.LEAF, W.TABLE_PRE, W.TABLE_POST, W.SHARED
+HANDLE_FAULT, SKIP_BBM, SKIP_CMO = W.HANDLE_FAULT, W.SKIP_BBM_TLBI, W.SKIP_CMO
+SKIP_NEW, HINTS, SKIP_LEVEL_BASE = W.SKIP_NEW_CHILDREN, W.RETURN_HINTS, W.SKIP_LEVEL_BASE
+HINT_SIBLINGS, HINT_CHILDREN = W.HINT_SKIP_SIBLINGS, W.HINT_SKIP_CHILDREN
 DESCEND = 1 << 40
 TABLE_DONE = 1 << 41
-EAGAIN, ENOMEM, E2BIG, EINVAL, ERANGE = 11, 12, 7, 22, 34
+EAGAIN, ENOMEM, E2BIG, EINVAL, ERANGE = E.EAGAIN, E.ENOMEM, E.E2BIG, E.EINVAL, E.ERANGE
 NK = C.NKINDS
 SL = C.SLOTS
 NL = C.NOLEVEL
-MAX_TLBI_RANGE_PAGES = 32 << 16
-PRNG_A = 48271
-PRNG_M = (1 << 31) - 1
+MAX_TLBI_RANGE_PAGES = TLB.MAX_TLBI_RANGE_PAGES
+PRNG_A, PRNG_M = PRNG_MULTIPLIER, PRNG_MODULUS
 NOLV = -2  # "no level" (TLBI_TTL_UNKNOWN, walk totals): the NOLEVEL slot
 
 VALID = P.VALID
@@ -695,8 +700,7 @@ def _unmap_visitor(T, M, pfn, idx, old, level, visit):
 def _attr_visitor(T, M, pfn, idx, old, level, visit):
     if not old & VALID:
         return -EAGAIN
-    M[W0 + W_A3] = level
-    M[W0 + W_A4] = old
+    M[W0 + W_A3] = level  # for relax_perms' TLBI
     new = (old & ~M[W0 + W_A1]) | M[W0 + W_A0]
     if new != old:
         if not new & XN and old & XN:
@@ -838,7 +842,7 @@ def _visit(T, M, d, level):
     if not table:
         _advance(M, level)
         return 0
-    if skip_new or flags & (np.int64(1) << (8 + level + 2)):
+    if skip_new or flags & (np.int64(1) << (SKIP_LEVEL_BASE + level + 1)):  # skip_level(child)
         add(M, op, K_SKC if skip_new else K_SKL, level, 1)
         _advance(M, level)
         if flags & POST:
@@ -872,15 +876,6 @@ def _leaf_run(T, M, d, op, aclr):
     n = 0
     if addr < end:
         n = min(ptrs - i, (end - base + (1 << ps) - 1) >> ps)
-    last = 0
-    if aclr:
-        # The value the walk saw last in a valid entry (the visitor's data),
-        # found before the loop below overwrites it.
-        j = i + n - 1
-        while j >= i and not T[pfn, j] & VALID:
-            j -= 1
-        if j >= i:
-            last = T[pfn, j]
     nvalid = 0
     writes = 0
     # Unsigned indices: numba then drops the negative-index wraparound that
@@ -904,9 +899,6 @@ def _leaf_run(T, M, d, op, aclr):
     addr = base + (n << ps) if n else addr
     i += n
     M[W0 + W_ADDR] = addr
-    if aclr and nvalid:
-        M[W0 + W_A3] = 3
-        M[W0 + W_A4] = last
     add(M, op, K_RL, 3, nvalid)
     add(M, op, K_RI, 3, n - nvalid)
     add(M, op, K_VL, 3, n)
@@ -1012,7 +1004,6 @@ def _leaf_attrs(T, M, op, addr, size, aset, aclr, flags):
     M[W0 + W_A0] = aset & ATTR_MASK
     M[W0 + W_A1] = aclr & ATTR_MASK
     M[W0 + W_A3] = -2
-    M[W0 + W_A4] = 0
     return kvm_pgtable_walk(T, M, op, addr, size, flags | LEAF | M[S_VF0 + op])
 
 
@@ -1065,21 +1056,6 @@ def s2_destroy(T, M):
     for i in range(M[S_PGDP]):
         page_free(M, M[ROOT0 + i])
         add(M, OP_DESTROY, K_FREED, M[S_START], 1)
-
-
-@njit(cache=True, _nrt=False)
-def lookup(T, M, ipa):
-    """The hardware walk (uncounted): the entry translating ``ipa`` and its level."""
-    level = M[S_START]
-    limit = np.int64(1) << M[S_IPA]
-    pfn = M[ROOT0 + ((ipa & (limit - 1)) >> shift(M, level - 1))]
-    ptrs = M[S_PTRS]
-    while True:
-        e = T[pfn, (ipa >> shift(M, level)) & (ptrs - 1)]
-        if level == 3 or (e & 3) != 3:
-            return e, level
-        pfn = pfn_of(M, e)
-        level += 1
 
 
 @njit(cache=True, _nrt=False)

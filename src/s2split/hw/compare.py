@@ -290,8 +290,8 @@ def model_estimates(config: dict[str, Any], profile: Any) -> dict[str, float]:
     """The model's estimate (ns) of each phase of a stored configuration."""
     from ..modes import GuestMode
     from ..pgtable.variants import get
-    from ..workload import PerfTestParams, run_perf_test
-    from .params import mode_from_config
+    from ..workload import run_perf_test
+    from .params import HwParams, mode_from_config
 
     arch = str(config.get("arch") or "")
     if arch not in ("arm64", "aarch64"):
@@ -300,17 +300,8 @@ def model_estimates(config: dict[str, Any], profile: Any) -> dict[str, float]:
     mode = mode_from_config(config)
     if not isinstance(mode, GuestMode) or not mode.pa_bits:
         raise S2Error("the configuration has no guest physical address size")
-    p = PerfTestParams(
-        vcpu_memory_bytes=int(config["vcpu_memory_bytes"]), vcpus=int(config.get("vcpus", 1)),
-        backing=str(config.get("backing", "anonymous")),
-        manual_protect=bool(config.get("manual_protect", True)),
-        iterations=int(config.get("iterations", 2)), mode=mode,
-        slots=int(config.get("slots", 1)), write_percent=int(config.get("write_percent", 100)),
-        random_access=bool(config.get("random_access", False)),
-        partition=bool(config.get("partition", True)), seed=int(config.get("seed", 1)),
-        chunk_size=int(config.get("chunk_size") or 0),
-        seed_synced=bool(config.get("seed_synced", False)), features=profile.features)
-    result = run_perf_test(p, get("vanilla"))
+    p = HwParams.from_config(config).perf_test_params(profile.features)
+    result = run_perf_test(p, get("vanilla"), "auto")
     out = {name: profile.estimate_ns(c) for name, c in result.phases}
     for total, suffix in TOTALS.items():
         parts = [v for k, v in out.items() if k.startswith("iter") and k.endswith(suffix)]

@@ -35,10 +35,16 @@ class Features:
     def describe(self) -> str:
         return ", ".join(f"{k}={'on' if v else 'off'}" for k, v in asdict(self).items())
 
+    def spec(self) -> str:
+        """The ``--cpu`` text naming every feature: ``"vhe,-fwb,..."``."""
+        return ",".join(("" if v else "-") + k for k, v in asdict(self).items())
+
     @classmethod
-    def parse(cls, text: str) -> "Features":
-        """``"vhe,fwb,-tlbirange"``: names switch a feature on, a leading ``-`` off."""
-        values = asdict(cls())
+    def parse(cls, text: str, base: "Features | None" = None) -> "Features":
+        """``"vhe,fwb,-tlbirange"``: names switch a feature on, a leading ``-``
+        off; features not named keep their value in ``base`` (default: the
+        defaults)."""
+        values = asdict(base or cls())
         for token in filter(None, (t.strip() for t in text.split(","))):
             on = not token.startswith(("-", "no-"))
             name = token.lstrip("-").removeprefix("no-")

@@ -44,16 +44,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PRNG_MULTIPLIER = 48271
-PRNG_MODULUS = (1 << 31) - 1
+from ..memstress import PRNG_MODULUS, PRNG_MULTIPLIER, guest_random_u32
+
 VALUE_TAG = 0x5332_0000_0000_0000  # "S2": written values are VALUE_TAG | pass
 CTL_WRITE_PERCENT = 0
 CTL_RANDOM_ACCESS = 8
 CTL_VALUE = 16
 
 
-def next_state(state: int) -> int:
-    return state * PRNG_MULTIPLIER % PRNG_MODULUS
+#: The host's replay of the guest's generator (the same as the model's).
+next_state = guest_random_u32
 
 
 # -- a tiny two-pass assembler: words/bytes with label fix-ups ------------------------------

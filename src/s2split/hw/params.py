@@ -90,6 +90,18 @@ class HwParams:
                 "partition": self.partition, "seed": self.seed,
                 "chunk_size": self.chunk_size, "seed_synced": self.seed_synced}
 
+    def perf_test_params(self, features: Any = None) -> Any:
+        """The model's configuration of the same run (imports the model)."""
+        from dataclasses import fields
+
+        from ..workload import PerfTestParams
+        shared = {f.name for f in fields(PerfTestParams)} & {f.name for f in fields(self)}
+        kw = {name: getattr(self, name) for name in shared}
+        kw["chunk_size"] = self.chunk_size or 0  # not set: eager splitting off
+        if features is not None:
+            kw["features"] = features
+        return PerfTestParams(**kw)
+
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "HwParams":
         mode = mode_from_config(config)

@@ -239,7 +239,6 @@ def mode_from_string(text: str) -> GuestMode:
 
 def _parse_args(text: str) -> dict[str, Any]:
     """The upstream options that shape the configuration (others are ignored)."""
-    import argparse
 
     from ..cli import Parser, _int_arg, _size
 

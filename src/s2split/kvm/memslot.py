@@ -88,14 +88,3 @@ def ffs(word: int) -> int:
 def fls(word: int) -> int:
     """Index of the highest set bit (``__fls``)."""
     return word.bit_length() - 1
-
-
-def bitmap_to_pages(words: list[int]) -> list[int]:
-    """Page offsets set in a bitmap, ascending."""
-    out = []
-    for i, w in enumerate(words):
-        while w:
-            low = w & -w
-            out.append(i * WORD_BITS + low.bit_length() - 1)
-            w ^= low
-    return out

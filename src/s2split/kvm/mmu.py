@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import pte as P
-from ..counters import (K_ABORTS, K_CACHE_PAGES_ALLOC, K_CACHE_PAGES_FREED, K_DIRTY_MARKED,
+from ..counters import (K_ABORTS, K_CACHE_PAGES_ALLOC, K_DIRTY_MARKED,
                         K_FLUSH_MEMSLOT, K_LOCK_DROPS, K_LOG_DIRTY_MASKED, K_MMIO_EXITS,
                         K_PERM_FAULTS, K_SPLIT_CHUNKS, K_SPLIT_HUGE_PAGES, K_SPLIT_TOPUPS,
                         K_TRANS_FAULTS, K_VCPU_TOPUPS, NOLEVEL, SLOTS, K_WALKS, K_WALK_BYTES,

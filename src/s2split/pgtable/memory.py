@@ -21,7 +21,7 @@ TABLE_PA_BASE = 0x80_0000_0000
 class TableMemory:
     """All table pages of one VM's stage-2, with their reference counts."""
 
-    __slots__ = ("geom", "pages", "refcount", "free_pfns", "allocated", "freed", "base")
+    __slots__ = ("geom", "pages", "refcount", "free_pfns", "base")
 
     def __init__(self, geom: Geometry, base: int = TABLE_PA_BASE):
         self.geom = geom
@@ -29,8 +29,6 @@ class TableMemory:
         self.pages: list[list[int] | None] = []
         self.refcount: list[int] = []
         self.free_pfns: list[int] = []
-        self.allocated = 0  # pages handed out over the lifetime
-        self.freed = 0
 
     def alloc(self) -> int:
         """A zeroed page with one reference (its own)."""
@@ -43,7 +41,6 @@ class TableMemory:
             pfn = len(self.pages)
             self.pages.append([0] * n)
             self.refcount.append(1)
-        self.allocated += 1
         return pfn
 
     def get(self, pfn: int) -> None:
@@ -56,7 +53,6 @@ class TableMemory:
         if rc == 0:
             self.pages[pfn] = None
             self.free_pfns.append(pfn)
-            self.freed += 1
             return True
         if rc < 0:
             raise AssertionError(f"table page {pfn} reference count went negative")
@@ -67,7 +63,6 @@ class TableMemory:
         self.pages[pfn] = None
         self.refcount[pfn] = 0
         self.free_pfns.append(pfn)
-        self.freed += 1
 
     def pa(self, pfn: int) -> int:
         return self.base + pfn * self.geom.granule

@@ -39,8 +39,6 @@ from .walker import (HANDLE_FAULT, LEAF, RETURN_HINTS, SHARED, SKIP_BBM_TLBI, SK
                      SKIP_NEW_CHILDREN, TABLE_POST, TABLE_PRE, HINT_SKIP_CHILDREN,
                      HINT_SKIP_SIBLINGS, Walk, kvm_pgtable_walk, walk_table)
 
-#: ``KVM_PHYS_INVALID``
-PHYS_INVALID = (1 << 64) - 1
 
 
 @dataclass(slots=True)
@@ -74,8 +72,8 @@ def _require_cache(mc: object, optional: bool = False) -> None:
 class Stage2PageTable:
     """One VM's stage-2 page table (``struct kvm_pgtable`` + its ``kvm_s2_mmu``).
 
-    ``tally`` collects the counters; the KVM layer swaps in a new tally or
-    takes a snapshot at each phase boundary. ``variant`` adds walk flags (or
+    ``tally`` collects the counters; the KVM layer takes them (``tally.take()``)
+    at each phase boundary. ``variant`` adds walk flags (or
     replaces visitors) for the operations it names.
     """
 

@@ -69,7 +69,7 @@ SKIP_BBM_TLBI = int(WalkFlags.SKIP_BBM_TLBI)
 SKIP_CMO = int(WalkFlags.SKIP_CMO)
 SKIP_NEW_CHILDREN = int(WalkFlags.SKIP_NEW_CHILDREN)
 RETURN_HINTS = int(WalkFlags.RETURN_HINTS)
-KERNEL_FLAGS_MASK = (1 << 7) - 1
+SKIP_LEVEL_BASE = 9  # the bit of SKIP_LEVEL0
 
 #: Positive visitor results understood under RETURN_HINTS.
 HINT_SKIP_SIBLINGS = 1
@@ -81,7 +81,11 @@ def skip_level(level: int) -> int:
     """The walk flag that makes the walker skip tables holding ``level`` entries."""
     if not 0 <= level <= 3:
         raise ValueError(f"no skip flag for level {level}")
-    return 1 << (8 + level + 1)
+    return 1 << (SKIP_LEVEL_BASE + level)
+
+
+#: skip_level(l), indexed by l (the level of the children of a table entry).
+_SKIP_CHILD_LEVEL = tuple(skip_level(level) for level in range(4))
 
 
 def walk_continue(flags: int, ret: int) -> bool:
@@ -195,7 +199,7 @@ def _visit(w: Walk, pfn: int, table: list, idx: int, level: int) -> int:
         _advance(w, level)
         return 0
 
-    if skip_new or flags & (1 << (8 + lv + 1)):
+    if skip_new or flags & _SKIP_CHILD_LEVEL[level + 1]:
         c[(K_SKIP_CHILDREN if skip_new else K_SKIP_LEVEL) * SLOTS + lv] += 1
         _advance(w, level)
     else:

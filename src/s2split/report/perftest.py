@@ -13,6 +13,7 @@ from ..cost import Profile, format_seconds
 from ..counters import Counts
 from ..kernel_counters import kernel_counts
 from ..workload import RunResult
+from . import saving
 
 PHASE_LABELS = {
     "populate": "Populate memory time",
@@ -82,11 +83,9 @@ def _levels(res: RunResult) -> list[int]:
 def work_row(c: Counts, levels: list[int], profile: Profile) -> list[str]:
     reads = {lv: c.by_level(None, "read_table").get(lv, 0) + c.by_level(None, "read_leaf").get(lv, 0)
              + c.by_level(None, "read_invalid").get(lv, 0) for lv in levels}
-    tlbi = c.total("tlbi_ipa") + c.total("tlbi_ipa_nsh") + c.total("tlbi_range") + \
-        c.total("tlbi_vmid")
     return [f"{c.total('walks'):,}", *(f"{reads[lv]:,}" for lv in levels),
             f"{c.visitor_calls():,}", f"{c.total('pte_write') + c.total('pte_cas'):,}",
-            f"{tlbi:,}", f"{c.total('page_taken'):,}", f"{c.get('kvm', 'lock_drops'):,}",
+            f"{c.tlbi_calls():,}", f"{c.total('page_taken'):,}", f"{c.get('kvm', 'lock_drops'):,}",
             f"{c.get('kvm', 'aborts'):,}", format_seconds(profile.estimate_ns(c))]
 
 
@@ -106,7 +105,7 @@ def work_table(res: RunResult, profile: Profile) -> Table:
 def pct(base: float, value: float) -> str:
     if base == 0:
         return "0.0%" if value == 0 else "n/a"
-    return f"{100.0 * (base - value) / base:.1f}%"
+    return f"{saving(base, value):.1f}%"
 
 
 def savings_table(results: list[RunResult], profile: Profile) -> Table | None:

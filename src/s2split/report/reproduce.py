@@ -18,12 +18,7 @@ from ..arch import granule_name
 from ..counters import Counts
 from ..reproduce import BACKING_LABELS, SCENARIOS, Outcome, profile_option, \
     reproduce_command
-
-
-def saving(base: float, value: float) -> float | None:
-    if base == 0:
-        return None
-    return 100.0 * (base - value) / base
+from . import saving
 
 
 def metric(outcome: Outcome, c: Counts, what: str) -> float:
@@ -89,10 +84,9 @@ def vanilla_table(outcome: Outcome) -> Table:
         for b in m.backings:
             for g in m.granules:
                 c = outcome.phase_counts(g, b, s, "vanilla")
-                tlbi = c.total("tlbi_ipa") + c.total("tlbi_range") + c.total("tlbi_vmid")
                 t.add_row(s, BACKING_LABELS[b], granule_name(g),
                           f"{outcome.profile.estimate_ns(c) / 1e6:,.1f} ms",
-                          f"{c.entries_read():,}", f"{c.visitor_calls():,}", f"{tlbi:,}",
+                          f"{c.entries_read():,}", f"{c.visitor_calls():,}", f"{c.tlbi_calls():,}",
                           f"{c.total('page_taken'):,}")
     return t
 
