@@ -51,6 +51,12 @@ def granule_name(granule: int) -> str:
     return _NAMES[granule]
 
 
+def pmd_size(granule: int) -> int:
+    """The level-2 block size of a granule (``PMD_SIZE``): 2M, 32M or 512M."""
+    ps = GRANULES[granule]
+    return 1 << (ps + ps - 3)
+
+
 def size_name(size: int) -> str:
     """Shortest exact binary-suffixed name: 2097152 -> ``2M``."""
     for suffix, unit in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):

@@ -24,13 +24,10 @@ import numpy as np
 from .cost import Profile, governing_keys, load_profile
 from .counters import Counts
 from .errors import S2Error
+from .phases import phase_from_label
 
 DEFAULT_FIT = ("read_leaf", "visit_leaf", "pte_write", "pte_cas", "dsb_ish", "aborts",
                "guest_accesses", "ioctls")
-PHASE_ALIASES = {
-    "populate memory": "populate", "enabling dirty logging": "enable_dirty_logging",
-    "disabling dirty logging": "disable_dirty_logging",
-}
 
 
 @dataclass
@@ -56,24 +53,16 @@ class Fit:
 
 
 def _phase_name(text: str, where: str) -> str:
+    """A phase name, or the line upstream prints for it."""
     t = text.strip()
-    low = t.lower().removesuffix(" time").strip()
-    if low in PHASE_ALIASES:
-        return PHASE_ALIASES[low]
-    if low.startswith("iteration "):
-        parts = low.split()
-        if len(parts) >= 3 and parts[1].isdigit():
-            what = " ".join(parts[2:])
-            name = {"dirty memory": "dirty", "get dirty log": "get_dirty_log",
-                    "clear dirty log": "clear_dirty_log"}.get(what)
-            if name:
-                return f"iter{parts[1]}_{name}"
-    valid = t.startswith("iter") or t in ("create_vm", "populate", "enable_dirty_logging",
-                                           "disable_dirty_logging", "destroy_vm")
-    if not valid:
+    if t.startswith("iter") or t in ("create_vm", "populate", "enable_dirty_logging",
+                                     "disable_dirty_logging", "destroy_vm"):
+        return t
+    name = phase_from_label(t)
+    if name is None:
         raise S2Error(f"{where}: unknown phase {text!r} (use names such as "
                       "enable_dirty_logging or iter1_clear_dirty_log)")
-    return t
+    return name
 
 
 def _row(options: Any, phase: Any, seconds: Any, where: str) -> Measurement:

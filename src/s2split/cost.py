@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .counters import KIND, KINDS, NKINDS, NOPS, OP, OPS, SLOTS, Counts, slot, slot_level
+from . import phases
 from .errors import S2Error
 from .hw import Features
 
@@ -151,5 +152,4 @@ def load_profile(name_or_path: str | None = None) -> Profile:
 
 def format_seconds(ns: float) -> str:
     """``S.NNNNNNNNNs`` as the selftest prints times."""
-    total = int(round(ns))
-    return f"{total // 1_000_000_000}.{total % 1_000_000_000:09d}s"
+    return phases.format_seconds(int(round(ns)))

@@ -34,6 +34,9 @@ OPS: tuple[str, ...] = (
     "kvm",              # the KVM MMU layer (faults, caches, dirty log, remote flushes)
 )
 OP = {name: i for i, name in enumerate(OPS)}
+#: The operations that start walks with kvm_pgtable_walk() (create_unlinked and
+#: free_unlinked walk a detached table directly).
+WALK_OPS = ("map", "unmap", "wrprotect", "relax_perms", "split", "destroy", "get_leaf")
 OP_MAP, OP_UNMAP, OP_WRPROTECT, OP_RELAX, OP_SPLIT, OP_CREATE_UNLINKED, OP_FREE_UNLINKED, \
     OP_DESTROY, OP_INIT, OP_GET_LEAF, OP_KVM = range(len(OPS))
 

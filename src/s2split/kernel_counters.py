@@ -9,7 +9,7 @@ with the fixtures' keys (``level=3``, ``level=2,visit=1``,
 
 from __future__ import annotations
 
-from .counters import Counts
+from .counters import WALK_OPS, Counts
 
 #: TLBI_TTL_UNKNOWN as the kernel passes it (INT_MAX).
 TTL_UNKNOWN = 2147483647
@@ -26,7 +26,6 @@ WALKERS = {
 }
 #: Operations that start with kvm_pgtable_walk() (the others enter
 #: __kvm_pgtable_walk directly on a detached table).
-WALK_OPS = ("map", "unmap", "wrprotect", "relax_perms", "split", "destroy", "get_leaf")
 _CB = {op: cb for cb, ops in WALKERS.items() for op in ops}
 
 #: Functions whose counts depend on the kernel's scheduling: shown, and checked

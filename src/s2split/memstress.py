@@ -70,6 +70,31 @@ def memstress_layout(page: int, pa_bits: int, vcpus: int, vcpu_memory_bytes: int
                   regions)
 
 
+def vcpu_seed(p, index: int) -> int:
+    """The guest pRNG's initial state on vCPU ``index``: ``guest_random_seed +
+    index``, where upstream 6.10+ never copies the test's seed into the guest,
+    so the guest's ``guest_random_seed`` stays 0 (``seed_synced``: the ``-r``
+    value, as intended)."""
+    return ((p.seed if p.seed_synced else 0) + index) & 0xFFFFFFFF
+
+
+def check_upstream_options(p) -> None:
+    """The selftest's checks of its options, on anything with the fields of
+    :class:`s2split.workload.PerfTestParams`."""
+    if p.iterations < 2:
+        raise S2Error(f"-i {p.iterations}: the test should have at least two iterations")
+    if p.vcpus < 1:
+        raise S2Error(f"-v {p.vcpus}: the number of vCPUs must be greater than 0")
+    if p.slots < 1:
+        raise S2Error(f"-x {p.slots}: the number of memslots must be greater than 0")
+    if not 0 <= p.write_percent <= 100:
+        raise S2Error(f"-w {p.write_percent}: write percentage must be between 0 and 100")
+    if p.vcpu_memory_bytes <= 0:
+        raise S2Error("-b: the memory size per vCPU must be greater than 0")
+    if not 0 <= p.seed < 1 << 32:
+        raise S2Error(f"-r {p.seed}: the seed must fit 32 bits")
+
+
 def upstream_argv(p) -> list[str]:
     """The ``dirty_log_perf_test`` options (and ``--granule/--ipa-bits`` for a
     mode without an ID) of a configuration: anything with the fields of

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from . import __version__
-from .arch import GRANULES, granule_name, size_name
+from .arch import GRANULES, granule_name, pmd_size, size_name
 from .cost import Profile, load_profile
 from .counters import Counts, sum_counts
 from .engine import engine_name
@@ -79,8 +79,7 @@ class Matrix:
     def chunk_for(self, granule: int) -> int:
         if self.chunk is not None:
             return self.chunk
-        ps = GRANULES[granule]
-        return 1 << (ps + ps - 3)
+        return pmd_size(granule)
 
     def params(self, granule: int, backing: str, scenario: str,
                features: Features) -> PerfTestParams:

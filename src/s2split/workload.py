@@ -28,12 +28,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from .arch import Geometry, size_name
+from .counters import WALK_OPS as COUNTED_WALK_OPS
 from .counters import Counts
 from .errors import S2Error
 from .hw import Features
 from .kvm.backing import Backing, parse_backing
 from .kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
-from .memstress import Layout, guest_random_u32
+from .memstress import Layout, check_upstream_options, guest_random_u32, vcpu_seed
 from .memstress import memstress_layout as _layout
 from .memstress import upstream_argv
 from .modes import DEFAULT_MODE, GuestMode, parse_mode
@@ -66,18 +67,7 @@ class PerfTestParams:
     kernel: str = DEFAULT_KERNEL  # the teardown rules of newer kernels (versions.py)
 
     def __post_init__(self) -> None:
-        if self.iterations < 2:
-            raise S2Error(f"-i {self.iterations}: the test should have at least two iterations")
-        if self.vcpus < 1:
-            raise S2Error(f"-v {self.vcpus}: the number of vCPUs must be greater than 0")
-        if self.slots < 1:
-            raise S2Error(f"-x {self.slots}: the number of memslots must be greater than 0")
-        if not 0 <= self.write_percent <= 100:
-            raise S2Error(f"-w {self.write_percent}: write percentage must be between 0 and 100")
-        if self.vcpu_memory_bytes <= 0:
-            raise S2Error("-b: the memory size per vCPU must be greater than 0")
-        if self.seed < 0 or self.seed >= 1 << 32:
-            raise S2Error(f"-r {self.seed}: the seed must fit 32 bits")
+        check_upstream_options(self)
         kernel_rules(self.kernel)
         if not 32 <= self.host_va_bits <= 52:
             raise S2Error(f"host VA bits {self.host_va_bits}: must be 32..52")
@@ -189,9 +179,8 @@ def _phase_steps(p: PerfTestParams, layout: Layout) -> list[tuple[str, Callable[
             vm.add_memslot(slot_id, gpa, pages * p.granule, backing)
         if p.manual_protect:
             vm.enable_cap(168, 3)  # MANUAL_DIRTY_LOG_PROTECT2: MANUAL_PROTECT_ENABLE|INITIALLY_SET
-        seed0 = p.seed if p.seed_synced else 0
         for i, (gpa, pages) in enumerate(layout.vcpus):
-            vm.add_vcpu(gpa, pages, (seed0 + i) & 0xFFFFFFFF)
+            vm.add_vcpu(gpa, pages, vcpu_seed(p, i))
 
     def set_flags(flags: int) -> Callable[[Any, dict], None]:
         def run(vm: Any, ctx: dict) -> None:
@@ -304,7 +293,7 @@ def _run_group(p: PerfTestParams, layout: Layout, group: list[Variant], eng: Any
         step(vm, ctx)
         base = vm.take_counts()
         phases[first.name].append((name, base))
-        walked = {op for op in OPS_WITH_WALKS if base.get(op, "walks")}
+        walked = {op for op in COUNTED_WALK_OPS if base.get(op, "walks")}
         if walked - predicted:
             raise AssertionError(f"phase {name} walked {sorted(walked - predicted)}, not in "
                                  f"PHASE_OPS")
@@ -335,8 +324,6 @@ def _run_group(p: PerfTestParams, layout: Layout, group: list[Variant], eng: Any
                       tables.get(v.name, ctx.get("tables", b"")), bitmaps, seconds)
             for v in group]
 
-
-OPS_WITH_WALKS = ("map", "unmap", "wrprotect", "relax_perms", "split", "destroy", "get_leaf")
 
 
 __all__ = ["PerfTestParams", "Layout", "memstress_layout", "memstress_pass", "run_perf_test",

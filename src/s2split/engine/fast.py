@@ -199,12 +199,13 @@ class FastVM(VMBase):
     def _get_dirty_log(self, slot: Memslot) -> np.ndarray:
         out = np.zeros(slot.nwords, dtype=np.int64)
         KN.get_dirty_log(self.T, self.M, self.B, self._row(slot), out)
-        return out
+        return out.view(np.uint64)  # unsigned words, like the reference's ints
 
     def _clear_dirty_log(self, slot: Memslot, first_page: int, num_pages: int,
                          bitmap: Sequence[int]) -> None:
         if isinstance(bitmap, np.ndarray):
-            user = bitmap.astype(np.int64, copy=False)
+            user = bitmap.view(np.int64) if bitmap.dtype == np.uint64 else \
+                bitmap.astype(np.int64)
         else:
             user = np.array([int(w) for w in bitmap], dtype=np.uint64).view(np.int64)
         KN.clear_dirty_log(self.T, self.M, self.B, self._row(slot), first_page, num_pages,

@@ -221,8 +221,9 @@ def page_alloc(T, M):
         pfn = M[M[S_FSTACK] + M[S_FTOP]]
     else:
         pfn = M[S_NEXT]
-        if pfn >= M[S_CAP]:
-            return -1
+        # FastVM sizes table memory for the worst case; running out means that
+        # bound is wrong, and carrying on would write over the last page.
+        assert pfn < M[S_CAP], "fast engine: table memory exhausted"
         M[S_NEXT] += 1
     T[pfn, :] = 0
     M[M[S_REFC] + pfn] = 1
@@ -659,7 +660,14 @@ def _map_visitor(T, M, pfn, idx, old, level, visit):
     if child < 0:
         return -ENOMEM
     add(M, op, K_TAKEN, level, 1)
-    try_break(T, M, op, M[W0 + W_FLAGS], M[W0 + W_ADDR], pfn, idx, old, level)
+    if not try_break(T, M, op, M[W0 + W_FLAGS], M[W0 + W_ADDR], pfn, idx, old, level):
+        # Another walker holds the entry: the new table goes back unused
+        # (mm_ops->put_page(childp), uncounted as in the reference).
+        r = M[S_REFC] + child
+        M[r] -= 1
+        if M[r] == 0:
+            page_free(M, child)
+        return -EAGAIN
     make_pte(T, M, op, pfn, idx, table_pte(M, child), level)
     return 0
 

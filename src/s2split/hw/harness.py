@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import S2Error
+from ..phases import format_seconds, upstream_label
+from ..phases import phase_names as _phase_names
 from . import guest as G
 from .kvm import (CAP_NAMES, KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
                   KVM_CAP_ARM_VM_IPA_SIZE, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
@@ -39,31 +41,14 @@ from .params import HwParams, Layout, memstress_layout
 Writer = Callable[[str], None]
 
 
-def format_seconds(ns: int) -> str:
-    """``S.NNNNNNNNNs``, as the selftest prints a ``struct timespec``."""
-    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}s"
-
-
 def phase_line(phase: str, ns: int) -> str:
-    if phase == "populate":
-        return f"Populate memory time: {format_seconds(ns)}"
-    if phase == "enable_dirty_logging":
-        return f"Enabling dirty logging time: {format_seconds(ns)}\n"
-    if phase == "disable_dirty_logging":
-        return f"Disabling dirty logging time: {format_seconds(ns)}"
-    it, _, what = phase.partition("_")
-    label = {"dirty": "dirty memory", "get_dirty_log": "get dirty log",
-             "clear_dirty_log": "clear dirty log"}[what]
-    return f"Iteration {it.removeprefix('iter')} {label} time: {format_seconds(ns)}"
+    # Upstream prints a blank line after enabling dirty logging.
+    end = "\n" if phase == "enable_dirty_logging" else ""
+    return f"{upstream_label(phase)} time: {format_seconds(ns)}{end}"
 
 
 def phase_names(p: HwParams) -> list[str]:
-    names = ["populate", "enable_dirty_logging"]
-    for i in range(1, p.iterations + 1):
-        names += [f"iter{i}_dirty", f"iter{i}_get_dirty_log"]
-        if p.manual_protect:
-            names.append(f"iter{i}_clear_dirty_log")
-    return names + ["disable_dirty_logging"]
+    return _phase_names(p.iterations, p.manual_protect, vm=False)
 
 
 @dataclass

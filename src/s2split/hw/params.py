@@ -16,7 +16,7 @@ from ..arch import size_name
 from ..errors import S2Error
 from ..memstress import Layout
 from ..memstress import memstress_layout as _layout
-from ..memstress import upstream_argv
+from ..memstress import check_upstream_options, upstream_argv, vcpu_seed
 from ..modes import MODES, GuestMode, parse_mode
 
 
@@ -40,18 +40,7 @@ class HwParams:
     x86_map: int = 1 << 21  # x86-64 only: guest page-table mapping size
 
     def __post_init__(self) -> None:
-        if self.iterations < 2:
-            raise S2Error(f"-i {self.iterations}: the test should have at least two iterations")
-        if self.vcpus < 1:
-            raise S2Error(f"-v {self.vcpus}: the number of vCPUs must be greater than 0")
-        if self.slots < 1:
-            raise S2Error(f"-x {self.slots}: the number of memslots must be greater than 0")
-        if not 0 <= self.write_percent <= 100:
-            raise S2Error(f"-w {self.write_percent}: write percentage must be between 0 and 100")
-        if self.vcpu_memory_bytes <= 0:
-            raise S2Error("-b: the memory size per vCPU must be greater than 0")
-        if not 0 <= self.seed < 1 << 32:
-            raise S2Error(f"-r {self.seed}: the seed must fit 32 bits")
+        check_upstream_options(self)
         if self.chunk_size is not None and (self.chunk_size < 0 or
                                             self.chunk_size & (self.chunk_size - 1)):
             raise S2Error(f"--chunk-size {self.chunk_size:#x}: not 0 or a power of two")
@@ -61,10 +50,7 @@ class HwParams:
         return self.mode.page_size
 
     def vcpu_seed(self, index: int) -> int:
-        """The guest's initial Park-Miller state for vCPU ``index``:
-        ``guest_random_seed + index``, where upstream 6.10+ leaves the guest's
-        ``guest_random_seed`` at 0 (``--seed-synced``: the ``-r`` value)."""
-        return ((self.seed if self.seed_synced else 0) + index) & 0xFFFFFFFF
+        return vcpu_seed(self, index)
 
     def argv(self) -> list[str]:
         """Options reproducing this configuration (also its key in the store)."""

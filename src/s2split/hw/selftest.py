@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import S2Error
+from ..phases import ITERATION_PHASES
 from ..modes import MODES, GuestMode
 
 _T = r"(\d+)\.(\d{9})s"
@@ -46,8 +47,7 @@ RE = {
     "skip_msg": re.compile(r"^(.*(?:, skipping test|not support(?:ed)? on this architecture, "
                            r"skipping\.?|HUGETLB is not (?:enabled|configured).*))\s*$"),
 }
-_ITER_PHASE = {"dirty memory": "dirty", "get dirty log": "get_dirty_log",
-               "clear dirty log": "clear_dirty_log"}
+_ITER_PHASE = {v: k for k, v in ITERATION_PHASES.items()}
 _MODE_STRING = re.compile(r"PA-bits:\s*(\d+|ANY),\s*VA-bits:\s*(\d+),\s*(\d+)K pages")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..arch import GRANULES, size_name
+from ..arch import GRANULES, pmd_size, size_name
 from ..errors import S2Error
 
 _HUGETLB_SUFFIX = {
@@ -28,8 +28,7 @@ UPSTREAM_NAMES = ("anonymous", "anonymous_thp", "anonymous_hugetlb",
 def hugetlb_sizes(granule: int) -> dict[int, str]:
     """Hugepage sizes arm64 supports with this granule (``arch_hugetlb_valid_size``),
     mapped to how user_mem_abort treats them: ``pud``, ``cont_pmd``, ``pmd``, ``cont_pte``."""
-    ps = GRANULES[granule]
-    pmd = 1 << (ps + (ps - 3))
+    pmd = pmd_size(granule)
     sizes = {pmd: "pmd", pmd * (16 if granule == 4096 else 32): "cont_pmd",
              granule * (16 if granule == 4096 else 128 if granule == 16384 else 32): "cont_pte"}
     if granule == 4096:
@@ -47,15 +46,10 @@ class Backing:
     page_size: int  # get_backing_src_pagesz()
 
     @property
-    def pmd_size(self) -> int:
-        ps = GRANULES[self.granule]
-        return 1 << (ps + (ps - 3))
-
-    @property
     def host_alignment(self) -> int:
         """Alignment of the host mapping (THP: padded by the selftest; hugetlb: by
         mmap; anonymous: large anonymous mmaps are PMD aligned since Linux 6.7)."""
-        return max(self.page_size, self.pmd_size)
+        return max(self.page_size, pmd_size(self.granule))
 
     @property
     def hugetlb_class(self) -> str | None:
@@ -74,7 +68,7 @@ class Backing:
 def parse_backing(name: str, granule: int) -> Backing:
     """Resolve an ``-s`` name for a host granule, or raise a one-line error."""
     key = name.strip().lower()
-    pmd = Backing("x", "anonymous", granule, granule).pmd_size
+    pmd = pmd_size(granule)
     if key == "anonymous":
         return Backing(key, "anonymous", granule, granule)
     if key == "anonymous_thp":

@@ -173,7 +173,7 @@ def _host_mapping_size(vm: "VM", slot: Memslot, hva: int) -> int:
     page tables. THP backs aligned PMD ranges inside the slot; anything else is
     a base page."""
     backing = slot.backing
-    pmd = backing.pmd_size
+    pmd = vm.geom.pmd_size
     start = hva & ~(pmd - 1)
     thp = backing.kind == "thp" and start >= slot.userspace_addr and \
         start + pmd <= slot.userspace_addr + slot.size

@@ -12,26 +12,14 @@ from ..arch import size_name
 from ..cost import Profile, format_seconds
 from ..counters import Counts
 from ..kernel_counters import kernel_counts
+from ..phases import upstream_label
 from ..workload import RunResult
 from . import saving
 
-PHASE_LABELS = {
-    "populate": "Populate memory time",
-    "enable_dirty_logging": "Enabling dirty logging time",
-    "disable_dirty_logging": "Disabling dirty logging time",
-}
-
-
 def phase_line_label(phase: str) -> str | None:
     """The selftest's line for a phase, or None (create/destroy are not printed)."""
-    if phase in PHASE_LABELS:
-        return PHASE_LABELS[phase]
-    if phase.startswith("iter"):
-        n, _, what = phase[4:].partition("_")
-        return f"Iteration {n} " + {"dirty": "dirty memory time", "get_dirty_log":
-                                    "get dirty log time", "clear_dirty_log":
-                                    "clear dirty log time"}[what]
-    return None
+    label = upstream_label(phase)
+    return None if label is None else f"{label} time"
 
 
 def upstream_lines(res: RunResult, profile: Profile) -> list[str]:
