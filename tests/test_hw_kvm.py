@@ -14,7 +14,8 @@ import pytest
 from s2split.errors import S2Error
 from s2split.hw import guest as G
 from s2split.hw.harness import phase_names, run_config
-from s2split.hw.kvm import (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES, Kvm,
+from s2split.uapi import KVM_MEM_LOG_DIRTY_PAGES
+from s2split.hw.kvm import (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, Kvm,
                             KvmError, bitmap_pages, host_arch)
 from s2split.hw.machine import Machine
 from s2split.hw.params import HwParams, memstress_layout

@@ -33,12 +33,13 @@ from .counters import Counts
 from .errors import S2Error
 from .hw import Features
 from .kvm.backing import Backing, parse_backing
-from .kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
 from .memstress import Layout, check_upstream_options, guest_random_u32, vcpu_seed
 from .memstress import memstress_layout as _layout
 from .memstress import upstream_argv
 from .modes import DEFAULT_MODE, GuestMode, parse_mode
 from .pgtable.variants import WALK_OPS, Variant
+from .uapi import (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_CAPS,
+                   KVM_MEM_LOG_DIRTY_PAGES)
 from .versions import DEFAULT_KERNEL, kernel_rules
 
 DEFAULT_PER_VCPU_MEM_SIZE = 1 << 30
@@ -178,7 +179,7 @@ def _phase_steps(p: PerfTestParams, layout: Layout) -> list[tuple[str, Callable[
         for slot_id, gpa, pages in layout.slots:
             vm.add_memslot(slot_id, gpa, pages * p.granule, backing)
         if p.manual_protect:
-            vm.enable_cap(168, 3)  # MANUAL_DIRTY_LOG_PROTECT2: MANUAL_PROTECT_ENABLE|INITIALLY_SET
+            vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_CAPS)
         for i, (gpa, pages) in enumerate(layout.vcpus):
             vm.add_vcpu(gpa, pages, vcpu_seed(p, i))
 

@@ -30,6 +30,7 @@ from ..kvm.mmu import VCPU_CACHE_CAPACITY
 from ..memstress import PRNG_MODULUS, PRNG_MULTIPLIER
 from ..pgtable import tlb as TLB
 from ..pgtable import walker as W
+from ..uapi import KVM_DIRTY_LOG_INITIALLY_SET, KVM_MEM_READONLY
 
 # --- M: fixed part ----------------------------------------------------------------
 S_PTRS, S_PS, S_BPL, S_START, S_PGDP, S_IPA, S_FMT, S_NEXT, S_FTOP, S_CAP, S_VHE, S_FWB, \
@@ -1185,7 +1186,7 @@ def enable_log_dirty_masked(T, M, s, offset, mask):
     start = (base + _ffs(mask)) << ps
     end = (base + _fls(mask) + 1) << ps
     wp_range(T, M, start, end)
-    if M[S_MANUAL] & 2:
+    if M[S_MANUAL] & KVM_DIRTY_LOG_INITIALLY_SET:
         split_huge_pages(T, M, start, end)
 
 
@@ -1298,7 +1299,7 @@ def _log2(x):
 def user_mem_abort(T, M, B, v, fault_ipa, s, hva, perm, fault_granule, write):
     ps = M[S_PS]
     page = np.int64(1) << ps
-    logging = M[sl(M, s, C_HASBM)] != 0 and not M[sl(M, s, C_FLAGS)] & 2
+    logging = M[sl(M, s, C_HASBM)] != 0 and not M[sl(M, s, C_FLAGS)] & KVM_MEM_READONLY
     if not perm or (logging and write):
         kc(M, C.K_VCPU_TOPUPS, 1)
         kc(M, C.K_CACHE_PAGES_ALLOC, cache_topup(T, M, v, VCACHE_CAP, M[S_LEVELS] - 1))
@@ -1414,7 +1415,7 @@ def _fault_class(T, M, v, gpa, write, entry, level):
         return 0, -1, 0, 0
     if cache_n(M, v) < M[S_LEVELS] - 1:
         return 0, -1, 0, 0
-    logging = M[sl(M, s, C_HASBM)] != 0 and not M[sl(M, s, C_FLAGS)] & 2
+    logging = M[sl(M, s, C_HASBM)] != 0 and not M[sl(M, s, C_FLAGS)] & KVM_MEM_READONLY
     if entry & VALID:
         if write and logging and entry & S2AP_R and not entry & S2AP_W:
             return CLASS_RELAX, s, entry & ATTR_MASK, 1
@@ -1439,7 +1440,7 @@ def _replay(T, M, B, cls, s, gpa, write, entry, pfn, idx):
     """The state change of one fault of a recorded class."""
     ps = M[S_PS]
     gfn = gpa >> ps
-    logging = M[sl(M, s, C_HASBM)] != 0 and not M[sl(M, s, C_FLAGS)] & 2
+    logging = M[sl(M, s, C_HASBM)] != 0 and not M[sl(M, s, C_FLAGS)] & KVM_MEM_READONLY
     writable = not (logging and not write)
     prot = PROT_R
     if writable:

@@ -29,11 +29,12 @@ from typing import Any, Callable
 
 from ..errors import S2Error
 from ..phases import format_seconds, upstream_label
+from ..uapi import KVM_MEM_LOG_DIRTY_PAGES
 from ..phases import phase_names as _phase_names
 from . import guest as G
 from .kvm import (CAP_NAMES, KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
                   KVM_CAP_ARM_VM_IPA_SIZE, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                  KVM_CAP_USER_MEMORY2, KVM_DIRTY_LOG_INITIALLY_SET, KVM_MEM_LOG_DIRTY_PAGES, Kvm,
+                  KVM_CAP_USER_MEMORY2, KVM_DIRTY_LOG_INITIALLY_SET, Kvm,
                   backing_page_size, bitmap_pages, host_arch, host_page_size)
 from .machine import Machine
 from .params import HwParams, Layout, memstress_layout

@@ -26,6 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import S2Error
+from ..uapi import (KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
+                    KVM_CAP_ARM_VM_IPA_SIZE, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_IMMEDIATE_EXIT,
+                    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_MAX_VCPUS, KVM_CAP_NR_MEMSLOTS,
+                    KVM_CAP_ONE_REG, KVM_CAP_USER_MEMORY, KVM_CAP_USER_MEMORY2,
+                    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
 
 KVM_DEVICE = "/dev/kvm"
 KVM_API_VERSION = 12
@@ -95,18 +100,6 @@ IOCTL_NAMES = {v: k for k, v in list(globals().items())
                if k.startswith("KVM_") and isinstance(v, int) and (v >> 8) & 0xFF == KVMIO}
 
 # -- capabilities ----------------------------------------------------------------
-KVM_CAP_USER_MEMORY = 3
-KVM_CAP_NR_MEMSLOTS = 10
-KVM_CAP_MAX_VCPUS = 66
-KVM_CAP_ONE_REG = 70
-KVM_CAP_IMMEDIATE_EXIT = 136
-KVM_CAP_ARM_VM_IPA_SIZE = 165
-KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
-KVM_CAP_DIRTY_LOG_RING = 192
-KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE = 228
-KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES = 229
-KVM_CAP_USER_MEMORY2 = 231
-
 CAP_NAMES = {
     KVM_CAP_USER_MEMORY: "KVM_CAP_USER_MEMORY",
     KVM_CAP_NR_MEMSLOTS: "KVM_CAP_NR_MEMSLOTS",
@@ -121,9 +114,6 @@ CAP_NAMES = {
     KVM_CAP_USER_MEMORY2: "KVM_CAP_USER_MEMORY2",
 }
 
-KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
-KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
-KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 
 # -- exits -------------------------------------------------------------------------
 EXIT_NAMES = {0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT",

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from .backing import Backing
 
-KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
-KVM_MEM_READONLY = 1 << 1
+from ..uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
+
 VALID_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 
 WORD_BITS = 64

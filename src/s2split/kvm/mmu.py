@@ -18,6 +18,7 @@ from ..counters import (K_ABORTS, K_CACHE_PAGES_ALLOC, K_DIRTY_MARKED,
 from ..errors import EAGAIN
 from ..pgtable import tlb
 from ..pgtable.walker import HANDLE_FAULT, SHARED
+from ..uapi import KVM_MEM_LOG_DIRTY_PAGES
 from .memslot import Memslot, ffs, fls
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ def kvm_arch_commit_memory_region(vm: "VMBase", old: Memslot | None, new: Memslo
 
     The decision is shared by both engines; the work is each engine's
     ``wp_memory_region``, ``split_memory_region`` and ``free_split_cache``."""
-    if new is not None and new.flags & 1:
+    if new is not None and new.flags & KVM_MEM_LOG_DIRTY_PAGES:
         if change == "delete":
             return
         if vm.manual_protect_and_init_set:

@@ -21,19 +21,15 @@ from ..hw import Features
 from ..pgtable.memory import MemoryCache
 from ..pgtable.stage2 import Stage2PageTable
 from ..pgtable.variants import VANILLA, Variant
+from ..uapi import (KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
+                    KVM_CAP_ARM_VM_IPA_SIZE, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_CAPS,
+                    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
 from ..versions import DEFAULT_KERNEL, kernel_rules
 from . import dirty_log, mmu
 from .backing import Backing
 from .memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, VALID_FLAGS, WORD_BITS, Memslot
 
-# Capability numbers (include/uapi/linux/kvm.h).
-KVM_CAP_ARM_VM_IPA_SIZE = 165
-KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
-KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE = 228
-KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES = 229
-KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
-KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
-KVM_DIRTY_LOG_MANUAL_CAPS = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
 KVM_USER_MEM_SLOTS = 32767  # SHRT_MAX - KVM_INTERNAL_MEM_SLOTS (none on arm64)
 
 HVA_BASE = 0x7F00_0000_0000
