@@ -63,19 +63,23 @@ def _int_arg(what: str, minimum: int | None = None, maximum: int | None = None):
     return parse
 
 
-def add_perf_test_options(p: argparse.ArgumentParser) -> None:
+def add_upstream_options(p: argparse.ArgumentParser, backing_type: Any = None,
+                         backing_default: Any = "anonymous", backing_metavar: str = "TYPE",
+                         backing_note: str = "") -> None:
+    """The options of dirty_log_perf_test itself, shared by ``perf-test`` and
+    ``hw run`` (same letters, destinations and defaults)."""
     from .kvm.backing import UPSTREAM_NAMES
-    from .pgtable.variants import DEFAULT_VARIANTS
     g = p.add_argument_group("dirty_log_perf_test options (upstream letters and meanings)")
     g.add_argument("-b", dest="vcpu_memory_bytes", type=_size("-b"), default=1 << 30,
                    metavar="SIZE", help="memory dirtied by each vCPU, e.g. 10M or 3G "
                    "(default: 1G)")
     g.add_argument("-v", dest="vcpus", type=_int_arg("-v", 1), default=1, metavar="N",
                    help="number of vCPUs (default: 1)")
-    g.add_argument("-s", dest="backing", default="anonymous", metavar="TYPE",
+    g.add_argument("-s", dest="backing", type=backing_type, default=backing_default,
+                   metavar=backing_metavar,
                    help="backing memory: " + ", ".join(n for n in UPSTREAM_NAMES
                                                        if not n.startswith("sh"))
-                   + " (default: anonymous)")
+                   + f"{backing_note} (default: anonymous)")
     g.add_argument("-g", dest="no_manual", action="store_true",
                    help="do not enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_GET_DIRTY_LOG "
                    "clears the log and enabling dirty logging write-protects and splits "
@@ -97,6 +101,11 @@ def add_perf_test_options(p: argparse.ArgumentParser) -> None:
                    "partitioned)")
     g.add_argument("-r", dest="seed", type=_int_arg("-r", 0, (1 << 32) - 1), default=1,
                    metavar="SEED", help="random seed (default: 1); see --seed-synced")
+
+
+def add_perf_test_options(p: argparse.ArgumentParser) -> None:
+    from .pgtable.variants import DEFAULT_VARIANTS
+    add_upstream_options(p)
     m = p.add_argument_group("model options")
     m.add_argument("-k", "--chunk-size", dest="chunk_size", type=_size("--chunk-size"),
                    default=None, metavar="SIZE",

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli import Parser, _int_arg, _size
+from ..cli import Parser, _int_arg, _size, add_upstream_options
 from ..errors import S2Error
 
 DEFAULT_DB = "s2split-results.sqlite"  # s2split.store.DEFAULT_DB, without importing numpy
@@ -45,36 +45,8 @@ def _chunk(text: str) -> int:
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """The options of ``s2split perf-test`` that mean something on a real host
     (same letters, destinations and defaults), plus the harness's own."""
-    from ..kvm.backing import UPSTREAM_NAMES
-    g = p.add_argument_group("dirty_log_perf_test options (upstream letters and meanings)")
-    g.add_argument("-b", dest="vcpu_memory_bytes", type=_size("-b"), default=1 << 30,
-                   metavar="SIZE", help="memory dirtied by each vCPU, e.g. 10M or 3G "
-                   "(default: 1G)")
-    g.add_argument("-v", dest="vcpus", type=_int_arg("-v", 1), default=1, metavar="N",
-                   help="number of vCPUs (default: 1)")
-    g.add_argument("-s", dest="backing", type=_list("-s", str), default=["anonymous"],
-                   metavar="TYPE[,TYPE...]",
-                   help="backing memory: " + ", ".join(n for n in UPSTREAM_NAMES
-                                                       if not n.startswith("sh"))
-                   + "; a comma list runs each (default: anonymous)")
-    g.add_argument("-g", dest="no_manual", action="store_true",
-                   help="do not enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_GET_DIRTY_LOG "
-                   "clears the log (default: manual-protect + initially-set)")
-    g.add_argument("-i", dest="iterations", type=_int_arg("-i"), default=2, metavar="N",
-                   help="iterations, at least 2 (default: 2)")
-    g.add_argument("-m", dest="mode", action="append", metavar="MODE",
-                   help="guest mode ID or name, repeatable (default: 6, P40V48_4K)")
-    g.add_argument("-x", dest="slots", type=_int_arg("-x", 1), default=1, metavar="N",
-                   help="split the test memory into N memslots (default: 1)")
-    g.add_argument("-w", dest="write_percent", type=_int_arg("-w", 0, 100), default=100,
-                   metavar="PCT", help="percentage of pages written in the dirtying passes, "
-                   "0-100 (default: 100)")
-    g.add_argument("-a", dest="random_access", action="store_true",
-                   help="access pages at random instead of in order")
-    g.add_argument("-o", dest="overlap", action="store_true",
-                   help="overlap vCPU regions instead of partitioning them")
-    g.add_argument("-r", dest="seed", type=_int_arg("-r", 0, (1 << 32) - 1), default=1,
-                   metavar="SEED", help="random seed (default: 1); see --seed-synced")
+    add_upstream_options(p, backing_type=_list("-s", str), backing_default=["anonymous"],
+                         backing_metavar="TYPE[,TYPE...]", backing_note="; a comma list runs each")
     h = p.add_argument_group("harness options")
     h.add_argument("-k", "--chunk-size", dest="chunk_size", type=_list("--chunk-size", _chunk),
                    default=None, metavar="SIZE[,SIZE...]",
@@ -343,10 +315,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     hsub = hw.add_subparsers(dest="hw_command", metavar="SUBCOMMAND", parser_class=Parser)
     hw.set_defaults(func=lambda a: (hw.print_help(), 2)[1])
 
+    from ..modes import modes_help
     rp = hsub.add_parser("run", help="run the phases on this machine's KVM and store the times",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Run dirty_log_perf_test's phases on a real VM created on "
                          "/dev/kvm (arm64 or x86-64), timing each from userspace, and store "
-                         "the times with a fingerprint of the host.")
+                         "the times with a fingerprint of the host.", epilog=modes_help())
     add_run_options(rp)
     rp.set_defaults(func=cmd_run)
 
