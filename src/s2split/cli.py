@@ -299,27 +299,37 @@ def build_parser() -> Parser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+def run_command(args: argparse.Namespace, name: str, before: Any = None) -> int:
+    """Run a parsed command the way every s2split command ends: its status, or
+    a one-line error and 2 (130 on Ctrl-C)."""
     try:
-        if args.variants:
-            from .pgtable.variants import ENV, load_user_variants
-            files = [os.path.abspath(f) for f in args.variants]
-            os.environ[ENV] = os.pathsep.join(filter(None, [os.environ.get(ENV), *files]))
-            load_user_variants()
+        if before:
+            before()
         return int(args.func(args) or 0)
     except S2Error as e:
-        sys.stderr.write(f"s2split {args.command}: error: {e}\n")
+        sys.stderr.write(f"s2split {name}: error: {e}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("s2split: interrupted\n")
         return 130
     except BrokenPipeError:
         return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+
+    def load_variants() -> None:
+        if args.variants:
+            from .pgtable.variants import ENV, load_user_variants
+            files = [os.path.abspath(f) for f in args.variants]
+            os.environ[ENV] = os.pathsep.join(filter(None, [os.environ.get(ENV), *files]))
+            load_user_variants()
+    return run_command(args, args.command, load_variants)
 
 
 if __name__ == "__main__":  # pragma: no cover

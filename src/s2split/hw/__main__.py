@@ -5,8 +5,7 @@ bare Python (e.g. in a minimal arm64 VM): ``python3 -m s2split.hw run ...
 
 import sys
 
-from ..cli import Parser
-from ..errors import S2Error
+from ..cli import Parser, run_command
 from .cli import register
 
 
@@ -15,16 +14,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     register(sub)
     args = parser.parse_args(["hw", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except S2Error as e:
-        sys.stderr.write(f"s2split hw: error: {e}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("s2split: interrupted\n")
-        return 130
-    except BrokenPipeError:
-        return 0
+    return run_command(args, "hw")
 
 
 if __name__ == "__main__":
