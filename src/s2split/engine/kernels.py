@@ -6,7 +6,9 @@ functions, so the walker is iterative with an explicit stack, and the two
 nested walks the stage-2 code makes -- ``create_unlinked`` filling a fresh
 table and ``free_unlinked`` dropping a detached one -- are written as
 specialised loops. Every rule restated here is pinned to the reference by
-the differential tests (``tests/test_differential.py``).
+the differential tests (``tests/test_differential.py`` through the workload,
+``tests/test_differential_ops.py`` operation by operation); ``create_unlinked``
+fills at most two levels, all that splitting a block needs.
 
 All state lives in three int64 arrays, passed to every kernel: ``T`` (table
 entries, one row per table page), ``M`` (scalars, counters, scratch and the
@@ -92,6 +94,9 @@ MEMATTR_MASK = P.MEMATTR_MASK
 SH_INNER_BITS = P.SH_INNER << P.SH_SHIFT
 NORMAL_FWB = P.MT_S2_FWB_NORMAL << P.MEMATTR_SHIFT
 NORMAL_NOFWB = P.MT_S2_NORMAL << P.MEMATTR_SHIFT
+DEVICE_FWB, DEVICE_NOFWB = P.memattr("DEVICE_nGnRE", True), P.memattr("DEVICE_nGnRE", False)
+NC_FWB, NC_NOFWB = P.memattr("NORMAL_NC", True), P.memattr("NORMAL_NC", False)
+PROT_DEVICE, PROT_NC = int(P.Prot.DEVICE), int(P.Prot.NORMAL_NC)
 PROT_X, PROT_W, PROT_R = int(P.Prot.X), int(P.Prot.W), int(P.Prot.R)
 
 (OP_MAP, OP_UNMAP, OP_WRPROTECT, OP_RELAX, OP_SPLIT, OP_CU, OP_FU, OP_DESTROY, OP_INIT,
@@ -177,8 +182,18 @@ def normal_memattr(M):
 
 @njit(cache=True, _nrt=False)
 def prot_to_attr(M, prot):
-    """``stage2_set_prot_attr()`` for Normal memory (the only kind the model maps)."""
-    attr = normal_memattr(M)
+    """``stage2_set_prot_attr()``: the attribute bits, or a negative errno."""
+    kind = prot & (PROT_DEVICE | PROT_NC)
+    if kind == PROT_DEVICE | PROT_NC:
+        return -EINVAL
+    if kind and prot & PROT_X:
+        return -EINVAL  # no executable Device or Non-cacheable memory
+    if kind == PROT_DEVICE:
+        attr = DEVICE_FWB if M[S_FWB] else DEVICE_NOFWB
+    elif kind == PROT_NC:
+        attr = NC_FWB if M[S_FWB] else NC_NOFWB
+    else:
+        attr = normal_memattr(M)
     if not prot & PROT_X:
         attr |= XN
     if prot & PROT_R:
@@ -469,8 +484,9 @@ def free_unlinked(T, M, pfn, level):
     lv0 = level + 1
     M[K20] = pfn
     M[K20 + 8] = 0
-    add(M, op, K_LOOPS, lv0, 1)
-    while True:
+    if lv0 <= 3:  # below level 3 the walker refuses at once
+        add(M, op, K_LOOPS, lv0, 1)
+    while lv0 <= 3:
         L = lv0 + d
         i = M[K20 + 8 + d]
         if i >= ptrs:
@@ -534,6 +550,8 @@ def _fill(T, M, pfn, L, phys, attr, force, mc):
     otherwise a new table from the cache, filled one level down. Returns 0 or
     a negative errno."""
     op = OP_CU
+    if L > 3:
+        return -EINVAL  # a level-3 "block" has no table below it: the walker refuses
     ptrs = M[S_PTRS]
     g = gsize(M, L)
     add(M, op, K_LOOPS, L, 1)
@@ -573,6 +591,8 @@ def create_unlinked(T, M, phys, level, prot, mc, force):
     if phys & (gsize(M, level) - 1):
         return result(M, op, -EINVAL)
     attr = prot_to_attr(M, prot)
+    if attr < 0:
+        return result(M, op, attr)
     pgtable = cache_alloc(M, mc)
     if pgtable < 0:
         return result(M, op, -ENOMEM)
@@ -991,7 +1011,10 @@ def kvm_pgtable_walk(T, M, op, addr, size, flags):
 def s2_map(T, M, addr, size, phys, prot, mc, flags):
     add(M, OP_MAP, C.K_CALLS, NOLV, 1)
     M[W0 + W_A0] = phys & ~((np.int64(1) << M[S_PS]) - 1)
-    M[W0 + W_A1] = prot_to_attr(M, prot)
+    attr = prot_to_attr(M, prot)
+    if attr < 0:
+        return result(M, OP_MAP, attr)
+    M[W0 + W_A1] = attr
     M[W0 + W_A2] = mc
     M[W0 + W_A3] = 0
     ret = kvm_pgtable_walk(T, M, OP_MAP, addr, size, flags | PRE | LEAF | M[S_VF0 + OP_MAP])
@@ -1026,6 +1049,8 @@ def s2_wrprotect(T, M, addr, size):
 @njit(cache=True, _nrt=False)
 def s2_relax_perms(T, M, addr, prot):
     add(M, OP_RELAX, C.K_CALLS, NOLV, 1)
+    if prot & SW_MASK:
+        return result(M, OP_RELAX, -EINVAL)
     aset = 0
     aclr = 0
     if prot & PROT_R:
