@@ -147,6 +147,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     from .cli import _console
     from .report.reproduce import outcome_json, print_outcome
+    from .arch import granule_name
     from .reproduce import matrix_summary
 
     matrix = matrix_from(args)
@@ -176,6 +177,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print_outcome(console, outcome)
     if args.explain:
         print_explanations(console, outcome)
+    else:
+        first = outcome.matrix.granules[0]
+        console.print(f"Where the gains are ({granule_name(first)} cells; --explain for every "
+                      "cell, with the changes per phase and level):", highlight=False)
+        print_explanations(console, outcome, granules=[first], tables=False)
     if args.plots:
         console.print(f"Plots: {len(written)} files in {args.plots}", highlight=False)
     console.print(f"{outcome.ran} cell(s) computed, {outcome.skipped} found in {args.db}; "
@@ -183,14 +189,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_explanations(console: Any, outcome: Any) -> None:
+def print_explanations(console: Any, outcome: Any, granules: Any = None,
+                       tables: bool = True) -> None:
+    """Where each variant's gains are, cell by cell: the changed counters per
+    phase and level (``tables``) and plain sentences; a variant doing the same
+    work as one already explained is only named as such."""
     from .arch import granule_name
-    from .explain import changes, changes_table, identical_work, sentences
+    from .explain import changes, changes_table, identical_work, same_work, sentences
     from .reproduce import BACKING_LABELS, syscall_phases
     m = outcome.matrix
     for s in m.scenarios:
         for b in m.backings:
-            for g in m.granules:
+            for g in granules or m.granules:
                 label = f"{granule_name(g)} {BACKING_LABELS[b]}, {s}"
                 console.rule(label)
                 phases = syscall_phases(s, m.iterations)
@@ -198,14 +208,18 @@ def print_explanations(console: Any, outcome: Any) -> None:
                     f"the {len(phases)} KVM_CLEAR_DIRTY_LOG calls"
                 base = outcome.cells[(g, b, s, "vanilla")]
                 summed = {v: outcome.phase_counts(g, b, s, v) for v in m.variants}
+                explained: list[str] = []
                 for v in m.variants:
                     if v == "vanilla":
                         continue
+                    if not tables and any(same_work(summed[v], summed[e]) for e in explained):
+                        continue  # identical_work() below names it
+                    explained.append(v)
                     rows = []
                     for ph in phases:
                         rows += changes(ph, base[ph], outcome.cells[(g, b, s, v)][ph],
                                         outcome.profile)
-                    if rows:
+                    if rows and tables:
                         console.print(changes_table(f"{v} against vanilla", rows))
                     for line in sentences(syscall, summed["vanilla"], summed[v],
                                           outcome.profile, v):
