@@ -672,3 +672,17 @@ def test_bad_dask_address_is_one_line(tmp_path, capsys, address):
                         address, "--no-progress"], capsys)
     assert code == 2
     one_line_error(err, "Dask")
+
+
+def test_default_run_says_where_the_gains_are(tmp_path, capsys):
+    db = tmp_path / "r.sqlite"
+    code, out, err = cli(["reproduce", *SMALL, "--granule", "4K,16K", "--backing", "thp",
+                          "--scenario", "clear", "--db", str(db), "--no-progress"], capsys)
+    assert code == 0, err
+    gains = out[out.index("Where the gains are (4K cells"):]
+    assert "4K THP, clear" in gains and "16K THP, clear" not in gains  # the first granule
+    assert "skip-levels saves" in gains
+    # With the default chunk no subtree is built complete, so skip-children
+    # adds nothing: said once, not explained twice.
+    assert "skip-levels and skip-levels+skip-children do identical work" in gains
+    assert "skip-levels+skip-children saves" not in gains
