@@ -21,12 +21,13 @@ granules still reach hundreds of MiB.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from _hyp import HYP
 
 from s2split.arch import GRANULES, Geometry
 from s2split.engine import get_engine
@@ -47,15 +48,6 @@ VARIANTS = tuple(variant_names())
 #: The modelled kernels, the default (the fixtures' 6.12) first.
 KERNEL_VERSIONS = (DEFAULT_KERNEL, *sorted(k for k in KERNELS if k != DEFAULT_KERNEL))
 
-# Deterministic (a CI failure reproduces locally), no example database (other
-# people's runs must not steer ours), and no deadline: the reference engine's
-# time varies with the example far more than hypothesis's deadline allows.
-HYP = settings(deadline=None, derandomize=True, database=None, print_blob=False,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                      HealthCheck.filter_too_much,
-                                      HealthCheck.large_base_example])
-if os.environ.get("S2SPLIT_TEST_NO_SHRINK"):
-    HYP = settings(HYP, phases=[Phase.explicit, Phase.generate])
 
 
 # -- running both engines, watching every phase ---------------------------------

@@ -30,15 +30,16 @@ whole sequences through the reference engine).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import ClassVar
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from _hyp import HYP
 
 from s2split import pte as P
 from s2split.arch import Geometry
@@ -76,14 +77,6 @@ PA_HIGH = 0xE << 48
 #: does this itself; the kernel does for ownership annotations).
 PA_INVALID = 1 << 52
 
-# Deterministic, no example database, no deadline (the reference engine's time
-# varies with the example far more than a deadline allows).
-HYP = settings(deadline=None, derandomize=True, database=None, print_blob=False,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                      HealthCheck.filter_too_much,
-                                      HealthCheck.large_base_example])
-if os.environ.get("S2SPLIT_TEST_NO_SHRINK"):
-    HYP = settings(HYP, phases=[Phase.explicit, Phase.generate])
 
 
 # -- the two engines behind one interface ----------------------------------------

@@ -26,6 +26,8 @@ from s2split.hw.harness import phase_names
 from s2split.hw.params import HwParams
 from s2split.hw.selftest import parse_output
 
+from _guest_writes import written_pages
+
 REPO = Path(__file__).resolve().parent.parent
 ARM64 = REPO / "tests" / "hw" / "arm64"
 MIB = 1 << 20
@@ -35,26 +37,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("S2SPLIT_HW_CACHE", REPO / ".hw-cache")) / "arm64"
 
 
-def park_miller(x: int) -> int:
-    return x * 48271 % 2147483647
-
-
 def expected_iteration_writes(seeds, pages, write_percent, random_access, iterations):
-    """Per iteration: the pages (relative to the test region) the vCPUs write."""
+    """Per iteration: the pages (relative to the test region) the vCPUs write,
+    after the sequential populate pass."""
     out = [set() for _ in range(iterations)]
+    passes = [(100, False)] + [(write_percent, random_access)] * iterations
     for v, seed in enumerate(seeds):
-        x = seed
-        for _ in range(pages):  # populate: sequential, 100% writes
-            x = park_miller(x)
-        for it in range(iterations):
-            for i in range(pages):
-                page = i
-                if random_access:
-                    x = park_miller(x)
-                    page = x % pages
-                x = park_miller(x)
-                if x % 100 < write_percent:
-                    out[it].add(v * pages + page)
+        for it, written in enumerate(written_pages(seed, pages, passes)[1:]):
+            out[it].update(v * pages + page for page in written)
     return out
 
 

@@ -22,32 +22,13 @@ from s2split.hw.params import HwParams, memstress_layout
 from s2split.hw.selftest import import_rows, parse_output
 from s2split.modes import parse_mode
 
+from _guest_writes import written_pages
+
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/kvm"),
                                 reason="/dev/kvm is absent: no KVM on this machine")
 
 MIB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
-
-
-def park_miller(x: int) -> int:  # the selftests' generator, written out again here
-    return x * 48271 % 2147483647
-
-
-def written_pages(seed: int, pages: int, passes: list[tuple[int, bool]]) -> list[set]:
-    """Pages the guest writes in each pass, from first principles."""
-    out, x = [], seed
-    for write_percent, random_access in passes:
-        s = set()
-        for i in range(pages):
-            page = i
-            if random_access:
-                x = park_miller(x)
-                page = x % pages
-            x = park_miller(x)
-            if x % 100 < write_percent:
-                s.add(page)
-        out.append(s)
-    return out
 
 
 # -- a small VM built directly on the driver ---------------------------------------------
