@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -117,24 +116,11 @@ def read_measurements(path: str) -> list[Measurement]:
 
 def params_of(options: str, where: str, profile: Profile) -> tuple[Any, str]:
     """Perf-test params (and variant) from an options string."""
-    from .cli import Parser, add_perf_test_options, perf_test_params
-    parser = Parser(prog=f"{where}: options", add_help=False)
-    add_perf_test_options(parser)
-    try:
-        argv = shlex.split(options)
-    except ValueError as e:
-        raise S2Error(f"{where}: cannot parse options {options!r}: {e}") from None
-
-    class _Bad(Exception):
-        pass
-
-    def error(message: str) -> None:
-        raise _Bad(message)
-    parser.error = error  # type: ignore[method-assign]
-    try:
-        args = parser.parse_args(argv)
-    except _Bad as e:
-        raise S2Error(f"{where}: bad options {options!r}: {e}") from None
+    from .cli import add_perf_test_options, parse_command, perf_test_params
+    args, extra = parse_command(options, f"{where}: bad options", add_perf_test_options)
+    if extra:
+        raise S2Error(f"{where}: bad options {options!r}: unrecognized arguments: "
+                      f"{' '.join(extra)}")
     if args.profile is None:
         args.profile = profile.source if profile.source.endswith(".json") else profile.name
     try:

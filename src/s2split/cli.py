@@ -27,6 +27,32 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise S2Error(message)
+
+
+def parse_command(text: str, where: str, add_options: Any,
+                  program: str = "") -> tuple[argparse.Namespace, list[str]]:
+    """Options written in a file -- a measurement's, a fixture's command, an
+    imported output's ``--args`` -- parsed as the command line parses them,
+    with errors as one line naming WHERE. A leading PROGRAM name is dropped;
+    options the parser does not know are returned for the caller to judge."""
+    import shlex
+    try:
+        argv = shlex.split(text)
+    except ValueError as e:
+        raise S2Error(f"{where}: cannot parse {text!r}: {e}") from None
+    if program and argv and argv[0].endswith(program):
+        argv = argv[1:]
+    parser = _RaisingParser(prog=where, add_help=False)
+    add_options(parser)
+    try:
+        return parser.parse_known_args(argv)
+    except S2Error as e:
+        raise S2Error(f"{where}: {e}") from None
+
+
 def _console():
     from rich.console import Console
     return Console(highlight=False, soft_wrap=False, width=max(100, _term_width()))

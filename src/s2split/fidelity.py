@@ -14,17 +14,13 @@ A function the fixture never mentions was not traced and is not compared.
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cost import load_profile
 from .errors import S2Error
 from .kernel_counters import LOWER_BOUND, comparable_key, kernel_counts
-from .modes import MODES, parse_mode
 from .pgtable.variants import VANILLA
-from .sizes import parse_size
 from .workload import PerfTestParams, RunResult, run_perf_test
 
 FIXTURE_FORMAT = "s2split-real-kernel-counts/1"
@@ -110,46 +106,20 @@ def load_fixture(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def params_from_command(command: str, fixture: str, **overrides: Any) -> PerfTestParams:
-    """The model configuration of a recorded ``dirty_log_perf_test`` command."""
-    try:
-        argv = shlex.split(command)
-    except ValueError as e:
-        raise _fail(fixture, f"cannot parse command {command!r}: {e}") from None
-    if argv and argv[0].endswith("dirty_log_perf_test"):
-        argv = argv[1:]
-    kw: dict[str, Any] = {}
-    it = iter(argv)
-    flags = {"-g": ("manual_protect", False), "-a": ("random_access", True),
-             "-o": ("partition", False)}
-    valued = {"-b": "vcpu_memory_bytes", "-v": "vcpus", "-s": "backing", "-i": "iterations",
-              "-m": "mode", "-x": "slots", "-w": "write_percent", "-r": "seed",
-              "-k": "chunk_size"}
-    for arg in it:
-        if arg in flags:
-            kw[flags[arg][0]] = flags[arg][1]
-        elif arg in valued:
-            try:
-                value = next(it)
-            except StopIteration:
-                raise _fail(fixture, f"option {arg} without a value in {command!r}") from None
-            name = valued[arg]
-            if name in ("vcpu_memory_bytes", "chunk_size"):
-                kw[name] = parse_size(value, arg)
-            elif name == "backing":
-                kw[name] = value
-            elif name == "mode":
-                kw[name] = parse_mode(value)
-            else:
-                try:
-                    kw[name] = int(value, 0)
-                except ValueError:
-                    raise _fail(fixture, f"option {arg} {value!r} is not a number") from None
-        else:
-            raise _fail(fixture, f"option {arg!r} of {command!r} is not modelled")
-    kw.setdefault("mode", MODES[6])
-    kw.update(overrides)
-    return PerfTestParams(**kw)
+def params_from_command(command: str, fixture: str, host_va_bits: int = 52) -> PerfTestParams:
+    """The model configuration of a recorded ``dirty_log_perf_test`` command
+    (upstream's options and the fixtures' ``-k``, read as ``perf-test`` reads
+    them), with the CPU features of the QEMU host the fixtures were traced on."""
+    from .cli import add_perf_test_options, parse_command, perf_test_params
+    args, extra = parse_command(command, f"{fixture}: command", add_perf_test_options,
+                                program="dirty_log_perf_test")
+    if extra:
+        raise _fail(fixture, f"option(s) {' '.join(extra)} of {command!r} are not modelled")
+    args.profile, args.host_va_bits = "qemu-tcg", host_va_bits
+    params = perf_test_params(args)
+    if len(params) != 1:
+        raise _fail(fixture, f"{command!r}: one guest mode per run")
+    return params[0]
 
 
 def _compare_phase(phase: str, kernel: dict, model_counts, traced: set[str]) -> list[Row]:
@@ -194,9 +164,7 @@ def _modelled() -> set[str]:
 
 def check_run(fixture: str, run: dict, engine: str = "auto",
               host_va_bits: int = 52) -> tuple[RunCheck, RunResult]:
-    profile = load_profile("qemu-tcg")
-    params = params_from_command(run["command"], fixture, features=profile.features,
-                                 host_va_bits=host_va_bits)
+    params = params_from_command(run["command"], fixture, host_va_bits)
     res = run_perf_test(params, VANILLA, engine)
     check = RunCheck(fixture, str(run.get("label", "")), run["command"], params)
     rng = run.get("gpa_range")

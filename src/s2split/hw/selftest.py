@@ -20,7 +20,6 @@ Only ``ok`` runs become measurements; the others are reported.
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,42 +236,27 @@ def mode_from_string(text: str) -> GuestMode:
     return GuestMode(-1, name, pa, va, page, arm64=bool(pa))
 
 
-def _parse_args(text: str) -> dict[str, Any]:
-    """The upstream options that shape the configuration (others are ignored)."""
-
-    from ..cli import Parser, _int_arg, _size
-
-    p = Parser(prog="dirty_log_perf_test", add_help=False)
-    p.add_argument("-a", dest="random_access", action="store_true")
-    p.add_argument("-b", dest="vcpu_memory_bytes", type=_size("-b"), default=None)
+def _add_selftest_options(p) -> None:
+    """Every option of the upstream test (those that only steer the host or
+    that the harness does not use are read and ignored); -b and -i default to
+    None, "not given", so the output's own figures can be checked against them."""
+    from ..cli import _int_arg, add_upstream_options
+    add_upstream_options(p)
     p.add_argument("-c", dest="pin", default=None)
     p.add_argument("-e", dest="evil", action="store_true")
     p.add_argument("-f", dest="wr_fract", type=_int_arg("-f", 1), default=None)
-    p.add_argument("-g", dest="no_manual", action="store_true")
-    p.add_argument("-i", dest="iterations", type=_int_arg("-i", 2), default=None)
-    p.add_argument("-m", dest="mode", action="append", default=None)
     p.add_argument("-n", dest="nested", action="store_true")
-    p.add_argument("-o", dest="overlap", action="store_true")
     p.add_argument("-p", dest="phys_offset", default=None)
-    p.add_argument("-r", dest="seed", type=_int_arg("-r", 0, (1 << 32) - 1), default=1)
-    p.add_argument("-s", dest="backing", default="anonymous")
-    p.add_argument("-v", dest="vcpus", type=_int_arg("-v", 1), default=1)
-    p.add_argument("-w", dest="write_percent", type=_int_arg("-w", 0, 100), default=100)
-    p.add_argument("-x", dest="slots", type=_int_arg("-x", 1), default=1)
+    p.set_defaults(vcpu_memory_bytes=None, iterations=None)
 
-    class _Error(Exception):
-        pass
 
-    def error(message: str) -> None:
-        raise _Error(message)
-
-    p.error = error  # type: ignore[method-assign]
-    try:
-        ns, extra = p.parse_known_args(shlex.split(text))
-    except (_Error, ValueError) as e:
-        raise S2Error(f"--args {text!r}: {e}") from None
+def _parse_args(text: str) -> dict[str, Any]:
+    """The upstream options that shape the configuration."""
+    from ..cli import parse_command
+    where = f"--args {text!r}"
+    ns, extra = parse_command(text, where, _add_selftest_options)
     if extra:
-        raise S2Error(f"--args {text!r}: unknown option(s) {' '.join(extra)}")
+        raise S2Error(f"{where}: unknown option(s) {' '.join(extra)}")
     if ns.wr_fract is not None:
         raise S2Error("--args: -f (write fraction) is the pre-6.2 option; this importer reads "
                       "outputs since -w replaced it")
