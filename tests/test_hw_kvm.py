@@ -5,6 +5,7 @@ These tests skip only where /dev/kvm is absent."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from s2split.hw.harness import phase_names, run_config
 from s2split.uapi import KVM_MEM_LOG_DIRTY_PAGES
 from s2split.hw.kvm import (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, Kvm,
                             KvmError, bitmap_pages, host_arch)
-from s2split.hw.machine import Machine
+from s2split.hw.machine import CODE_GPA, Machine
 from s2split.hw.params import HwParams, memstress_layout
 from s2split.hw.selftest import import_rows, parse_output
 from s2split.modes import parse_mode
@@ -155,6 +156,39 @@ def test_disabling_dirty_logging_stops_logging(small_vm):
     vm.guest_pass(100)
     with pytest.raises(KvmError, match="KVM_GET_DIRTY_LOG failed for slot 1 .*ENOENT"):
         vm.m.vm.get_dirty_log(vm.slot)  # no dirty bitmap on a slot without logging
+
+
+# A branch to itself, in place of the guest program: the pass never reaches
+# the doorbell. x86-64 "jmp $" (EB FE); AArch64 "b ." (0x14000000).
+SPIN = {"x86_64": bytes([0xEB, 0xFE]), "arm64": (0x14000000).to_bytes(4, "little")}
+
+
+def test_watchdog_stops_a_hung_guest():
+    before = signal.getsignal(signal.SIGUSR1)
+    kvm = Kvm()
+    try:
+        with Machine(kvm, 40, 4096, pass_timeout=0.2) as m:
+            m.add_system_memory()
+            m.system.memory.write(CODE_GPA, SPIN[m.arch])
+            m.add_vcpu(0, 1, 1)
+            m.add_vcpu(0, 1, 2)
+            with pytest.raises(KvmError, match=r"vCPU 0 did not finish its pass within 0\.2 s"):
+                m.run_pass()
+            # Both threads were stopped and wait for the next pass, which
+            # the watchdog ends the same way.
+            assert all(t.is_alive() for t in m._threads)
+            with pytest.raises(KvmError, match="did not finish its pass"):
+                m.run_pass()
+    finally:
+        kvm.close()
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_default_pass_timeout_grows_with_the_largest_vcpu_region():
+    from s2split.hw.harness import PASS_TIMEOUT_FLOOR, PASS_TIMEOUT_PER_PAGE, default_pass_timeout
+    # -v 2 -b 256M, 4K pages: 65,536 pages per vCPU.
+    lay = memstress_layout(HwParams(vcpu_memory_bytes=256 * MIB, vcpus=2), 4096)
+    assert default_pass_timeout(lay) == PASS_TIMEOUT_FLOOR + PASS_TIMEOUT_PER_PAGE * 65536
 
 
 # -- the harness ------------------------------------------------------------------------------
@@ -327,6 +361,9 @@ def test_hw_run_into_the_store_then_import_json(tmp_path):
     (["run", "-b", "3M", "-x", "2", "-s", "anonymous_hugetlb"], "not aligned"),
     (["run", "-s", "nosuch"], "unknown backing src type"),
     (["run", "-w", "101"], "must be <= 100"),
+    (["run", "--pass-timeout", "soon"], "--pass-timeout 'soon' is not a number"),
+    (["run", "--pass-timeout", "nan"], "must be a finite number >= 0"),
+    (["run", "--pass-timeout=-1s"], "must be a finite number >= 0"),
     (["import-json", "/nonexistent.json"], "cannot read"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, needle):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     h.add_argument("--x86-map", choices=("2M", "1G"), default="2M",
                    help="x86-64 only: guest page-table mappings of the test memory "
                    "(default: 2M)")
+    h.add_argument("--pass-timeout", type=_nonnegative("--pass-timeout", "s"), default=None,
+                   metavar="SECONDS", help="stop a guest pass (populate or dirtying) that "
+                   "runs longer and fail the run, so that a hung guest cannot hang the "
+                   "harness; 0 for no limit (default: 600 s + 20 us per page of a vCPU's "
+                   "region)")
     h.add_argument("--repeat", type=_int_arg("--repeat", 1), default=1, metavar="N",
                    help="run every configuration N times, interleaved (default: 1)")
     h.add_argument("--label", default=None,
@@ -153,7 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if args.repeat > 1:
                     print(f"# repetition {rep + 1}/{args.repeat}: {p.config_key()}")
                 result = run_config(p, print, verify=args.verify,
-                                    keep_bitmaps=args.keep_bitmaps, kvm=kvm)
+                                    keep_bitmaps=args.keep_bitmaps, kvm=kvm,
+                                    pass_timeout=_pass_timeout(args.pass_timeout))
                 rows += measurement_rows(result, label, rep, host)
                 run = {"config_key": p.config_key(), "repetition": rep,
                        "capabilities": result.capabilities, "layout":
@@ -293,16 +300,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if report.regressions else 0
 
 
-def _percent(what: str):
+def _nonnegative(what: str, unit: str):
+    """A finite number >= 0, optionally written with its UNIT ("5%", "30s")."""
     def parse(text: str) -> float:
         try:
-            v = float(text.rstrip("%"))
+            v = float(text.strip().removesuffix(unit))
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} {text!r} is not a number") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{what} must not be negative")
+        if not math.isfinite(v) or v < 0:
+            raise argparse.ArgumentTypeError(f"{what} must be a finite number >= 0, "
+                                             f"got {text!r}")
         return v
     return parse
+
+
+def _pass_timeout(seconds: float | None) -> float | None:
+    """``--pass-timeout`` for :func:`run_config`: not given is its default
+    (negative), 0 is no limit."""
+    if seconds is None:
+        return -1.0
+    return seconds or None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -350,13 +367,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("a", metavar="LABEL_A", help="the baseline")
     cp.add_argument("b", metavar="LABEL_B", help="the candidate")
     cp.add_argument("--db", default=DEFAULT_DB)
-    cp.add_argument("--threshold", type=_percent("--threshold"), default=5.0, metavar="PCT",
+    cp.add_argument("--threshold", type=_nonnegative("--threshold", "%"), default=5.0, metavar="PCT",
                     help="smallest slowdown that counts as a regression (default: 5)")
     cp.add_argument("--alpha", type=float, default=0.05,
                     help="significance level, Holm-corrected over all rows (default: 0.05)")
     cp.add_argument("--min-reps", type=_int_arg("--min-reps", 1), default=9,
                     help="warn below this many repetitions (default: 9)")
-    cp.add_argument("--max-cv", type=_percent("--max-cv"), default=10.0, metavar="PCT",
+    cp.add_argument("--max-cv", type=_nonnegative("--max-cv", "%"), default=10.0, metavar="PCT",
                     help="warn when a sample's coefficient of variation exceeds this "
                     "(default: 10)")
     cp.add_argument("--config", default=None, metavar="KEY",

@@ -93,9 +93,25 @@ class _Expected:
         return dirty
 
 
+#: The watchdog's default limit for one guest pass: a floor for VM start-up and
+#: slow hosts, plus 20 us per page of a vCPU's region -- several times what a
+#: stage-2 fault and a write cost on current hardware.
+PASS_TIMEOUT_FLOOR = 600.0
+PASS_TIMEOUT_PER_PAGE = 20e-6
+
+
+def default_pass_timeout(layout: Layout) -> float:
+    """Seconds one pass of this layout may take before the watchdog stops it."""
+    pages = max(n for _, n in layout.vcpus)
+    return PASS_TIMEOUT_FLOOR + PASS_TIMEOUT_PER_PAGE * pages
+
+
 def run_config(p: HwParams, write: Writer = print, verify: bool = False,
-               keep_bitmaps: bool = False, kvm: Kvm | None = None) -> RunResult:
-    """Run one configuration; print its lines with ``write``."""
+               keep_bitmaps: bool = False, kvm: Kvm | None = None,
+               pass_timeout: float | None = -1.0) -> RunResult:
+    """Run one configuration; print its lines with ``write``. A guest pass that
+    takes longer than ``pass_timeout`` seconds is stopped and fails the run
+    (negative: :func:`default_pass_timeout`; ``None``: no limit)."""
     arch = host_arch()
     if arch == "x86_64" and p.granule != 4096:
         raise S2Error(f"guest mode {p.mode.id if p.mode.id >= 0 else p.mode.name} has "
@@ -106,8 +122,10 @@ def run_config(p: HwParams, write: Writer = print, verify: bool = False,
     own = kvm is None
     kvm = kvm or Kvm()
     result = RunResult(p, layout)
+    if pass_timeout is not None and pass_timeout < 0:
+        pass_timeout = default_pass_timeout(layout)
     try:
-        with Machine(kvm, p.mode.pa_bits, p.granule, p.x86_map) as m:
+        with Machine(kvm, p.mode.pa_bits, p.granule, p.x86_map, pass_timeout) as m:
             _run(m, p, layout, result, write, verify, keep_bitmaps)
     finally:
         if own:

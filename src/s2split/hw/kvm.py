@@ -122,6 +122,7 @@ EXIT_NAMES = {0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG",
 KVM_EXIT_MMIO = 6
 KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
 
@@ -177,14 +178,18 @@ def _errstr(e: OSError) -> str:
     return f"{name}: {os.strerror(e.errno)}" if e.errno else str(e)
 
 
-def _ioctl(fd: int, request: int, arg: int | bytearray = 0, what: str = "") -> int:
-    """``ioctl()`` that retries on EINTR and raises :class:`KvmError`."""
+def _ioctl(fd: int, request: int, arg: int | bytearray = 0, what: str = "",
+           interruptible: bool = False) -> int:
+    """``ioctl()`` that raises :class:`KvmError`. EINTR is retried, unless the
+    call is ``interruptible``: then it returns ``-EINTR``."""
     while True:
         try:
             if isinstance(arg, bytearray):
                 return fcntl.ioctl(fd, request, arg, True)
             return fcntl.ioctl(fd, request, arg)
         except InterruptedError:
+            if interruptible:
+                return -_errno.EINTR
             continue
         except OSError as e:
             name = IOCTL_NAMES.get(request, f"ioctl {request:#x}")
@@ -649,8 +654,10 @@ class Vcpu:
         return addr, data[:length], length, bool(is_write)
 
     def run(self) -> int:
-        """One ``KVM_RUN``; returns the exit reason."""
-        _ioctl(self.fd, KVM_RUN, 0, f"for vCPU {self.index}")
+        """One ``KVM_RUN``; returns the exit reason, ``KVM_EXIT_INTR`` when a
+        signal to this thread interrupted it."""
+        if _ioctl(self.fd, KVM_RUN, 0, f"for vCPU {self.index}", interruptible=True) < 0:
+            return KVM_EXIT_INTR
         return self.exit_reason
 
     def describe_exit(self) -> str:

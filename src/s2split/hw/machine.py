@@ -17,18 +17,23 @@ memslot. Test memory goes in memslots 1.. at the addresses the caller gives
 
 Each vCPU has a thread that runs one pass per :meth:`Machine.run_pass` (one
 ``KVM_RUN`` that ends at the MMIO doorbell); the GIL is released inside the
-ioctl, so vCPUs run in parallel.
+ioctl, so vCPUs run in parallel. A watchdog ends a pass that overruns
+``pass_timeout``: a signal to each vCPU thread still in ``KVM_RUN`` makes the
+ioctl return (``KVM_EXIT_INTR``), and the pass fails with a one-line error
+instead of hanging the harness.
 """
 
 from __future__ import annotations
 
+import signal
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 from ..errors import S2Error
 from . import guest as G
-from .kvm import (ARM64_REG_PC, KVM_EXIT_MMIO, HostMemory, Kvm, KvmError, Memslot, Vcpu, Vm,
+from .kvm import (ARM64_REG_PC, KVM_EXIT_INTR, KVM_EXIT_MMIO, HostMemory, Kvm, KvmError, Memslot, Vcpu, Vm,
                   arm64_xreg, cpuid_entries, host_arch, host_page_size, size_name)
 
 SYSTEM_SLOT = 0
@@ -40,7 +45,7 @@ MMIO_GPA = SYSTEM_SIZE  # the first byte past memslot 0: no memslot there
 
 _P, _RW, _PS = 1, 2, 0x80  # x86 page-table entry bits
 _2M, _1G = 1 << 21, 1 << 30
-KVM_EXIT_INTR = 10
+_KICK = signal.SIGUSR1  # the watchdog's signal to a vCPU thread
 
 
 @dataclass
@@ -57,10 +62,14 @@ class Machine:
     ``ipa_bits``: arm64 creates the VM with that IPA size; x86-64 checks that
     the guest's MAXPHYADDR covers it. ``guest_page_size``: the size of the
     pages the guest writes one word into. ``x86_map``: the size of the x86
-    guest page-table mappings of the test region (2M or 1G).
+    guest page-table mappings of the test region (2M or 1G). ``pass_timeout``:
+    seconds a pass may take before the watchdog stops it (``None``: no limit;
+    the watchdog needs :meth:`run_pass` to be called from the main thread,
+    which alone can install the signal handler).
     """
 
-    def __init__(self, kvm: Kvm, ipa_bits: int, guest_page_size: int, x86_map: int = _2M):
+    def __init__(self, kvm: Kvm, ipa_bits: int, guest_page_size: int, x86_map: int = _2M,
+                 pass_timeout: float | None = None):
         self.kvm = kvm
         self.arch = host_arch()
         self.ipa_bits = ipa_bits
@@ -88,6 +97,8 @@ class Machine:
         self._done: list[threading.Semaphore] = []
         self._errors: list[BaseException | None] = []
         self._quit = False
+        self.pass_timeout = pass_timeout
+        self._expired = False
         self._cpuid: bytes | None = None
         self._target: bytes | None = None
         self.max_phys_bits: int | None = None
@@ -222,6 +233,10 @@ class Machine:
         while True:
             reason = v.run()
             if reason == KVM_EXIT_INTR:
+                if self._expired:
+                    raise KvmError(f"vCPU {v.index} did not finish its pass within "
+                                   f"{self.pass_timeout:g} s and was stopped (a hung guest, "
+                                   "or a host too slow for the limit: see --pass-timeout)")
                 continue
             if reason == KVM_EXIT_MMIO:
                 addr, data, length, is_write = v.mmio()
@@ -238,14 +253,40 @@ class Machine:
         """Every vCPU makes one pass over its region; returns when all are done."""
         if not self._threads:
             self.start_vcpu_threads()
-        for g in self._go:
-            g.release()
-        for d in self._done:
-            d.acquire()
+        watchdog = (self.pass_timeout is not None
+                    and threading.current_thread() is threading.main_thread())
+        if watchdog:
+            # A Python handler, so that the signal interrupts KVM_RUN instead
+            # of killing the process; it has nothing to do itself.
+            previous = signal.signal(_KICK, lambda signum, frame: None)
+        self._expired = False
+        try:
+            for g in self._go:
+                g.release()
+            if watchdog:
+                self._watch()
+            else:
+                for d in self._done:
+                    d.acquire()
+        finally:
+            if watchdog:
+                signal.signal(_KICK, previous)
         for e in self._errors:
             if e is not None:
                 self._errors = [None] * len(self._errors)
                 raise e
+
+    def _watch(self) -> None:
+        assert self.pass_timeout is not None
+        deadline = time.monotonic() + self.pass_timeout
+        for thread, done in zip(self._threads, self._done):
+            if done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                continue
+            self._expired = True
+            # Kick until the thread reports: a signal that lands just before
+            # the thread enters KVM_RUN does not interrupt it.
+            while not done.acquire(timeout=0.05):
+                signal.pthread_kill(thread.ident, _KICK)
 
     def stop_vcpu_threads(self) -> None:
         self._quit = True
