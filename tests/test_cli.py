@@ -26,6 +26,9 @@ from _cli import run_cli as run
     (["perf-test", "-b", "12Q"], "unknown size letter"),
     (["perf-test", "-b", "lots"], "need at least one digit"),
     (["perf-test", "-w", "101"], "must be <= 100"),
+    (["perf-test", "-r", "0"], "-r must be >= 1"),  # atoi_positive, as upstream
+    (["perf-test", "-r", "2147483648"], "-r must be <= 2147483647"),
+    (["perf-test", "-i", "08"], "-i '08' is not an integer"),  # strtol: octal, no digit 8
     (["perf-test", "--variant", "nope"], "unknown variant"),
     (["perf-test", "--profile", "nope"], "unknown profile"),
     (["perf-test", "--granule", "4K"], "go together"),
@@ -79,6 +82,33 @@ def test_perf_test_prints_upstream_lines_marked_as_estimates(capsys):
         assert re.search(pattern, out), pattern
     assert "not measurements" in out
     assert "Saved against vanilla" in out
+
+
+def _ns(text):
+    whole, frac = text.rstrip("s").split(".")
+    return int(whole) * 10**9 + int(frac)
+
+
+def test_perf_test_totals_add_up_the_printed_lines(capsys):
+    # -i 010 is octal, as the selftest's strtol reads it: 8 iterations.
+    code, out, _ = run(["perf-test", "-b", "4M", "-i", "010", "--variant", "vanilla",
+                        "--engine", "reference"], capsys)
+    assert code == 0
+    for kind in ("get", "clear"):
+        each = [_ns(m) for m in re.findall(rf"Iteration \d+ {kind} dirty log time: (\S+)", out)]
+        assert len(each) == 8
+        total, avg = re.search(rf"{kind.title()} dirty log over 8 iterations took (\S+)\. "
+                               rf"\(Avg (\S+)/iteration\)", out).groups()
+        # the selftest's timespec sums and truncating division
+        assert _ns(total) == sum(each) and _ns(avg) == sum(each) // 8
+
+
+def test_guest_modes_run_once_each_in_id_order(capsys):
+    code, out, _ = run(["perf-test", "-b", "4M", "-m", "8", "-m", "P40V48_4K", "-m", "8",
+                        "--variant", "vanilla", "--engine", "reference"], capsys)
+    assert code == 0
+    assert re.findall(r"Testing guest mode: (.*)", out) == [
+        "PA-bits:40,  VA-bits:48,  4K pages", "PA-bits:40,  VA-bits:48, 64K pages"]
 
 
 def test_perf_test_json_is_consistent(capsys):

@@ -16,6 +16,7 @@ import sys
 from typing import Any, Sequence
 
 from .errors import S2Error
+from .memstress import INT_MAX
 from .versions import DEFAULT_KERNEL, KERNELS
 
 
@@ -75,10 +76,27 @@ def _size(what: str):
     return parse
 
 
+def strtol(text: str) -> int:
+    """An integer as the selftests read one (``strtol`` with base 0: ``0x``
+    hexadecimal, a leading ``0`` octal, else decimal), whole string only."""
+    body = text.strip()
+    sign = -1 if body.startswith("-") else 1
+    body = body[1:] if body[:1] in "+-" else body
+    if body[:2].lower() == "0x":
+        base = 16
+    elif len(body) > 1 and body[0] == "0":
+        base = 8
+    else:
+        base = 10
+    if not body or "_" in body or body[:1] in "+-":
+        raise ValueError(text)
+    return sign * int(body, base)
+
+
 def _int_arg(what: str, minimum: int | None = None, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
-            value = int(text, 0)
+            value = strtol(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} {text!r} is not an integer") from None
         if minimum is not None and value < minimum:
@@ -125,7 +143,7 @@ def add_upstream_options(p: argparse.ArgumentParser, backing_type: Any = None,
     g.add_argument("-o", dest="overlap", action="store_true",
                    help="overlap vCPU regions instead of partitioning them (default: "
                    "partitioned)")
-    g.add_argument("-r", dest="seed", type=_int_arg("-r", 0, (1 << 32) - 1), default=1,
+    g.add_argument("-r", dest="seed", type=_int_arg("-r", 1, INT_MAX), default=1,
                    metavar="SEED", help="random seed (default: 1); see --seed-synced")
 
 
@@ -166,26 +184,33 @@ def add_perf_test_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
+def selected_modes(args: argparse.Namespace) -> list[Any]:
+    """The guest modes of ``-m`` (each once, in ID order, as the selftest's
+    ``for_each_guest_mode`` runs them) or of ``--granule/--ipa-bits``."""
+    from .arch import parse_granule
+    from .modes import DEFAULT_MODE, mode_for, parse_mode
+    if (args.granule is None) != (args.ipa_bits is None):
+        raise S2Error("--granule and --ipa-bits go together (or use -m)")
+    if args.granule is not None:
+        if args.mode:
+            raise S2Error("use either -m or --granule/--ipa-bits, not both")
+        return [mode_for(parse_granule(args.granule), args.ipa_bits)]
+    if not args.mode:
+        return [DEFAULT_MODE]
+    return sorted({m.id: m for m in map(parse_mode, args.mode)}.values(), key=lambda m: m.id)
+
+
 def perf_test_params(args: argparse.Namespace) -> list[Any]:
     """Params for each selected mode, from parsed options."""
-    from .arch import parse_granule
     from .cost import load_profile
     from .hw import Features
-    from .modes import DEFAULT_MODE, mode_for, parse_mode
     from .workload import PerfTestParams
 
     profile = load_profile(args.profile)
     features = profile.features
     if args.cpu:
         features = Features.parse(args.cpu, base=features)
-    if (args.granule is None) != (args.ipa_bits is None):
-        raise S2Error("--granule and --ipa-bits go together (or use -m)")
-    if args.granule is not None:
-        if args.mode:
-            raise S2Error("use either -m or --granule/--ipa-bits, not both")
-        modes = [mode_for(parse_granule(args.granule), args.ipa_bits)]
-    else:
-        modes = [parse_mode(m) for m in args.mode] if args.mode else [DEFAULT_MODE]
+    modes = selected_modes(args)
     out = []
     for mode in modes:
         p = PerfTestParams(

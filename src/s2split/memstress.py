@@ -16,6 +16,8 @@ from .arch import size_name
 from .errors import S2Error
 
 MEMSTRESS_MEM_SLOT_INDEX = 1
+#: The selftests read numeric options with ``atoi_positive()``: 1..INT_MAX.
+INT_MAX = (1 << 31) - 1
 #: The selftests' guest pRNG (Park-Miller "minimal standard").
 PRNG_MULTIPLIER = 48271
 PRNG_MODULUS = (1 << 31) - 1
@@ -91,8 +93,8 @@ def check_upstream_options(p) -> None:
         raise S2Error(f"-w {p.write_percent}: write percentage must be between 0 and 100")
     if p.vcpu_memory_bytes <= 0:
         raise S2Error("-b: the memory size per vCPU must be greater than 0")
-    if not 0 <= p.seed < 1 << 32:
-        raise S2Error(f"-r {p.seed}: the seed must fit 32 bits")
+    if not 1 <= p.seed <= INT_MAX:
+        raise S2Error(f"-r {p.seed}: the random seed must be between 1 and {INT_MAX}")
 
 
 def upstream_argv(p) -> list[str]:

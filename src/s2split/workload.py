@@ -18,7 +18,7 @@ A note on seeds: since Linux 6.10 memstress seeds vCPU ``k`` with
 guest, whose copy stays 0. Upstream therefore seeds vCPU ``k`` with ``k``
 whatever ``-r`` says (vCPU 0's generator is stuck at 0). ``seed_synced=False``
 (the default) reproduces that; ``seed_synced=True`` gives the intended
-``seed + k`` (what 6.3-6.9 did).
+``seed + k`` (what 6.2-6.9 did).
 """
 
 from __future__ import annotations

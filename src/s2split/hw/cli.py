@@ -89,18 +89,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 def run_params(args: argparse.Namespace) -> list[Any]:
     """Every configuration the options ask for (modes x backings x chunk sizes)."""
-    from ..arch import parse_granule
-    from ..modes import DEFAULT_MODE, mode_for, parse_mode
+    from ..cli import selected_modes
     from .params import HwParams
 
-    if (args.granule is None) != (args.ipa_bits is None):
-        raise S2Error("--granule and --ipa-bits go together (or use -m)")
-    if args.granule is not None:
-        if args.mode:
-            raise S2Error("use either -m or --granule/--ipa-bits, not both")
-        modes = [mode_for(parse_granule(args.granule), args.ipa_bits)]
-    else:
-        modes = [parse_mode(m) for m in args.mode] if args.mode else [DEFAULT_MODE]
+    modes = selected_modes(args)
     chunks = args.chunk_size if args.chunk_size is not None else [None]
     out = []
     for mode in modes:

@@ -80,7 +80,7 @@ class ModeRun:
 class ParsedOutput:
     path: str
     iterations: int | None = None
-    seed: str | None = None
+    seed: str | None = None  # the -r seed, as printed
     runs: list[ModeRun] = field(default_factory=list)
     skipped: str = ""  # a skip before any mode started
     failure: str = ""  # a failure before any mode started
@@ -114,7 +114,11 @@ def parse_output(text: str, path: str = "<output>") -> ParsedOutput:
             continue
         m = RE["seed"].match(line)
         if m:
-            out.seed = out.seed or m.group(1)
+            # Since 6.11 a library constructor prints a seed of its own
+            # before anything else; the -r seed is printed when the first
+            # VM is created, after the first mode line.
+            if out.runs and out.seed is None:
+                out.seed = m.group(1)
             continue
         m = RE["mode"].match(line)
         if m:
@@ -237,9 +241,10 @@ def mode_from_string(text: str) -> GuestMode:
 
 
 def _add_selftest_options(p) -> None:
-    """Every option of the upstream test (those that only steer the host or
-    that the harness does not use are read and ignored); -b and -i default to
-    None, "not given", so the output's own figures can be checked against them."""
+    """Every option of the upstream test: -c and -p are read and ignored (they
+    steer the host, or move memory the output's own lines place), -e and -n
+    are refused; -b, -i and -r default to None, "not given", so the output's
+    own figures can be checked against them."""
     from ..cli import _int_arg, add_upstream_options
     add_upstream_options(p)
     p.add_argument("-c", dest="pin", default=None)
@@ -247,7 +252,7 @@ def _add_selftest_options(p) -> None:
     p.add_argument("-f", dest="wr_fract", type=_int_arg("-f", 1), default=None)
     p.add_argument("-n", dest="nested", action="store_true")
     p.add_argument("-p", dest="phys_offset", default=None)
-    p.set_defaults(vcpu_memory_bytes=None, iterations=None)
+    p.set_defaults(vcpu_memory_bytes=None, iterations=None, seed=None)
 
 
 def _parse_args(text: str) -> dict[str, Any]:
@@ -257,6 +262,11 @@ def _parse_args(text: str) -> dict[str, Any]:
     ns, extra = parse_command(text, where, _add_selftest_options)
     if extra:
         raise S2Error(f"{where}: unknown option(s) {' '.join(extra)}")
+    if ns.evil or ns.nested:
+        what = ("-e (vCPUs keep running while dirty logging is disabled)" if ns.evil
+                else "-n (a nested guest)")
+        raise S2Error(f"{where}: {what} changes what the phases time, and no configuration "
+                      "here has it; not imported")
     if ns.wr_fract is not None:
         raise S2Error("--args: -f (write fraction) is the pre-6.2 option; this importer reads "
                       "outputs since -w replaced it")
@@ -270,6 +280,15 @@ def import_rows(parsed: ParsedOutput, label: str, args: str = "",
 
     opts = _parse_args(args)
     notes = list(parsed.notes)
+    seed = opts["seed"]
+    if parsed.seed is not None:
+        printed = int(parsed.seed, 0)
+        if seed is not None and seed != printed:
+            raise S2Error(f"{parsed.path}: --args says -r {seed} but the output's random seed "
+                          f"is {parsed.seed}")
+        seed = printed
+    if seed is None:
+        seed = 1
     if parsed.failure:
         notes.append(f"test assertion failure before any guest mode: {parsed.failure}")
     if parsed.skipped and not any(r.status == "skipped" for r in parsed.runs):
@@ -314,7 +333,7 @@ def import_rows(parsed: ParsedOutput, label: str, args: str = "",
                           manual_protect=run.manual_protect, iterations=iterations, mode=mode,
                           slots=opts["slots"], write_percent=opts["write_percent"],
                           random_access=opts["random_access"], partition=not opts["overlap"],
-                          seed=opts["seed"])
+                          seed=seed)
         config = params.to_config() | {
             "arch": "arm64" if mode.arm64 else "x86_64", "selftest_args": args,
             "mode_string": run.mode,

@@ -26,12 +26,14 @@ def upstream_lines(res: RunResult, profile: Profile) -> list[str]:
     """The selftest's output with each time replaced by an estimate (and marked)."""
     mark = f"  [estimate: {profile.name}]"
     out = []
-    get_total = clear_total = 0.0
+    # Totals sum the printed (whole-nanosecond) times and averages truncate,
+    # as the selftest's timespec arithmetic does, so the lines add up.
+    get_total = clear_total = 0
     for name, c in res.phases:
         label = phase_line_label(name)
         if label is None:
             continue
-        ns = profile.estimate_ns(c)
+        ns = round(profile.estimate_ns(c))
         if name.endswith("get_dirty_log"):
             get_total += ns
         elif name.endswith("clear_dirty_log"):
@@ -41,10 +43,10 @@ def upstream_lines(res: RunResult, profile: Profile) -> list[str]:
             out.append("")
     it = res.params.iterations
     out.append(f"Get dirty log over {it} iterations took {format_seconds(get_total)}. "
-               f"(Avg {format_seconds(get_total / it)}/iteration){mark}")
+               f"(Avg {format_seconds(get_total // it)}/iteration){mark}")
     if res.params.manual_protect:
         out.append(f"Clear dirty log over {it} iterations took {format_seconds(clear_total)}. "
-                   f"(Avg {format_seconds(clear_total / it)}/iteration){mark}")
+                   f"(Avg {format_seconds(clear_total // it)}/iteration){mark}")
     return out
 
 
@@ -54,9 +56,9 @@ def header_lines(res: RunResult) -> list[str]:
     return [
         f"Test iterations: {p.iterations}",
         f"Testing guest mode: {p.mode.string}",
-        f"guest physical test memory: [{lay.gpa:#x}, {lay.gpa + lay.size:#x})",
         f"Random seed: {p.seed:#x}" + ("" if p.seed_synced else
                                        "  (the guest sees 0: vCPU k is seeded with k, as upstream)"),
+        f"guest physical test memory: [{lay.gpa:#x}, {lay.gpa + lay.size:#x})",
         f"Backing: {p.backing_type().describe()}, {p.slots} memslot(s), {p.vcpus} vCPU(s), "
         f"eager-split chunk {size_name(p.chunk_size) if p.chunk_size else '0 (off)'}, "
         f"{'manual-protect + initially-set' if p.manual_protect else 'no manual-protect (-g)'}",
