@@ -336,40 +336,38 @@ def cache_free_all(T, M, mc):
 
 # --- TLB maintenance, barriers, cache maintenance (as in pgtable/tlb.py) -----------------
 @njit(cache=True, _nrt=False)
-def _tlbi_tail(M, op, ish):
-    """Hypercall on nVHE, then the barriers and the stage-1 TLBI around a stage-2 TLBI."""
-    if not M[S_VHE]:
-        add(M, op, C.K_HYP_CALL, NOLV, 1)
-    if ish:
-        add(M, op, C.K_DSB_ISHST, NOLV, 1)
-        add(M, op, C.K_DSB_ISH, NOLV, 2)
+def _vmid_context(M, op, ish, body_dsbs):
+    """tlb._vmid_context: the body's DSBs and ISB, and entering and leaving
+    the guest's VMID context (VHE) or the hypercall (nVHE)."""
+    dsb = C.K_DSB_ISH if ish else C.K_DSB_NSH
+    if M[S_VHE]:
+        add(M, op, C.K_DSB_ISHST if ish else C.K_DSB_NSHST, NOLV, TLB.VHE_DSB_ST)
+        add(M, op, dsb, NOLV, body_dsbs)
+        add(M, op, C.K_ISB, NOLV, TLB.VHE_ISBS)
     else:
-        add(M, op, C.K_DSB_NSHST, NOLV, 1)
-        add(M, op, C.K_DSB_NSH, NOLV, 2)
-    add(M, op, C.K_TLBI_S1, NOLV, 1)
-    add(M, op, C.K_ISB, NOLV, 1)
+        add(M, op, C.K_HYP_CALL, NOLV, 1)
+        add(M, op, dsb, NOLV, TLB.NVHE_DSB + body_dsbs)
+        add(M, op, C.K_ISB, NOLV, TLB.NVHE_ISBS)
 
 
 @njit(cache=True, _nrt=False)
 def flush_vmid_ipa(M, op, level):
     add(M, op, C.K_TLBI_IPA, level, 1)
-    _tlbi_tail(M, op, True)
+    add(M, op, C.K_TLBI_S1, NOLV, 1)
+    _vmid_context(M, op, True, TLB.BODY_DSBS_IPA)
 
 
 @njit(cache=True, _nrt=False)
 def flush_vmid_ipa_nsh(M, op, level):
     add(M, op, C.K_TLBI_IPA_NSH, level, 1)
-    _tlbi_tail(M, op, False)
+    add(M, op, C.K_TLBI_S1, NOLV, 1)
+    _vmid_context(M, op, False, TLB.BODY_DSBS_IPA)
 
 
 @njit(cache=True, _nrt=False)
 def flush_vmid(M, op):
-    if not M[S_VHE]:
-        add(M, op, C.K_HYP_CALL, NOLV, 1)
     add(M, op, C.K_TLBI_VMID, NOLV, 1)
-    add(M, op, C.K_DSB_ISHST, NOLV, 1)
-    add(M, op, C.K_DSB_ISH, NOLV, 1)
-    add(M, op, C.K_ISB, NOLV, 1)
+    _vmid_context(M, op, True, TLB.BODY_DSBS_VMID)
 
 
 @njit(cache=True, _nrt=False)
@@ -408,7 +406,8 @@ def flush_vmid_range(M, op, addr, size):
         add(M, op, C.K_TLBI_RANGE, NOLV, 1)
         add(M, op, C.K_TLBI_RANGE_PAGES, NOLV, inval)
         add(M, op, C.K_TLBI_RANGE_OPS, NOLV, range_tlbi_ops(inval, addr >> ps, align))
-        _tlbi_tail(M, op, True)
+        add(M, op, C.K_TLBI_S1, NOLV, 1)
+        _vmid_context(M, op, True, TLB.BODY_DSBS_IPA)
         addr += inval << ps
         pages -= inval
 
@@ -423,11 +422,17 @@ def dcache(M, op, level, size):
 
 @njit(cache=True, _nrt=False)
 def icache(M, op, level, size):
-    if M[S_DIC]:
-        add(M, op, C.K_ISB, NOLV, 1)
+    """tlb.icache_inval_pou: by line for a page, the whole I-cache for a block."""
+    if level < 3:
+        if not M[S_DIC]:
+            add(M, op, C.K_ICACHE_OPS, level, 1)
+            add(M, op, C.K_DSB_ISH, NOLV, 1)
         return
-    add(M, op, C.K_ICACHE_OPS, level, 1)
-    add(M, op, C.K_ICACHE_BYTES, level, size)
+    if not M[S_DIC]:
+        add(M, op, C.K_ICACHE_OPS, level, 1)
+        add(M, op, C.K_ICACHE_BYTES, level, size)
+        add(M, op, C.K_DSB_ISH, NOLV, 1)
+    add(M, op, C.K_ISB, NOLV, 1)
 
 
 @njit(cache=True, _nrt=False)
