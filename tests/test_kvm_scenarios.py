@@ -190,3 +190,38 @@ def test_memslot_rules():
     with pytest.raises(KernelError, match="first_page"):
         vm.set_memslot_flags(1, KVM_MEM_LOG_DIRTY_PAGES)
         vm.clear_dirty_log(1, 3, 64, [1])
+
+
+# Deleting a memslot unmaps it through stage2_apply_range: one unmap walk per
+# granule(KVM_PGTABLE_MIN_BLOCK_LEVEL) piece -- 1G on 4K -- each with its own
+# deferred range flush (FWB + TLBIRANGE). 2 MiB of 4K pages placed 1 MiB
+# below a 1G boundary is two pieces; the same 2 MiB inside one 1G is one.
+@pytest.mark.parametrize("gpa,walks", [(0xFFC0000000 - MIB, 2), (0xFFC0000000, 1)])
+def test_memslot_delete_unmaps_per_1g_piece(gpa, walks):
+    vm = vm_with_slot("anonymous", 2 * MIB, 0, gpa)
+    populate(vm)
+    vm.delete_memslot(1)
+    c = vm.take_counts()
+    assert c.get("unmap", "calls") == walks and c.get("unmap", "walks") == walks
+    assert c.get("unmap", "flush_range") == walks
+    assert c.get("unmap", "flush_range_bytes") == 2 * MIB
+    assert c.by_level("unmap", "visit_leaf") == {3: 512}
+
+
+# kvm_{get,clear}_dirty_log_protect: an id outside KVM_USER_MEM_SLOTS (32767 on
+# arm64) or another address space is EINVAL before any lookup; a valid id
+# with no dirty log is ENOENT; a bitmap shorter than the range faults in
+# copy_from_user (EFAULT).
+def test_dirty_log_ioctl_errnos():
+    vm = vm_with_slot("anonymous", 2 * MIB, 0, 0xFFC0000000, manual=True)
+    with pytest.raises(KernelError, match=r"\(ENOENT\)"):
+        vm.get_dirty_log(1)  # logging not enabled yet
+    enable_logging(vm)
+    for bad in (32767, 1 | 1 << 16):
+        with pytest.raises(KernelError, match=r"out of range \(EINVAL\)"):
+            vm.get_dirty_log(bad)
+    with pytest.raises(KernelError, match=r"\(ENOENT\)"):
+        vm.get_dirty_log(2)
+    with pytest.raises(KernelError, match=r"\(EFAULT\)"):
+        vm.clear_dirty_log(1, 0, 512, [0] * 7)  # 512 pages need 8 words
+    vm.clear_dirty_log(1, 0, 512, [0] * 8)

@@ -22,6 +22,7 @@ from ..counters import K_CACHE_PAGES_FREED, NKINDS, NOLEVEL, OP, SIZE, SLOTS, Co
 from ..errors import S2Error
 from ..hw import Features
 from ..kvm.memslot import Memslot
+from ..kvm import mmu
 from ..kvm.mmu import kvm_mmu_split_nr_page_tables
 from ..kvm.vm import VMBase, Vcpu
 from ..pgtable.memory import TABLE_PA_BASE
@@ -192,7 +193,8 @@ class FastVM(VMBase):
             self.M[self._slot_col(self.memslots[slot_id], KN.C_FLAGS)] = flags
 
     def _slot_deleted(self, slot: Memslot) -> None:
-        KN.s2_unmap(self.T, self.M, slot.base_gpa, slot.size)
+        mmu.stage2_apply_range(self.geom, slot.base_gpa, slot.end_gpa,
+                               lambda addr, size: KN.s2_unmap(self.T, self.M, addr, size))
         self.M[self._slot_col(slot, KN.C_ACTIVE)] = 0
         self.M[KN.S_LASTSLOT] = -1
 

@@ -7,7 +7,7 @@ work they start is counted by the stage-2 operations themselves.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .. import pte as P
 from ..counters import (K_ABORTS, K_CACHE_PAGES_ALLOC, K_DIRTY_MARKED,
@@ -22,6 +22,7 @@ from ..uapi import KVM_MEM_LOG_DIRTY_PAGES
 from .memslot import Memslot, ffs, fls
 
 if TYPE_CHECKING:
+    from ..arch import Geometry
     from .vm import VM, VMBase, Vcpu
 
 #: ``KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE`` on arm64.
@@ -55,17 +56,34 @@ def range_addr_end(addr: int, end: int, size: int) -> int:
 
 # -- write protection --------------------------------------------------------
 
-def kvm_stage2_wp_range(vm: "VM", addr: int, end: int) -> None:
-    """``stage2_apply_range_resched(wrprotect)``: one wrprotect walk per
-    ``granule(KVM_PGTABLE_MIN_BLOCK_LEVEL)`` piece of the range."""
-    chunk = vm.geom.granule_size(vm.geom.min_block_level)
+def stage2_apply_range(geom: Geometry, addr: int, end: int,
+                       fn: Callable[[int, int], int]) -> int:
+    """``stage2_apply_range()``: ``fn(addr, size)`` on each
+    ``granule(KVM_PGTABLE_MIN_BLOCK_LEVEL)`` piece of ``[addr, end)``, in
+    order, stopping at the first error (the MMU lock may be dropped between
+    pieces, which changes no count here)."""
+    chunk = geom.granule_size(geom.min_block_level)
     while True:
         nxt = range_addr_end(addr, end, chunk)
-        if vm.pgt.wrprotect(addr, nxt - addr):
-            break
+        ret = fn(addr, nxt - addr)
+        if ret:
+            return ret
         addr = nxt
         if addr == end:
-            break
+            return 0
+
+
+def kvm_stage2_wp_range(vm: "VM", addr: int, end: int) -> None:
+    """``kvm_stage2_wp_range()``: a wrprotect walk per piece of the range."""
+    stage2_apply_range(vm.geom, addr, end, vm.pgt.wrprotect)
+
+
+def kvm_stage2_unmap_range(vm: "VM", addr: int, size: int) -> None:
+    """``kvm_stage2_unmap_range()``, as ``kvm_arch_flush_shadow_memslot()``
+    calls it on deleting a memslot: an unmap walk per piece, so a slot that
+    crosses a 1G (4K pages) boundary takes two walks, and with FWB and
+    TLBIRANGE two range flushes."""
+    stage2_apply_range(vm.geom, addr, addr + size, vm.pgt.unmap)
 
 
 def kvm_stage2_destroy(vm: "VM") -> None:

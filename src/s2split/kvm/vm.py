@@ -221,6 +221,10 @@ class VMBase:
 
     # -- dirty log -----------------------------------------------------------
     def _slot_with_log(self, slot_id: int) -> Memslot:
+        # an id no slot can have (or another address space) is EINVAL; only
+        # a valid id without a dirty log is ENOENT
+        if not 0 <= slot_id < KVM_USER_MEM_SLOTS:
+            raise KernelError(EINVAL, f"memslot id {slot_id} is out of range")
         slot = self.memslots.get(slot_id)
         if slot is None or not slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
             raise KernelError(ENOENT, f"memslot {slot_id} has no dirty log")
@@ -244,8 +248,8 @@ class VMBase:
                               f"fit memslot {slot_id} of {slot.npages} pages in whole 64-page "
                               "words")
         nwords = (num_pages + WORD_BITS - 1) // WORD_BITS
-        if len(bitmap) < nwords:
-            raise KernelError(EINVAL, f"the bitmap holds {len(bitmap)} words, {nwords} are "
+        if len(bitmap) < nwords:  # copy_from_user() runs past the buffer
+            raise KernelError(EFAULT, f"the bitmap holds {len(bitmap)} words, {nwords} are "
                               "needed")
         self._clear_dirty_log(slot, first_page, num_pages, bitmap)
 
@@ -289,7 +293,7 @@ class VM(VMBase):
 
     def _slot_deleted(self, slot: Memslot) -> None:
         self._last_slot = None
-        self.pgt.unmap(slot.base_gpa, slot.size)
+        mmu.kvm_stage2_unmap_range(self, slot.base_gpa, slot.size)
 
     def _get_dirty_log(self, slot: Memslot) -> list[int]:
         return dirty_log.kvm_get_dirty_log_protect(self, slot)
