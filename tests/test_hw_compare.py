@@ -138,6 +138,15 @@ def test_model_estimates_side_by_side():
     rep = compare_measurements(rows("A", a, config=x86), rows("B", a, config=x86), model=True)
     assert all(r.model_ns is None for r in rep.rows)
     assert "the model is of arm64 KVM" in rep.model_notes[KEY]
+    # a 4K guest mode measured on a 16K host kernel: a stage-2 of 16K pages,
+    # which the model (stage-2 granule = the mode's page size) does not describe
+    host16 = {"kernel_release": "A", "page_size": 16384}
+    rep = compare_measurements(rows("A", a, host=host16), rows("B", a), model=True)
+    assert all(r.model_ns is None for r in rep.rows)
+    assert "host ran with 16K pages" in rep.model_notes[KEY]
+    host4 = {"kernel_release": "A", "page_size": 4096}
+    rep = compare_measurements(rows("A", a, host=host4), rows("B", a), model=True)
+    assert rep.model_notes == {} and rep.rows[0].model_ns is not None
 
 
 def store_with(tmp_path, *row_sets):

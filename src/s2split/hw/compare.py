@@ -201,7 +201,7 @@ def compare_measurements(ma: list[dict[str, Any]], mb: list[dict[str, Any]], a: 
         row.p_adjusted = padj
         _judge(row, threshold, alpha, min_reps, max_cv)
     if model:
-        _add_model(report, {k: configs_a[k] for k, _ in keys}, profile)
+        _add_model(report, {k: configs_a[k] for k, _ in keys}, hosts_a, profile)
     return report
 
 
@@ -270,13 +270,15 @@ def _host_notes(ha: dict, hb: dict, a: str, b: str) -> list[str]:
     return notes
 
 
-def _add_model(report: Report, configs: dict[str, dict], profile: str | None) -> None:
+def _add_model(report: Report, configs: dict[str, dict], hosts: dict[str, list[dict]],
+               profile: str | None) -> None:
     from ..cost import load_profile
     prof = load_profile(profile)
     report.profile = prof.name
     estimates: dict[str, dict[str, float]] = {}
     for key, cfg in configs.items():
         try:
+            _check_host_pages(cfg, hosts.get(key, []))
             estimates[key] = model_estimates(cfg, prof)
         except S2Error as e:
             report.model_notes[key] = f"no model estimate: {e}"
@@ -284,6 +286,17 @@ def _add_model(report: Report, configs: dict[str, dict], profile: str | None) ->
         est = estimates.get(row.config_key)
         if est is not None and row.phase in est:
             row.model_ns = est[row.phase]
+
+
+def _check_host_pages(config: dict[str, Any], hosts: list[dict]) -> None:
+    """The model's stage-2 granule is the guest mode's page size; a host
+    whose kernel pages differ ran a stage-2 the model does not describe."""
+    from .params import HwParams
+    granule = HwParams.from_config(config).granule
+    for size in sorted({h.get("page_size") for h in hosts if h.get("page_size")}):
+        if size != granule:
+            raise S2Error(f"the host ran with {size // 1024}K pages, and the model's stage-2 "
+                          f"granule is the guest mode's {granule // 1024}K pages")
 
 
 def model_estimates(config: dict[str, Any], profile: Any) -> dict[str, float]:
