@@ -306,6 +306,13 @@ def _nonnegative(what: str, unit: str):
     return parse
 
 
+def _significance(text: str) -> float:
+    v = _nonnegative("--alpha", "")(text)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"--alpha must be between 0 and 1, got {text!r}")
+    return v
+
+
 def _pass_timeout(seconds: float | None) -> float | None:
     """``--pass-timeout`` for :func:`run_config`: not given is its default
     (negative), 0 is no limit."""
@@ -359,9 +366,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("a", metavar="LABEL_A", help="the baseline")
     cp.add_argument("b", metavar="LABEL_B", help="the candidate")
     cp.add_argument("--db", default=DEFAULT_DB)
-    cp.add_argument("--threshold", type=_nonnegative("--threshold", "%"), default=5.0, metavar="PCT",
+    cp.add_argument("--threshold", type=_nonnegative("--threshold", "%"), default=5.0,
+                    metavar="PCT",
                     help="smallest slowdown that counts as a regression (default: 5)")
-    cp.add_argument("--alpha", type=float, default=0.05,
+    cp.add_argument("--alpha", type=_significance, default=0.05,
                     help="significance level, Holm-corrected over all rows (default: 0.05)")
     cp.add_argument("--min-reps", type=_int_arg("--min-reps", 1), default=9,
                     help="warn below this many repetitions (default: 9)")

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 
 from ..errors import S2Error
 from . import guest as G
-from .kvm import (ARM64_REG_PC, KVM_EXIT_INTR, KVM_EXIT_MMIO, HostMemory, Kvm, KvmError, Memslot, Vcpu, Vm,
-                  arm64_xreg, cpuid_entries, host_arch, host_page_size, size_name)
+from .kvm import (ARM64_REG_PC, KVM_EXIT_INTR, KVM_EXIT_MMIO, HostMemory, Kvm, KvmError,
+                  Memslot, Vcpu, Vm, arm64_xreg, cpuid_entries, host_arch, host_page_size,
+                  size_name)
 
 SYSTEM_SLOT = 0
 SYSTEM_SIZE = 1 << 20
