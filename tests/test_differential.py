@@ -33,6 +33,7 @@ from s2split.arch import GRANULES, Geometry
 from s2split.engine import get_engine
 from s2split.hw import Features
 from s2split.kvm.backing import ANONYMOUS_HUGETLB_SIZES, parse_backing
+from s2split.memstress import INT_MAX
 from s2split.errors import S2Error
 from s2split.modes import MODES, mode_for, parse_mode
 from s2split.pgtable.variants import get as get_variant, names as variant_names
@@ -239,7 +240,7 @@ def configs(draw, max_pages: int = 8192, max_bytes: int = 256 * MIB, min_pages: 
         mode=mode, slots=slots, write_percent=draw(st.sampled_from([100, 0, 50, 1, 99])
                                                    | st.integers(0, 100)),
         random_access=draw(st.booleans()), partition=not draw(st.booleans()),
-        seed=draw(st.integers(0, (1 << 32) - 1)) if seed_synced else 1, chunk_size=chunk,
+        seed=draw(st.integers(1, INT_MAX)) if seed_synced else 1, chunk_size=chunk,
         seed_synced=seed_synced,
         features=Features(vhe=not draw(st.booleans()), fwb=not draw(st.booleans()),
                           tlbirange=not draw(st.booleans()), dic=not draw(st.booleans())),
