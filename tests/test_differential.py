@@ -21,6 +21,7 @@ granules still reach hundreds of MiB.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -247,7 +248,28 @@ def configs(draw, max_pages: int = 8192, max_bytes: int = 256 * MIB, min_pages: 
         host_va_bits=draw(st.sampled_from([48, 39, 42, 47, 52])), lpa2=lpa2,
         kernel=draw(st.sampled_from(kernels)))
     memstress_layout(p)  # derived to be valid: an S2Error here is a bug in this strategy
+    # A host kernel whose page size (the stage-2 granule) differs from the
+    # guest mode's, wherever the configuration stays valid and within budget.
+    hosts = [h for h in sorted(GRANULES) if h != granule and _fits_host(p, h, max_pages)]
+    if hosts and draw(st.booleans()):
+        p = replace(p, host_page_size=draw(st.sampled_from(hosts)))
     return p
+
+
+def _fits_host(p: PerfTestParams, host: int, max_pages: int) -> bool:
+    try:
+        q = replace(p, host_page_size=host)
+        geom = q.geometry()
+        q.backing_type()
+        memstress_layout(q)
+    except S2Error:
+        return False
+    if q.chunk_size and q.chunk_size not in geom.supported_block_sizes:
+        return False
+    if KERNELS[q.kernel].chunked_destroy and \
+            geom.ipa_size // geom.granule_size(geom.min_block_level) > MAX_TEARDOWN_WALKS:
+        return False
+    return q.vcpus * q.vcpu_memory_bytes // host <= max_pages
 
 
 # -- the tests -------------------------------------------------------------------

@@ -58,8 +58,7 @@ def test_access_pattern_is_the_models(seed, pages, wp, random_access):
     from s2split.workload import memstress_pass
 
     class Vm:
-        class geom:
-            granule = 4096
+        guest_page_size = 4096
         vcpus = [FakeVcpu(0, pages, seed)]
         log: list = []
 

@@ -120,3 +120,61 @@ def test_two_vcpus_second_is_seeded_with_one():
                        write_percent=50)
     bitmap = _first_bitmap(p)
     assert {i for i in range(8) if bitmap >> i & 1} == {0, 1, 2, 3, 4, 7}
+
+
+# Upstream's guest writes one word per page of the guest mode; the stage-2,
+# the backing and the dirty bitmap use the host kernel's pages
+# (--host-page-size). 1 MiB of anonymous memory, -g, two iterations:
+# * -m 7 (16K guest pages) on a 4K host: 64 guest pages, each touched on its
+#   first 4K. Populate faults 64 of the 256 host pages in; every dirtying pass
+#   write-faults the same 64 (write-protected by enabling logging, then by
+#   each KVM_GET_DIRTY_LOG), and the bitmap's 256 bits have every 4th set:
+#   four words of 0x1111...1.
+# * -m 6 (4K guest pages) on a 16K host: 256 guest pages, 64 host pages. Each
+#   host page faults once per pass (its first guest page); the other three
+#   accesses find it mapped. The bitmap is one word with all 64 bits set.
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+@pytest.mark.parametrize("mode,host,accesses,faults,bitmap", [
+    (7, 4096, 64, 64, [0x1111111111111111] * 4),
+    (6, 16384, 256, 64, [(1 << 64) - 1]),
+])
+def test_guest_pages_and_host_pages_differ(engine, mode, host, accesses, faults, bitmap):
+    p = PerfTestParams(vcpu_memory_bytes=MIB, mode=parse_mode(mode), host_page_size=host,
+                       manual_protect=False)
+    r = run_perf_test(p, VANILLA, engine)
+    pop = r.phase("populate")
+    assert pop.get("kvm", "guest_accesses") == accesses
+    assert pop.get("kvm", "trans_faults") == faults
+    for it in (1, 2):
+        d = r.phase(f"iter{it}_dirty")
+        assert d.get("kvm", "guest_accesses") == accesses
+        assert d.get("kvm", "perm_faults") == faults == d.get("kvm", "dirty_marked")
+    assert [int(w) for w in r.bitmaps[1]] == bitmap
+
+
+# Manual-protect + initially-set on the 16K guest / 4K host pair: the first
+# KVM_CLEAR_DIRTY_LOG gets the initially-set bitmap of 256 host pages back and
+# clears it whole (4 words, each write-protected and split over its 64
+# pages); the clear is counted in host pages, not in the 64 guest pages.
+def test_clear_dirty_log_is_counted_in_host_pages():
+    p = PerfTestParams(vcpu_memory_bytes=MIB, mode=parse_mode(7), host_page_size=4096)
+    r = run_perf_test(p, VANILLA, "reference")
+    assert r.phase("iter1_get_dirty_log").get("kvm", "bitmap_words") == 4
+    assert r.phase("iter1_clear_dirty_log").get("kvm", "bitmap_words") == 4
+    assert r.phase("iter1_clear_dirty_log").get("kvm", "log_dirty_masked") == 4
+
+
+def test_host_page_size_rules():
+    # upstream: "Guest memory size is not host page size aligned"
+    with pytest.raises(S2Error, match="not host page size"):
+        memstress_layout(PerfTestParams(vcpu_memory_bytes=4096, host_page_size=16384))
+    with pytest.raises(S2Error, match="not guest page size"):  # 4K of 16K guest pages
+        memstress_layout(PerfTestParams(vcpu_memory_bytes=4096, mode=parse_mode(7),
+                                        host_page_size=4096))
+    with pytest.raises(S2Error, match="host page size 8192"):
+        PerfTestParams(host_page_size=8192)
+    # the mode's own page size is the default, spelled one way
+    assert PerfTestParams(host_page_size=4096) == PerfTestParams()
+    assert "--host-page-size" not in PerfTestParams(host_page_size=4096).argv()
+    assert PerfTestParams(mode=parse_mode(7), host_page_size=4096).argv()[-2:] == \
+        ["--host-page-size", "4K"]

@@ -277,10 +277,16 @@ def measurements_from_store(db: str, label: str) -> list[Measurement]:
         opts = config.get("options")
         if not opts:
             try:
-                opts = shlex.join(HwParams.from_config(config).argv())
+                hp = HwParams.from_config(config)
+                argv = hp.argv()
             except (S2Error, KeyError, TypeError, ValueError) as e:
                 raise S2Error(f"{db}: measurement of {r['config_key']} has no usable "
                               f"configuration ({e})") from None
+            # the stage-2 granule is the host kernel's page size
+            page = (r.get("host") or {}).get("page_size")
+            if page and page != hp.granule:
+                argv += ["--host-page-size", f"{page // 1024}K"]
+            opts = shlex.join(argv)
         groups.setdefault((opts, r["phase"]), []).append(float(r["seconds"]))
     return [_row(opts, phase, statistics.median(secs),
                  f"{db}: {label} {opts} {phase} (median of {len(secs)})")

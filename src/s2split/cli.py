@@ -178,6 +178,10 @@ def add_perf_test_options(p: argparse.ArgumentParser) -> None:
                    "faults (default: 48)")
     m.add_argument("--lpa2", action="store_true",
                    help="52-bit descriptors (FEAT_LPA2 on 4K/16K, FEAT_LPA on 64K)")
+    m.add_argument("--host-page-size", default=None, metavar="SIZE",
+                   help="the host kernel's page size: the stage-2 granule, and the unit of "
+                   "backing pages and dirty bitmaps, while the guest writes one word per page "
+                   "of the guest mode (default: the guest mode's page size)")
     m.add_argument("--kernel", choices=tuple(KERNELS), default=DEFAULT_KERNEL,
                    help="kernel rules: 6.19 tears the stage-2 down in chunks with the newer "
                    "free walker (only destroy_vm changes; default: 6.12)")
@@ -202,6 +206,7 @@ def selected_modes(args: argparse.Namespace) -> list[Any]:
 
 def perf_test_params(args: argparse.Namespace) -> list[Any]:
     """Params for each selected mode, from parsed options."""
+    from .arch import parse_granule
     from .cost import load_profile
     from .hw import Features
     from .workload import PerfTestParams
@@ -211,6 +216,7 @@ def perf_test_params(args: argparse.Namespace) -> list[Any]:
     if args.cpu:
         features = Features.parse(args.cpu, base=features)
     modes = selected_modes(args)
+    host_page = None if args.host_page_size is None else parse_granule(args.host_page_size)
     out = []
     for mode in modes:
         p = PerfTestParams(
@@ -219,7 +225,8 @@ def perf_test_params(args: argparse.Namespace) -> list[Any]:
             slots=args.slots, write_percent=args.write_percent,
             random_access=args.random_access, partition=not args.overlap, seed=args.seed,
             chunk_size=args.chunk_size or 0, seed_synced=args.seed_synced, features=features,
-            host_va_bits=args.host_va_bits, lpa2=args.lpa2, kernel=args.kernel)
+            host_va_bits=args.host_va_bits, lpa2=args.lpa2, kernel=args.kernel,
+            host_page_size=host_page)
         p.geometry()  # validate the IPA size for this granule now
         p.backing_type()
         out.append(p)

@@ -41,8 +41,14 @@ class Layout:
 
 
 def memstress_layout(page: int, pa_bits: int, vcpus: int, vcpu_memory_bytes: int, slots: int,
-                     partition: bool, backing_page_size: int) -> Layout:
-    """The placement, with memstress's checks and messages."""
+                     partition: bool, backing_page_size: int,
+                     host_page: int | None = None) -> Layout:
+    """The placement, with memstress's checks and messages. ``page`` is the
+    guest's page size (the mode's), in which the layout is counted;
+    ``host_page`` the host kernel's, when known."""
+    if host_page is not None and vcpu_memory_bytes % host_page:
+        raise S2Error(f"-b {vcpu_memory_bytes:#x}: guest memory size is not host page size "
+                      f"({size_name(host_page)}) aligned")
     if vcpu_memory_bytes % page:
         raise S2Error(f"-b {vcpu_memory_bytes:#x}: guest memory size is not guest page size "
                       f"({size_name(page)}) aligned")

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from .arch import Geometry, size_name
+from .arch import GRANULES, Geometry, size_name
 from .counters import WALK_OPS as COUNTED_WALK_OPS
 from .counters import Counts
 from .errors import S2Error
@@ -66,15 +66,28 @@ class PerfTestParams:
     host_va_bits: int = 48
     lpa2: bool = False
     kernel: str = DEFAULT_KERNEL  # the teardown rules of newer kernels (versions.py)
+    #: The host kernel's page size, which is the stage-2 granule (and the unit
+    #: of backing pages and dirty bitmaps); None: the guest mode's page size.
+    host_page_size: int | None = None
 
     def __post_init__(self) -> None:
         check_upstream_options(self)
         kernel_rules(self.kernel)
         if not 32 <= self.host_va_bits <= 52:
             raise S2Error(f"host VA bits {self.host_va_bits}: must be 32..52")
+        if self.host_page_size == self.mode.page_size:
+            object.__setattr__(self, "host_page_size", None)  # one spelling per config
+        if self.host_page_size is not None and self.host_page_size not in GRANULES:
+            raise S2Error(f"host page size {self.host_page_size}: use 4K, 16K or 64K")
 
     @property
     def granule(self) -> int:
+        """The stage-2 granule: the host kernel's page size."""
+        return self.host_page_size or self.mode.page_size
+
+    @property
+    def guest_page_size(self) -> int:
+        """The pages the guest writes one word into: the guest mode's."""
         return self.mode.page_size
 
     def geometry(self) -> Geometry:
@@ -99,6 +112,8 @@ class PerfTestParams:
             out.append("--lpa2")
         if self.kernel != DEFAULT_KERNEL:
             out += ["--kernel", self.kernel]
+        if self.host_page_size is not None:
+            out += ["--host-page-size", size_name(self.host_page_size)]
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,14 +122,15 @@ class PerfTestParams:
         d["mode_id"] = self.mode.id
         d["pa_bits"] = self.mode.pa_bits
         d["granule"] = self.granule
+        d["guest_page_size"] = self.guest_page_size
         d["features"] = asdict(self.features)
         return d
 
 
 def memstress_layout(p: PerfTestParams) -> Layout:
     """The test region and its slots and vCPU regions, with memstress's checks."""
-    return _layout(p.granule, p.mode.pa_bits, p.vcpus, p.vcpu_memory_bytes, p.slots,
-                   p.partition, p.backing_type().page_size)
+    return _layout(p.guest_page_size, p.mode.pa_bits, p.vcpus, p.vcpu_memory_bytes, p.slots,
+                   p.partition, p.backing_type().page_size, p.granule)
 
 
 def memstress_pass(vm: Any, write_percent: int, random_access: bool) -> None:
@@ -124,7 +140,7 @@ def memstress_pass(vm: Any, write_percent: int, random_access: bool) -> None:
     stand-in for parallel vCPUs. Each draws one number for the page (random
     access only), then one for the write decision.
     """
-    page = vm.geom.granule
+    page = vm.guest_page_size
     vcpus = vm.vcpus
     access = vm.guest_access
     longest = max((v.pages for v in vcpus), default=0)
@@ -172,14 +188,17 @@ def _phase_steps(p: PerfTestParams, layout: Layout) -> list[tuple[str, Callable[
     (the bitmaps userspace got back from KVM_GET_DIRTY_LOG)."""
     backing = p.backing_type()
     slot_ids = [slot_id for slot_id, _, _ in layout.slots]
+    # dirty_log_perf_test clears whole slots counted in host pages
+    host_pages_per_slot = layout.pages_per_slot * p.guest_page_size // p.granule
 
     def create_vm(vm: Any, ctx: dict) -> None:
         # The selftest patch of the fixtures: the chunk size right after KVM_CREATE_VM.
         vm.set_eager_split_chunk_size(p.chunk_size)
         for slot_id, gpa, pages in layout.slots:
-            vm.add_memslot(slot_id, gpa, pages * p.granule, backing)
+            vm.add_memslot(slot_id, gpa, pages * p.guest_page_size, backing)
         if p.manual_protect:
             vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_CAPS)
+        vm.set_guest_page_size(p.guest_page_size)
         for i, (gpa, pages) in enumerate(layout.vcpus):
             vm.add_vcpu(gpa, pages, vcpu_seed(p, i))
 
@@ -198,7 +217,7 @@ def _phase_steps(p: PerfTestParams, layout: Layout) -> list[tuple[str, Callable[
 
     def clear_log(vm: Any, ctx: dict) -> None:
         for slot_id in slot_ids:
-            vm.clear_dirty_log(slot_id, 0, layout.pages_per_slot, ctx[slot_id])
+            vm.clear_dirty_log(slot_id, 0, host_pages_per_slot, ctx[slot_id])
 
     def destroy(vm: Any, ctx: dict) -> None:
         ctx["tables"] = vm.dump_tables() if ctx.get("keep_tables") else b""

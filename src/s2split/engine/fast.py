@@ -59,6 +59,7 @@ class FastVM(VMBase):
         M = self.M
         M[KN.S_PTRS] = g.ptrs_per_table
         M[KN.S_PS] = g.page_shift
+        M[KN.S_GPS] = g.page_shift
         M[KN.S_BPL] = g.bits_per_level
         M[KN.S_START] = g.start_level
         M[KN.S_PGDP] = g.pgd_pages
@@ -191,6 +192,10 @@ class FastVM(VMBase):
         super().set_memslot_flags(slot_id, flags)
         if slot_id in self._slot_row:
             self.M[self._slot_col(self.memslots[slot_id], KN.C_FLAGS)] = flags
+
+    def set_guest_page_size(self, size: int) -> None:
+        super().set_guest_page_size(size)
+        self.M[KN.S_GPS] = size.bit_length() - 1
 
     def _slot_deleted(self, slot: Memslot) -> None:
         mmu.stage2_apply_range(self.geom, slot.base_gpa, slot.end_gpa,

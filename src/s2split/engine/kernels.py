@@ -40,6 +40,7 @@ S_PTRS, S_PS, S_BPL, S_START, S_PGDP, S_IPA, S_FMT, S_NEXT, S_FTOP, S_CAP, S_VHE
     S_HOSTVA, S_LASTSLOT, S_PHYSBITS, S_TABLE_BASE, S_LEVELS, S_LPA2, \
     S_REFC, S_FSTACK, S_VCACHE, S_VCN, S_VREGS, S_SCACHE, S_SLOTS = range(34)
 S_FREECLEAR, S_CHUNKDESTROY = 34, 35  # the kernel rules of versions.py
+S_GPS = 36  # the guest's page shift: memstress's stride (the stage-2's is S_PS)
 S_VF0 = 40  # variant walk flags per operation: M[S_VF0 + op]
 NS = S_VF0 + C.NOPS + 5
 CNT0 = NS  # counters: M[CNT0 + index]
@@ -1561,7 +1562,7 @@ def _flush_replays(M, R):
 def guest_pass(T, M, B, R, write_percent, random_access):
     """One memstress pass over every vCPU, in lockstep (see workload.memstress_pass)."""
     nv = M[S_NVCPU]
-    ps = M[S_PS]
+    gps = M[S_GPS]
     regs = M[S_VREGS]
     R[0] = 0
     longest = 0
@@ -1580,7 +1581,8 @@ def guest_pass(T, M, B, R, write_percent, random_access):
             else:
                 pg = i
             M[r + 2] = M[r + 2] * PRNG_A % PRNG_M
-            ret = guest_access(T, M, B, R, v, M[r] + (pg << ps), M[r + 2] % 100 < write_percent)
+            ret = guest_access(T, M, B, R, v, M[r] + (pg << gps),
+                               M[r + 2] % 100 < write_percent)
             if ret != 0:
                 break
         if ret != 0:

@@ -278,8 +278,7 @@ def _add_model(report: Report, configs: dict[str, dict], hosts: dict[str, list[d
     estimates: dict[str, dict[str, float]] = {}
     for key, cfg in configs.items():
         try:
-            _check_host_pages(cfg, hosts.get(key, []))
-            estimates[key] = model_estimates(cfg, prof)
+            estimates[key] = model_estimates(cfg, prof, _host_page_size(hosts.get(key, [])))
         except S2Error as e:
             report.model_notes[key] = f"no model estimate: {e}"
     for row in report.rows:
@@ -288,19 +287,20 @@ def _add_model(report: Report, configs: dict[str, dict], hosts: dict[str, list[d
             row.model_ns = est[row.phase]
 
 
-def _check_host_pages(config: dict[str, Any], hosts: list[dict]) -> None:
-    """The model's stage-2 granule is the guest mode's page size; a host
-    whose kernel pages differ ran a stage-2 the model does not describe."""
-    from .params import HwParams
-    granule = HwParams.from_config(config).granule
-    for size in sorted({h.get("page_size") for h in hosts if h.get("page_size")}):
-        if size != granule:
-            raise S2Error(f"the host ran with {size // 1024}K pages, and the model's stage-2 "
-                          f"granule is the guest mode's {granule // 1024}K pages")
+def _host_page_size(hosts: list[dict]) -> int | None:
+    """The page size of the host kernel that ran a configuration (the
+    stage-2 granule), or None when the measurements do not say."""
+    sizes = sorted({h.get("page_size") for h in hosts if h.get("page_size")})
+    if len(sizes) > 1:
+        raise S2Error("the measurements come from hosts with different page sizes ("
+                      + ", ".join(f"{s // 1024}K" for s in sizes) + ")")
+    return sizes[0] if sizes else None
 
 
-def model_estimates(config: dict[str, Any], profile: Any) -> dict[str, float]:
-    """The model's estimate (ns) of each phase of a stored configuration."""
+def model_estimates(config: dict[str, Any], profile: Any,
+                    host_page_size: int | None = None) -> dict[str, float]:
+    """The model's estimate (ns) of each phase of a stored configuration, on a
+    host kernel with ``host_page_size`` pages (None: the guest mode's)."""
     from ..modes import GuestMode
     from ..pgtable.variants import get
     from ..workload import run_perf_test
@@ -313,7 +313,7 @@ def model_estimates(config: dict[str, Any], profile: Any) -> dict[str, float]:
     mode = mode_from_config(config)
     if not isinstance(mode, GuestMode) or not mode.pa_bits:
         raise S2Error("the configuration has no guest physical address size")
-    p = HwParams.from_config(config).perf_test_params(profile.features)
+    p = HwParams.from_config(config).perf_test_params(profile.features, host_page_size)
     result = run_perf_test(p, get("vanilla"), "auto")
     out = {name: profile.estimate_ns(c) for name, c in result.phases}
     for total, suffix in TOTALS.items():

@@ -76,8 +76,9 @@ class HwParams:
                 "partition": self.partition, "seed": self.seed,
                 "chunk_size": self.chunk_size, "seed_synced": self.seed_synced}
 
-    def perf_test_params(self, features: Any = None) -> Any:
-        """The model's configuration of the same run (imports the model)."""
+    def perf_test_params(self, features: Any = None, host_page_size: int | None = None) -> Any:
+        """The model's configuration of the same run (imports the model) on a
+        host kernel with ``host_page_size`` pages (None: the mode's)."""
         from dataclasses import fields
 
         from ..workload import PerfTestParams
@@ -86,7 +87,7 @@ class HwParams:
         kw["chunk_size"] = self.chunk_size or 0  # not set: eager splitting off
         if features is not None:
             kw["features"] = features
-        return PerfTestParams(**kw)
+        return PerfTestParams(**kw, host_page_size=host_page_size)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "HwParams":

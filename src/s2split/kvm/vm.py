@@ -64,8 +64,16 @@ class VMBase:
         self.split_chunk_size = 0
         self.manual_dirty_log_protect = 0
         self.vcpus: list[Vcpu] = []
+        #: The size of the pages the guest writes one word into (memstress's
+        #: ``guest_page_size``, the guest mode's); the stage-2 uses the host's.
+        self.guest_page_size = geom.granule
         self._next_hva = HVA_BASE
         self._next_pa = GUEST_PA_BASE
+
+    def set_guest_page_size(self, size: int) -> None:
+        if size not in (4096, 16384, 65536):
+            raise S2Error(f"guest page size {size}: use 4K, 16K or 64K")
+        self.guest_page_size = size
 
     # engine hooks ----------------------------------------------------------
     def _count(self, kind: int, n: int = 1) -> None:

@@ -59,6 +59,9 @@ def header_lines(res: RunResult) -> list[str]:
         f"Random seed: {p.seed:#x}" + ("" if p.seed_synced else
                                        "  (the guest sees 0: vCPU k is seeded with k, as upstream)"),
         f"guest physical test memory: [{lay.gpa:#x}, {lay.gpa + lay.size:#x})",
+        *([f"Host kernel pages: {size_name(p.granule)} (the stage-2 granule; the guest "
+           f"writes one word per {size_name(p.guest_page_size)} page)"]
+          if p.host_page_size else []),
         f"Backing: {p.backing_type().describe()}, {p.slots} memslot(s), {p.vcpus} vCPU(s), "
         f"eager-split chunk {size_name(p.chunk_size) if p.chunk_size else '0 (off)'}, "
         f"{'manual-protect + initially-set' if p.manual_protect else 'no manual-protect (-g)'}",
