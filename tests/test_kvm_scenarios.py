@@ -8,9 +8,9 @@ the reference engine stays quick.
 import pytest
 
 from s2split.arch import Geometry
-from s2split.errors import KernelError
+from s2split.errors import KernelError, S2Error
 from s2split.kvm.backing import parse_backing
-from s2split.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
+from s2split.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 from s2split.kvm.vm import KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES, VM
 from s2split.pgtable.variants import get
 
@@ -225,3 +225,30 @@ def test_dirty_log_ioctl_errnos():
     with pytest.raises(KernelError, match=r"\(EFAULT\)"):
         vm.clear_dirty_log(1, 0, 512, [0] * 7)  # 512 pages need 8 words
     vm.clear_dirty_log(1, 0, 512, [0] * 8)
+
+
+# A slot created with KVM_MEM_LOG_DIRTY_PAGES is one KVM_MR_CREATE: one ioctl,
+# a dirty bitmap from the start (all set with manual-protect + initially-set,
+# so the first KVM_GET_DIRTY_LOG returns every page), and the same stage-2
+# work as creating the slot and then enabling logging (the latter is two
+# ioctls). Read-only slots are refused whole, not left half made.
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_memslot_created_with_dirty_logging(engine):
+    from s2split.engine.fast import FastVM
+    make = VM if engine == "reference" else FastVM
+    anon = parse_backing("anonymous", 4096)
+    one, two = make(G4), make(G4)
+    for vm in (one, two):
+        vm.enable_cap(168, 3)
+        vm.take_counts()
+    one.add_memslot(1, 0xFFC0000000, 2 * MIB, anon, KVM_MEM_LOG_DIRTY_PAGES)
+    two.add_memslot(1, 0xFFC0000000, 2 * MIB, anon)
+    two.set_memslot_flags(1, KVM_MEM_LOG_DIRTY_PAGES)
+    a, b = one.take_counts(), two.take_counts()
+    assert a.get("kvm", "ioctls") == 1 and b.get("kvm", "ioctls") == 2
+    # only the ioctl count differs: one fewer
+    assert (a.array != b.array).sum() == 1 and (a.array - b.array).sum() == -1
+    assert [int(w) for w in one.get_dirty_log(1)] == [(1 << 64) - 1] * 8
+    with pytest.raises(S2Error, match="KVM_MEM_READONLY"):
+        one.add_memslot(2, 0xFF80000000, 2 * MIB, anon, KVM_MEM_READONLY)
+    assert 2 not in one.memslots

@@ -173,6 +173,9 @@ class VMBase:
             raise KernelError(EINVAL, f"memslot id {slot_id} out of range")
         if flags & ~VALID_FLAGS:
             raise KernelError(EINVAL, f"invalid memslot flags {flags:#x}")
+        if flags & KVM_MEM_READONLY:
+            # its fault rules (writes exit to userspace as MMIO) are not modelled
+            raise S2Error("read-only memslots (KVM_MEM_READONLY) are not modelled")
         if slot_id in self.memslots:
             raise KernelError(EINVAL, f"memslot {slot_id} exists; change its flags instead")
         base_gfn, npages = gpa >> self.geom.page_shift, size >> self.geom.page_shift
@@ -188,12 +191,15 @@ class VMBase:
         host_pa = self._alloc("_next_pa", size, max(align, 1 << 30))
         if host_pa + size > 1 << 48:
             raise S2Error("guest memory does not fit the model's 48-bit physical space")
-        slot = Memslot(slot_id, base_gfn, npages, 0, hva, backing, host_pa)
+        # One KVM_MR_CREATE with its flags: a dirty bitmap from the start
+        # (kvm_prepare_memory_region), then the commit write-protects and
+        # splits at once unless manual-protect + initially-set defers it.
+        slot = Memslot(slot_id, base_gfn, npages, flags, hva, backing, host_pa)
         self.memslots[slot_id] = slot
         self._slot_created(slot)
+        if flags & KVM_MEM_LOG_DIRTY_PAGES:
+            self._bitmap_changed(slot, True, self.manual_protect_and_init_set)
         mmu.kvm_arch_commit_memory_region(self, None, slot, "create")
-        if flags:
-            self.set_memslot_flags(slot_id, flags)
         return slot
 
     def set_memslot_flags(self, slot_id: int, flags: int) -> None:
