@@ -29,6 +29,9 @@ from _cli import run_cli as run
     (["perf-test", "-r", "0"], "-r must be >= 1"),  # atoi_positive, as upstream
     (["perf-test", "-r", "2147483648"], "-r must be <= 2147483647"),
     (["perf-test", "-i", "08"], "-i '08' is not an integer"),  # strtol: octal, no digit 8
+    (["perf-test", "-i", "3000000000"], "-i must be <= 2147483647"),
+    (["perf-test", "-v", "0o7"], "-v '0o7' is not an integer"),  # not C
+    (["perf-test", "-v", "513", "-b", "4K"], "must be between 1 and 512"),
     (["perf-test", "--variant", "nope"], "unknown variant"),
     (["perf-test", "--profile", "nope"], "unknown profile"),
     (["perf-test", "--granule", "4K"], "go together"),
@@ -104,7 +107,8 @@ def test_perf_test_totals_add_up_the_printed_lines(capsys):
 
 
 def test_guest_modes_run_once_each_in_id_order(capsys):
-    code, out, _ = run(["perf-test", "-b", "4M", "-m", "8", "-m", "P40V48_4K", "-m", "8",
+    # 010 is octal 8, as atoi_non_negative reads it
+    code, out, _ = run(["perf-test", "-b", "4M", "-m", "010", "-m", "P40V48_4K", "-m", "0x8",
                         "--variant", "vanilla", "--engine", "reference"], capsys)
     assert code == 0
     assert re.findall(r"Testing guest mode: (.*)", out) == [

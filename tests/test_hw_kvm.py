@@ -185,10 +185,28 @@ def test_watchdog_stops_a_hung_guest():
 
 
 def test_default_pass_timeout_grows_with_the_largest_vcpu_region():
-    from s2split.hw.harness import PASS_TIMEOUT_FLOOR, PASS_TIMEOUT_PER_PAGE, default_pass_timeout
-    # -v 2 -b 256M, 4K pages: 65,536 pages per vCPU.
+    from s2split.hw.harness import default_pass_timeout
+    # -v 2 -b 256M, 4K pages: 65,536 pages per vCPU: 600 s + 65,536 x 20 us.
     lay = memstress_layout(HwParams(vcpu_memory_bytes=256 * MIB, vcpus=2), 4096)
-    assert default_pass_timeout(lay) == PASS_TIMEOUT_FLOOR + PASS_TIMEOUT_PER_PAGE * 65536
+    assert default_pass_timeout(lay) == pytest.approx(601.31072)
+
+
+def test_an_enormous_pass_timeout_is_no_limit(tmp_path):
+    # beyond threading.TIMEOUT_MAX: clamped, not an OverflowError
+    proc = run_cli("run", "-b", "2M", "--pass-timeout", "1e300", "--json",
+                   str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_backing_names_follow_the_host_page_size(monkeypatch):
+    # hugetlb sizes are the host kernel's: a 64K guest mode on a 4K host may
+    # use 32M (contiguous PMDs of 4K pages) but not 512M (a 64K-page PMD).
+    from s2split.hw import harness
+    monkeypatch.setattr(harness, "host_page_size", lambda: 4096)
+    harness.check_backing_name(HwParams(mode=parse_mode(8), backing="anonymous_hugetlb_32mb"))
+    with pytest.raises(S2Error, match="512"):
+        harness.check_backing_name(HwParams(mode=parse_mode(8),
+                                            backing="anonymous_hugetlb_512mb"))
 
 
 # -- the harness ------------------------------------------------------------------------------

@@ -178,3 +178,10 @@ def test_host_page_size_rules():
     assert "--host-page-size" not in PerfTestParams(host_page_size=4096).argv()
     assert PerfTestParams(mode=parse_mode(7), host_page_size=4096).argv()[-2:] == \
         ["--host-page-size", "4K"]
+    # a mode without an ID is written with its own page size, not the host's
+    from s2split.hw.params import mode_from_config
+    from s2split.modes import mode_for
+    odd = PerfTestParams(mode=mode_for(16384, 44), host_page_size=4096)
+    argv = odd.argv()
+    assert argv[argv.index("--granule") + 1] == "16K"
+    assert mode_from_config(odd.to_dict()).page_size == 16384

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from .errors import S2Error
 from .memstress import INT_MAX
+from .sizes import strtol
 from .versions import DEFAULT_KERNEL, KERNELS
 
 
@@ -76,23 +77,6 @@ def _size(what: str):
     return parse
 
 
-def strtol(text: str) -> int:
-    """An integer as the selftests read one (``strtol`` with base 0: ``0x``
-    hexadecimal, a leading ``0`` octal, else decimal), whole string only."""
-    body = text.strip()
-    sign = -1 if body.startswith("-") else 1
-    body = body[1:] if body[:1] in "+-" else body
-    if body[:2].lower() == "0x":
-        base = 16
-    elif len(body) > 1 and body[0] == "0":
-        base = 8
-    else:
-        base = 10
-    if not body or "_" in body or body[:1] in "+-":
-        raise ValueError(text)
-    return sign * int(body, base)
-
-
 def _int_arg(what: str, minimum: int | None = None, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
@@ -117,7 +101,7 @@ def add_upstream_options(p: argparse.ArgumentParser, backing_type: Any = None,
     g.add_argument("-b", dest="vcpu_memory_bytes", type=_size("-b"), default=1 << 30,
                    metavar="SIZE", help="memory dirtied by each vCPU, e.g. 10M or 3G "
                    "(default: 1G)")
-    g.add_argument("-v", dest="vcpus", type=_int_arg("-v", 1), default=1, metavar="N",
+    g.add_argument("-v", dest="vcpus", type=_int_arg("-v", 1, INT_MAX), default=1, metavar="N",
                    help="number of vCPUs (default: 1)")
     g.add_argument("-s", dest="backing", type=backing_type, default=backing_default,
                    metavar=backing_metavar,
@@ -128,12 +112,12 @@ def add_upstream_options(p: argparse.ArgumentParser, backing_type: Any = None,
                    help="do not enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_GET_DIRTY_LOG "
                    "clears the log and enabling dirty logging write-protects and splits "
                    "everything at once (default: manual-protect + initially-set)")
-    g.add_argument("-i", dest="iterations", type=_int_arg("-i"), default=2, metavar="N",
+    g.add_argument("-i", dest="iterations", type=_int_arg("-i", None, INT_MAX), default=2, metavar="N",
                    help="iterations, at least 2 (default: 2)")
     g.add_argument("-m", dest="mode", action="append", metavar="MODE",
                    help="guest mode ID or name, repeatable (default: 6, P40V48_4K; upstream "
                    "runs every supported mode); see the list below")
-    g.add_argument("-x", dest="slots", type=_int_arg("-x", 1), default=1, metavar="N",
+    g.add_argument("-x", dest="slots", type=_int_arg("-x", 1, INT_MAX), default=1, metavar="N",
                    help="split the test memory into N memslots (default: 1)")
     g.add_argument("-w", dest="write_percent", type=_int_arg("-w", 0, 100), default=100,
                    metavar="PCT", help="percentage of pages written (the rest are read) in "

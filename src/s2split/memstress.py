@@ -110,7 +110,7 @@ def upstream_argv(p) -> list[str]:
     if p.mode.id >= 0:
         out = ["-m", str(p.mode.id)]
     else:
-        out = ["--granule", size_name(p.granule), "--ipa-bits", str(p.mode.pa_bits)]
+        out = ["--granule", size_name(p.mode.page_size), "--ipa-bits", str(p.mode.pa_bits)]
     out += ["-b", size_name(p.vcpu_memory_bytes), "-s", p.backing]
     if p.vcpus != 1:
         out += ["-v", str(p.vcpus)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import S2Error
+from .sizes import strtol
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,16 @@ DEFAULT_MODE = MODES[6]  # VM_MODE_DEFAULT on an arm64 host with a >= 40-bit IPA
 
 def parse_mode(text: str | int) -> GuestMode:
     """``-m 6``, ``-m P40V48_4K`` or ``-m "PA-bits:40,  VA-bits:48,  4K pages"``."""
-    if isinstance(text, int) or str(text).strip().isdigit():
-        i = int(text)
+    number = None
+    if isinstance(text, int):
+        number = text
+    else:
+        try:
+            number = strtol(str(text))  # upstream reads -m with atoi_non_negative
+        except ValueError:
+            pass
+    if number is not None:
+        i = number
         if not 0 <= i < len(MODES):
             raise S2Error(f"guest mode ID {i} too big: modes are 0..{len(MODES) - 1} (see -h)")
         mode = MODES[i]

@@ -1,8 +1,27 @@
-"""Size strings as the selftests parse them (``parse_size``)."""
+"""Numbers and size strings as the selftests parse them (``strtol`` with
+base 0, ``parse_size``)."""
 
 from __future__ import annotations
 
+import re
+
 from .errors import S2Error
+
+#: What ``strtol(s, &end, 0)`` consumes whole: ``0x`` hexadecimal, a leading
+#: ``0`` octal, else decimal (surrounding blanks allowed).
+_STRTOL = re.compile(r"\s*[+-]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\s*")
+
+
+def strtol(text: str) -> int:
+    """An integer as the selftests read one (``atoi_paranoid``: ``strtol``
+    with base 0, the whole string); ValueError otherwise."""
+    m = _STRTOL.fullmatch(text)
+    if not m:
+        raise ValueError(text)
+    body = m.group(1)
+    base = 16 if body[:2].lower() == "0x" else 8 if len(body) > 1 and body[0] == "0" else 10
+    value = int(body, base)
+    return -value if text.strip().startswith("-") else value
 
 _SHIFT = {"t": 40, "g": 30, "m": 20, "k": 10, "b": 0}
 

@@ -43,6 +43,9 @@ from .uapi import (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_CAPS,
 from .versions import DEFAULT_KERNEL, kernel_rules
 
 DEFAULT_PER_VCPU_MEM_SIZE = 1 << 30
+#: ``kvm_vgic_global_state.max_gic_vcpus`` with a GICv3: what dirty_log_perf_test
+#: checks ``-v`` against on arm64.
+KVM_MAX_VCPUS = 512
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ class PerfTestParams:
             object.__setattr__(self, "host_page_size", None)  # one spelling per config
         if self.host_page_size is not None and self.host_page_size not in GRANULES:
             raise S2Error(f"host page size {self.host_page_size}: use 4K, 16K or 64K")
+        if self.vcpus > KVM_MAX_VCPUS:
+            raise S2Error(f"-v {self.vcpus}: invalid number of vCPUs, must be between 1 and "
+                          f"{KVM_MAX_VCPUS} (KVM_CAP_MAX_VCPUS of arm64 KVM with a GICv3)")
 
     @property
     def granule(self) -> int:

@@ -1594,3 +1594,47 @@ def guest_pass(T, M, B, R, write_percent, random_access):
         kc(M, C.K_ABORTS, 1)
         kc(M, C.K_MMIO_EXITS, 1)
     return 0
+
+
+# --- a compile cache that follows the reference modules -------------------------------
+# The kernels compile in constants of the modules imported above (counter
+# indices, descriptor bits, walk flags, barrier counts...). numba's cache is
+# keyed on this file alone, so a cache built before one of those modules
+# changed would go on giving the old numbers. A hash of their sources,
+# compiled in too, tells a stale cache from a current one.
+def _sources_hash() -> int:
+    import hashlib
+    from pathlib import Path
+
+    from .. import memstress, uapi
+    from ..kvm import mmu
+    h = hashlib.sha256()
+    for mod in (C, E, P, TLB, W, mmu, memstress, uapi):
+        h.update(Path(mod.__file__).read_bytes())
+    return int.from_bytes(h.digest()[:7], "little")
+
+
+SOURCES_HASH = _sources_hash()
+
+
+@njit(cache=True)
+def compiled_sources_hash():
+    return SOURCES_HASH
+
+
+def drop_stale_cache() -> bool:
+    """Empty the compile cache of every kernel if it was built from other
+    sources of the reference modules (they then compile afresh on first
+    use); True if it did."""
+    from numba.core.dispatcher import Dispatcher
+    if compiled_sources_hash() == SOURCES_HASH:
+        return False
+    for obj in list(globals().values()):
+        if isinstance(obj, Dispatcher) and obj._cache is not None:
+            obj._cache.flush()
+    compiled_sources_hash.recompile()
+    return True
+
+
+#: Whether importing found (and dropped) a stale compile cache.
+STALE_CACHE_DROPPED = drop_stale_cache()

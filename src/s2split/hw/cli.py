@@ -120,18 +120,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     import platform
 
     from .fingerprint import fingerprint
-    from .harness import measurement_rows, run_config
+    from .harness import check_backing_name, measurement_rows, run_config
     from .kvm import Kvm
     from .params import memstress_layout
 
-    from ..kvm.backing import parse_backing
     from .kvm import backing_page_size
 
     if args.json is not None and args.db is not None:
         raise S2Error("use either --db or --json, not both")
     configs = run_params(args)
     for p in configs:  # layout errors before any work
-        parse_backing(p.backing, p.granule)
+        check_backing_name(p)
         memstress_layout(p, backing_page_size(p.backing))
     store = None
     if args.json is None:

@@ -116,7 +116,7 @@ def run_config(p: HwParams, write: Writer = print, verify: bool = False,
     if arch == "x86_64" and p.granule != 4096:
         raise S2Error(f"guest mode {p.mode.id if p.mode.id >= 0 else p.mode.name} has "
                       f"{p.granule // 1024}K pages; x86-64 guests use 4K pages")
-    _check_backing_name(p)
+    check_backing_name(p)
     bps = backing_page_size(p.backing)
     layout = memstress_layout(p, bps)
     own = kvm is None
@@ -133,10 +133,11 @@ def run_config(p: HwParams, write: Writer = print, verify: bool = False,
     return result
 
 
-def _check_backing_name(p: HwParams) -> None:
-    """The model's rules for ``-s`` (e.g. no 64K hugetlb with a 16K granule)."""
+def check_backing_name(p: HwParams) -> None:
+    """The model's rules for ``-s`` on this host (hugetlb sizes follow the
+    host kernel's page size, not the guest mode's)."""
     from ..kvm.backing import parse_backing
-    parse_backing(p.backing, p.granule)
+    parse_backing(p.backing, host_page_size())
 
 
 def _run(m: Machine, p: HwParams, layout: Layout, result: RunResult, write: Writer,

@@ -178,23 +178,45 @@ def _errstr(e: OSError) -> str:
     return f"{name}: {os.strerror(e.errno)}" if e.errno else str(e)
 
 
-def _ioctl(fd: int, request: int, arg: int | bytearray = 0, what: str = "",
-           interruptible: bool = False) -> int:
-    """``ioctl()`` that raises :class:`KvmError`. EINTR is retried, unless the
-    call is ``interruptible``: then it returns ``-EINTR``."""
+def _failed(request: int, what: str, e: OSError) -> KvmError:
+    name = IOCTL_NAMES.get(request, f"ioctl {request:#x}")
+    return KvmError(f"{name} failed{' ' + what if what else ''} ({_errstr(e)})", e.errno)
+
+
+def _ioctl(fd: int, request: int, arg: int | bytearray = 0, what: str = "") -> int:
+    """``ioctl()`` that retries on EINTR and raises :class:`KvmError`."""
     while True:
         try:
             if isinstance(arg, bytearray):
                 return fcntl.ioctl(fd, request, arg, True)
             return fcntl.ioctl(fd, request, arg)
         except InterruptedError:
-            if interruptible:
-                return -_errno.EINTR
             continue
         except OSError as e:
-            name = IOCTL_NAMES.get(request, f"ioctl {request:#x}")
-            raise KvmError(f"{name} failed{' ' + what if what else ''} ({_errstr(e)})",
-                           e.errno) from None
+            raise _failed(request, what, e) from None
+
+
+_libc_ioctl = None
+
+
+def _interruptible_ioctl(fd: int, request: int, what: str = "") -> int:
+    """``ioctl(fd, request, 0)`` through libc, returning ``-EINTR`` when a
+    signal interrupts it: from Python 3.14 ``fcntl.ioctl`` retries EINTR
+    itself, which would put a signalled vCPU straight back into KVM_RUN.
+    ctypes releases the GIL for the call, as ``fcntl.ioctl`` does."""
+    global _libc_ioctl
+    if _libc_ioctl is None:
+        fn = ctypes.CDLL(None, use_errno=True).ioctl
+        fn.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
+        fn.restype = ctypes.c_int
+        _libc_ioctl = fn
+    ret = _libc_ioctl(fd, request, 0)
+    if ret >= 0:
+        return ret
+    err = ctypes.get_errno()
+    if err == _errno.EINTR:
+        return -err
+    raise _failed(request, what, OSError(err, os.strerror(err))) from None
 
 
 def _address(buf) -> int:
@@ -656,7 +678,7 @@ class Vcpu:
     def run(self) -> int:
         """One ``KVM_RUN``; returns the exit reason, ``KVM_EXIT_INTR`` when a
         signal to this thread interrupted it."""
-        if _ioctl(self.fd, KVM_RUN, 0, f"for vCPU {self.index}", interruptible=True) < 0:
+        if _interruptible_ioctl(self.fd, KVM_RUN, f"for vCPU {self.index}") < 0:
             return KVM_EXIT_INTR
         return self.exit_reason
 

@@ -279,7 +279,8 @@ class Machine:
 
     def _watch(self) -> None:
         assert self.pass_timeout is not None
-        deadline = time.monotonic() + self.pass_timeout
+        # beyond threading.TIMEOUT_MAX (about 292 years) is no limit at all
+        deadline = time.monotonic() + min(self.pass_timeout, threading.TIMEOUT_MAX / 2)
         for thread, done in zip(self._threads, self._done):
             if done.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 continue

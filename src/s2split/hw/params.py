@@ -115,8 +115,10 @@ def mode_from_config(config: dict[str, Any]) -> GuestMode:
             return parse_mode(str(config["mode"]))
         except S2Error:
             pass
-    return GuestMode(-1, str(config.get("mode", "custom")), int(config["pa_bits"]), 48,
-                     int(config["granule"]))
+    # the model's results store the stage-2 granule (host pages) as "granule"
+    # and the mode's page size as "guest_page_size"; the harness's, only "granule"
+    page = config.get("guest_page_size", config["granule"])
+    return GuestMode(-1, str(config.get("mode", "custom")), int(config["pa_bits"]), 48, int(page))
 
 
 def memstress_layout(p: HwParams, backing_page_size: int) -> Layout:
