@@ -131,6 +131,15 @@ def add_upstream_options(p: argparse.ArgumentParser, backing_type: Any = None,
                    metavar="SEED", help="random seed (default: 1); see --seed-synced")
 
 
+def add_mode_aliases(g: Any) -> None:
+    """``--granule``/``--ipa-bits``, the friendlier spelling of ``-m`` that
+    :func:`selected_modes` reads (``perf-test`` and ``hw run``)."""
+    g.add_argument("--granule", default=None, metavar="SIZE",
+                   help="page size 4K, 16K or 64K (with --ipa-bits, instead of -m)")
+    g.add_argument("--ipa-bits", type=_int_arg("--ipa-bits"), default=None, metavar="N",
+                   help="guest physical address bits (with --granule, instead of -m)")
+
+
 def add_perf_test_options(p: argparse.ArgumentParser) -> None:
     from .pgtable.variants import DEFAULT_VARIANTS
     add_upstream_options(p)
@@ -140,10 +149,7 @@ def add_perf_test_options(p: argparse.ArgumentParser) -> None:
                    help="KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, set right after the VM is created: "
                    "0 (eager splitting off, as upstream) or a supported block size "
                    "(default: 0)")
-    m.add_argument("--granule", default=None, metavar="SIZE",
-                   help="page size 4K, 16K or 64K (with --ipa-bits, instead of -m)")
-    m.add_argument("--ipa-bits", type=_int_arg("--ipa-bits"), default=None, metavar="N",
-                   help="guest physical address bits (with --granule, instead of -m)")
+    add_mode_aliases(m)
     m.add_argument("--variant", action="append", metavar="NAME",
                    help="variant to run, repeatable; all run side by side on identical input "
                    f"(default: {', '.join(DEFAULT_VARIANTS)})")

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli import Parser, _int_arg, _size, add_upstream_options
+from ..cli import Parser, _int_arg, _size, add_mode_aliases, add_upstream_options
 from ..errors import S2Error
 
 DEFAULT_DB = "s2split-results.sqlite"  # s2split.store.DEFAULT_DB, without importing numpy
@@ -54,10 +54,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, set before the first memslot: 0 "
                    "(off) or a supported block size; a comma list runs each (default: not "
                    "set, as upstream)")
-    h.add_argument("--granule", default=None, metavar="SIZE",
-                   help="page size 4K, 16K or 64K (with --ipa-bits, instead of -m)")
-    h.add_argument("--ipa-bits", type=_int_arg("--ipa-bits"), default=None, metavar="N",
-                   help="guest physical address bits (with --granule, instead of -m)")
+    add_mode_aliases(h)
     h.add_argument("--seed-synced", action="store_true",
                    help="seed vCPU k with -r + k; upstream 6.10+ never copies the seed into the "
                    "guest, so vCPU k is seeded with k (default: as upstream)")
