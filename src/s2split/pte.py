@@ -12,61 +12,24 @@ entry with bit 10 set is *locked*: a break-before-make is in progress.
 
 from __future__ import annotations
 
-import enum
 from typing import NamedTuple
 
+from . import rules as R
 from .arch import LAST_LEVEL, Geometry
+from .bits import (AF, ATTR_HI_MASK, ATTR_LO_MASK, LOCKED, MEMATTR_MASK, MEMATTR_SHIFT,
+                   MT_S2_DEVICE_nGnRE, MT_S2_FWB_DEVICE_nGnRE, MT_S2_FWB_NORMAL,
+                   MT_S2_FWB_NORMAL_NC, MT_S2_NORMAL, MT_S2_NORMAL_NC, OWNER_MASK, OWNER_SHIFT,
+                   S2_PERMS, S2AP_R, S2AP_W, SH_INNER, SH_MASK, SH_SHIFT, SW_MASK, SW_SHIFT, TYPE,
+                   VALID, XN, XN_FIELD_MASK, Prot)
 
-VALID = 1 << 0
-TYPE = 1 << 1  # table (levels < 3) or page (level 3) when set; block when clear
-
-ATTR_LO_MASK = 0x3FF << 2  # GENMASK(11, 2)
-ATTR_HI_MASK = ((1 << 14) - 1) << 50  # GENMASK(63, 50)
-MEMATTR_SHIFT = 2
-MEMATTR_MASK = 0xF << MEMATTR_SHIFT
-S2AP_R = 1 << 6
-S2AP_W = 1 << 7
-SH_SHIFT = 8
-SH_MASK = 0x3 << SH_SHIFT
-SH_INNER = 3
-AF = 1 << 10
-XN = 1 << 54  # what 6.12 writes; decode reports the [54:53] field
-XN_FIELD_MASK = 0x3 << 53
-SW_SHIFT = 55
-SW_MASK = 0xF << SW_SHIFT
-S2_PERMS = S2AP_R | S2AP_W | XN
-
-LOCKED = 1 << 10  # KVM_INVALID_PTE_LOCKED, only meaningful when not valid
-OWNER_SHIFT = 2
-OWNER_MASK = 0xFF << OWNER_SHIFT
-
-# Stage-2 MemAttr encodings (arch/arm64/include/asm/memory.h).
-MT_S2_NORMAL = 0xF
-MT_S2_NORMAL_NC = 0x5
-MT_S2_DEVICE_nGnRE = 0x1
-MT_S2_FWB_NORMAL = 6
-MT_S2_FWB_NORMAL_NC = 5
-MT_S2_FWB_DEVICE_nGnRE = 1
-
-
-class Prot(enum.IntFlag):
-    """``enum kvm_pgtable_prot``."""
-
-    NONE = 0
-    X = 1 << 0
-    W = 1 << 1
-    R = 1 << 2
-    DEVICE = 1 << 3
-    NORMAL_NC = 1 << 4
-    SW0 = 1 << 55
-    SW1 = 1 << 56
-    SW2 = 1 << 57
-    SW3 = 1 << 58
-
-    RW = R | W
-    RWX = R | W | X
-
-
+__all__ = ["AF", "ATTR_HI_MASK", "ATTR_LO_MASK", "LOCKED", "MEMATTR_MASK", "MEMATTR_SHIFT",
+           "MT_S2_DEVICE_nGnRE", "MT_S2_FWB_DEVICE_nGnRE", "MT_S2_FWB_NORMAL",
+           "MT_S2_FWB_NORMAL_NC", "MT_S2_NORMAL", "MT_S2_NORMAL_NC", "OWNER_MASK",
+           "OWNER_SHIFT", "S2_PERMS", "S2AP_R", "S2AP_W", "SH_INNER", "SH_MASK", "SH_SHIFT",
+           "SW_MASK", "SW_SHIFT", "TYPE", "VALID", "XN", "XN_FIELD_MASK", "Prot", "Descriptor",
+           "addr_mask", "phys_to_pte", "pte_to_phys", "is_valid", "is_table", "is_locked",
+           "make_table", "make_leaf", "memattr", "prot_to_attr", "pte_prot", "is_executable",
+           "is_cacheable", "needs_update", "decode"]
 
 
 def addr_mask(geom: Geometry) -> int:
@@ -76,23 +39,13 @@ def addr_mask(geom: Geometry) -> int:
 
 
 def phys_to_pte(pa: int, geom: Geometry) -> int:
-    """``kvm_phys_to_pte()``."""
-    pte = pa & addr_mask(geom)
-    if geom.lpa2:
-        pte |= ((pa >> 50) & 0x3) << 8
-    elif geom.granule == 65536:
-        pte |= ((pa >> 48) & 0xF) << 12
-    return pte
+    """``kvm_phys_to_pte()`` (:func:`s2split.rules.phys_to_pte`)."""
+    return R.phys_to_pte(pa, geom.page_shift, R.oa_format(geom.page_shift, geom.lpa2))
 
 
 def pte_to_phys(pte: int, geom: Geometry) -> int:
-    """``kvm_pte_to_phys()``."""
-    pa = pte & addr_mask(geom)
-    if geom.lpa2:
-        pa |= ((pte >> 8) & 0x3) << 50
-    elif geom.granule == 65536:
-        pa |= ((pte >> 12) & 0xF) << 48
-    return pa
+    """``kvm_pte_to_phys()`` (:func:`s2split.rules.pte_to_phys`)."""
+    return R.pte_to_phys(pte, geom.page_shift, R.oa_format(geom.page_shift, geom.lpa2))
 
 
 def is_valid(pte: int) -> bool:
@@ -134,48 +87,15 @@ def memattr(kind: str, fwb: bool) -> int:
 
 
 def prot_to_attr(prot: int, geom: Geometry, fwb: bool) -> int:
-    """``stage2_set_prot_attr()``; returns the attribute bits or a negative errno."""
-    from .errors import EINVAL
-
-    prot = int(prot)  # plain ints: enum arithmetic is slow and leaks into entries
-    kind = prot & (Prot.DEVICE | Prot.NORMAL_NC)
-    if kind == Prot.DEVICE | Prot.NORMAL_NC:
-        return -EINVAL
-    if kind == Prot.DEVICE:
-        if prot & Prot.X:
-            return -EINVAL
-        attr = memattr("DEVICE_nGnRE", fwb)
-    elif kind == Prot.NORMAL_NC:
-        if prot & Prot.X:
-            return -EINVAL
-        attr = memattr("NORMAL_NC", fwb)
-    else:
-        attr = memattr("NORMAL", fwb)
-    if not prot & Prot.X:
-        attr |= XN
-    if prot & Prot.R:
-        attr |= S2AP_R
-    if prot & Prot.W:
-        attr |= S2AP_W
-    if not geom.lpa2:
-        attr |= SH_INNER << SH_SHIFT
-    attr |= AF
-    attr |= prot & SW_MASK
-    return attr
+    """``stage2_set_prot_attr()``; returns the attribute bits or a negative errno
+    (:func:`s2split.rules.prot_to_attr`)."""
+    # plain ints: enum arithmetic is slow and leaks into entries
+    return R.prot_to_attr(int(prot), fwb, geom.lpa2)
 
 
 def pte_prot(pte: int) -> Prot:
-    """``kvm_pgtable_stage2_pte_prot()``."""
-    prot = Prot(pte & SW_MASK)
-    if not pte & VALID:
-        return prot
-    if pte & S2AP_R:
-        prot |= Prot.R
-    if pte & S2AP_W:
-        prot |= Prot.W
-    if not pte & XN:
-        prot |= Prot.X
-    return prot
+    """``kvm_pgtable_stage2_pte_prot()`` (:func:`s2split.rules.pte_prot`)."""
+    return Prot(R.pte_prot(pte))
 
 
 def is_executable(pte: int) -> bool:
@@ -185,14 +105,13 @@ def is_executable(pte: int) -> bool:
 
 def is_cacheable(pte: int, fwb: bool) -> bool:
     """``stage2_pte_cacheable()``: valid and Normal write-back memory."""
-    return bool(pte & VALID) and (pte & MEMATTR_MASK) == memattr("NORMAL", fwb)
+    return bool(pte & VALID) and (pte & MEMATTR_MASK) == R.normal_memattr(fwb)
 
 
 def needs_update(old: int, new: int) -> bool:
-    """``stage2_pte_needs_update()``: anything but the permissions differ."""
-    if not (old & VALID) or not (new & VALID):
-        return True
-    return bool((old ^ new) & ~S2_PERMS)
+    """``stage2_pte_needs_update()``: anything but the permissions differ
+    (:func:`s2split.rules.needs_update`)."""
+    return R.needs_update(old, new)
 
 
 class Descriptor(NamedTuple):

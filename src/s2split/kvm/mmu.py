@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from .. import pte as P
+from .. import rules as R
 from ..counters import (K_ABORTS, K_CACHE_PAGES_ALLOC, K_DIRTY_MARKED,
                         K_FLUSH_MEMSLOT, K_LOCK_DROPS, K_LOG_DIRTY_MASKED, K_MMIO_EXITS,
                         K_PERM_FAULTS, K_SPLIT_CHUNKS, K_SPLIT_HUGE_PAGES, K_SPLIT_TOPUPS,
@@ -38,14 +39,11 @@ def kvm_mmu_cache_min_pages(vm: "VM") -> int:
     return vm.geom.levels - 1
 
 
-def kvm_mmu_split_nr_page_tables(vm: "VM", size: int) -> int:
-    """Table pages to split ``size`` bytes of blocks to pages (the split cache's capacity)."""
+def kvm_mmu_split_nr_page_tables(vm: "VMBase", size: int) -> int:
+    """Table pages to split ``size`` bytes of blocks to pages (the split
+    cache's capacity; :func:`s2split.rules.split_nr_page_tables`)."""
     geom = vm.geom
-    n = 0
-    if geom.min_block_level < 2:
-        n += -(-size // geom.pud_size)
-    n += -(-size // geom.pmd_size)
-    return n
+    return R.split_nr_page_tables(size, geom.min_block_level, geom.pud_size, geom.pmd_size)
 
 
 def range_addr_end(addr: int, end: int, size: int) -> int:
@@ -211,15 +209,9 @@ def _host_mapping_size(vm: "VM", slot: Memslot, hva: int) -> int:
 
 def _fault_supports_stage2_huge_mapping(slot: Memslot, hva: int, map_size: int,
                                         page_size: int) -> bool:
-    if map_size == page_size:
-        return True
-    gpa_start = slot.base_gpa
-    uaddr_start = slot.userspace_addr
-    uaddr_end = uaddr_start + slot.size
-    if (gpa_start & (map_size - 1)) != (uaddr_start & (map_size - 1)):
-        return False
-    aligned = hva & ~(map_size - 1)
-    return aligned >= uaddr_start and aligned + map_size <= uaddr_end
+    """``fault_supports_stage2_huge_mapping()`` (:func:`s2split.rules.fault_supports_huge_mapping`)."""
+    return R.fault_supports_huge_mapping(slot.base_gpa, slot.userspace_addr, slot.size, hva,
+                                         map_size, page_size)
 
 
 def user_mem_abort(vm: "VM", vcpu: "Vcpu", fault_ipa: int, slot: Memslot, hva: int,
@@ -235,27 +227,17 @@ def user_mem_abort(vm: "VM", vcpu: "Vcpu", fault_ipa: int, slot: Memslot, hva: i
         _k(vm, K_CACHE_PAGES_ALLOC,
            vcpu.memcache.topup(VCPU_CACHE_CAPACITY, kvm_mmu_cache_min_pages(vm)))
 
-    force_pte = False
     backing = slot.backing
+    pud, pmd = geom.pud_size, geom.pmd_size
     if logging:
         force_pte = True
         vma_shift = ps
     else:
-        vma_shift = backing.vma_shift
-    pud, pmd = geom.pud_size, geom.pmd_size
-    kind = backing.hugetlb_class if vma_shift != ps else None
-    # The switch in user_mem_abort(): sizes fall through to smaller ones.
-    if kind == "pud" and not _fault_supports_stage2_huge_mapping(slot, hva, pud, page):
-        kind = "pmd"
-    if kind == "cont_pmd":
-        kind = "pmd"
-    if kind == "pmd":
-        vma_shift = pmd.bit_length() - 1
-        if not _fault_supports_stage2_huge_mapping(slot, hva, pmd, page):
-            kind = "cont_pte"
-    if kind == "cont_pte":
-        vma_shift = ps
-        force_pte = True
+        hclass = R.HUGETLB_CLASS[backing.hugetlb_class] if backing.vma_shift != ps else R.HC_NONE
+        vma_shift, force_pte = R.vma_mapping_shift(
+            hclass, backing.vma_shift, ps, pmd.bit_length() - 1,
+            _fault_supports_stage2_huge_mapping(slot, hva, pud, page),
+            _fault_supports_stage2_huge_mapping(slot, hva, pmd, page))
     vma_pagesize = 1 << vma_shift
     if vma_pagesize in (pmd, pud):
         fault_ipa &= ~(vma_pagesize - 1)

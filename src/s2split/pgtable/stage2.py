@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .. import pte as P
+from .. import rules as R
 from ..arch import LAST_LEVEL, Geometry
 from ..counters import (K_BBM, K_CALLS, K_CALLS_FORCE_PTE, K_EAGAIN, K_ERRORS, K_GET_PAGE,
                         K_PAGE_FREED, K_PAGE_TAKEN, K_PTE_CAS, K_PTE_WRITE, K_PUT_PAGE, NOLEVEL,
@@ -312,8 +313,8 @@ class Stage2PageTable:
 
     # -- unmap -------------------------------------------------------------
     def _unmap_defers_tlbi(self) -> bool:
-        """``stage2_unmap_defer_tlb_flush()``: TLBIRANGE and FWB."""
-        return self.features.tlbirange and self.features.fwb
+        """``stage2_unmap_defer_tlb_flush()`` (:func:`s2split.rules.unmap_defers_tlbi`)."""
+        return R.unmap_defers_tlbi(self.features.tlbirange, self.features.fwb)
 
     def unmap(self, addr: int, size: int) -> int:
         """``kvm_pgtable_stage2_unmap()``."""
@@ -392,13 +393,7 @@ class Stage2PageTable:
 
     def block_nr_page_tables(self, level: int) -> int:
         """``stage2_block_get_nr_page_tables()``: pages to split a block to pages."""
-        if level == 1:
-            return self.ptrs + 1
-        if level == 2:
-            return 1
-        if level == 3:
-            return 0
-        return -EINVAL
+        return R.block_nr_page_tables(level, self.ptrs)
 
     def create_unlinked(self, phys: int, level: int, prot: int, mc: MemoryCache | None,
                         force_pte: bool) -> int:
@@ -590,19 +585,13 @@ def _split_visitor(w: Walk, pfn: int, table: list, idx: int, old: int, level: in
         return 0
     pgt: Stage2PageTable = w.pgt
     mc: MemoryCache = w.arg
-    nr_pages = pgt.block_nr_page_tables(level)
-    if nr_pages < 0:
-        return nr_pages
-    if mc.nobjs >= nr_pages:
-        force_pte = True  # build the whole tree down to pages
-    else:
-        # One page of next-level blocks; the walker splits those when it
-        # descends into them.
-        force_pte = False
-        nr_pages = 1
-    if mc.nobjs < nr_pages:
-        return -ENOMEM
-    child = pgt.create_unlinked(pgt.pte_to_phys(old), level, P.pte_prot(old), mc, force_pte)
+    # Enough pages for the whole tree down to pages (force_pte), else one
+    # page of next-level blocks that the walker splits as it descends.
+    force_pte = R.split_force_pte(level, pgt.ptrs, mc.nobjs)
+    if force_pte < 0:
+        return force_pte
+    child = pgt.create_unlinked(pgt.pte_to_phys(old), level, P.pte_prot(old), mc,
+                                bool(force_pte))
     if child < 0:
         return child
     if not pgt._try_break(w, pfn, table, idx, old, level):  # pragma: no cover
@@ -619,36 +608,27 @@ def _split_visitor(w: Walk, pfn: int, table: list, idx: int, old: int, level: in
 
 def _free_visitor(w: Walk, pfn: int, table: list, idx: int, old: int, level: int,
                   visit: int) -> int:
-    """``stage2_free_walker()``: drop the references an entry holds."""
+    """``stage2_free_walker()``: drop the references an entry holds. A leaf
+    drops its table page's; a table, at TABLE_POST, also its child's -- in
+    6.12 always, since 6.19 only once the child is empty, and then its entry
+    is cleared (:func:`s2split.rules.free_drops_table`)."""
     if not old:
         return 0
     pgt = w.pgt
-    if pgt.rules.free_clears_tables:
-        return _free_visitor_619(w, pfn, table, idx, old, level, visit)
-    # 6.12: the same drop at LEAF and TABLE_POST; entries stay as they are.
-    pgt._put_page(w.c, pfn, level)
-    if P.is_table(old, level):
-        pgt._put_page(w.c, pgt.mem.pfn(pgt.pte_to_phys(old)), level + 1)
-    return 0
-
-
-def _free_visitor_619(w: Walk, pfn: int, table: list, idx: int, old: int, level: int,
-                      visit: int) -> int:
-    """6.19+: a table goes only once it is empty, and its entry is cleared, so
-    that the walk of a later chunk cannot reach the freed table."""
-    pgt = w.pgt
-    if visit == LEAF:
+    if not P.is_table(old, level):
         pgt._put_page(w.c, pfn, level)
         return 0
-    if visit != TABLE_POST:
-        return -EINVAL
+    clears = pgt.rules.free_clears_tables
+    if visit != TABLE_POST and clears:
+        return -EINVAL  # 6.19 expects tables only after their children
     child = pgt.mem.pfn(pgt.pte_to_phys(old))
-    if pgt.mem.refcount[child] != 1:
+    if not R.free_drops_table(clears, pgt.mem.refcount[child]):
         return 0
     pgt._put_page(w.c, pfn, level)
     pgt._put_page(w.c, child, level + 1)
-    table[idx] = 0
-    w.c[K_PTE_WRITE * SLOTS + level + 1] += 1
+    if R.free_clears_entry(clears):
+        table[idx] = 0
+        w.c[K_PTE_WRITE * SLOTS + level + 1] += 1
     return 0
 
 

@@ -35,11 +35,8 @@ from ..counters import (K_DCACHE_BYTES, K_DCACHE_OPS, K_DSB_ISH, K_DSB_ISHST, K_
                         K_TLBI_RANGE, K_TLBI_RANGE_OPS, K_TLBI_RANGE_PAGES, K_TLBI_S1,
                         K_TLBI_VMID, NOLEVEL, SLOTS)
 from ..arch import LAST_LEVEL
+from ..rules import MAX_TLBI_RANGE_PAGES, lpa2_range_align, range_tlbi_ops
 from ..hw import Features
-
-#: ``MAX_TLBI_RANGE_PAGES`` = ``__TLBI_RANGE_PAGES(31, 3)``.
-MAX_TLBI_RANGE_PAGES = 32 << (5 * 3 + 1)
-
 
 def _n(kind: int) -> int:
     return kind * SLOTS + NOLEVEL
@@ -48,34 +45,6 @@ def _n(kind: int) -> int:
 _DSB_ISHST, _DSB_ISH, _DSB_NSHST, _DSB_NSH = _n(K_DSB_ISHST), _n(K_DSB_ISH), _n(K_DSB_NSHST), \
     _n(K_DSB_NSH)
 _ISB, _TLBI_S1, _HYP = _n(K_ISB), _n(K_TLBI_S1), _n(K_HYP_CALL)
-
-
-def range_tlbi_ops(pages: int, start_page: int = 0, lpa2_align: int = 0,
-                   tlbirange: bool = True) -> int:
-    """TLBI instructions ``__flush_s2_tlb_range_op`` issues for ``pages`` pages.
-
-    Range operations cover ``(num + 1) << (5 * scale + 1)`` pages, scale from 3
-    down to 0; a single page left over (or any page without FEAT_TLBIRANGE, or an
-    LPA2 start that is not 64K aligned) takes a by-IPA TLBI of its own.
-    """
-    ops = 0
-    scale = 3
-    addr = start_page
-    while pages > 0:
-        if not tlbirange or pages == 1 or (lpa2_align and addr % lpa2_align):
-            ops += 1
-            addr += 1
-            pages -= 1
-            continue
-        unit = 1 << (5 * scale + 1)
-        num = (min(pages, 32 * unit) // unit) - 1
-        if num >= 0:
-            ops += 1
-            addr += (num + 1) * unit
-            pages -= (num + 1) * unit
-        scale -= 1
-    return ops
-
 
 #: Barriers of :func:`_vmid_context` (see the module docstring), shared with
 #: the fast engine: VHE's leading DSB xSHST and ISBs; nVHE's extra DSB xSH and
@@ -140,8 +109,8 @@ def flush_vmid_range(c: list[int], features: Features, addr: int, size: int, pag
         inval = min(pages, MAX_TLBI_RANGE_PAGES)
         c[_n(K_TLBI_RANGE)] += 1
         c[_n(K_TLBI_RANGE_PAGES)] += inval
-        c[_n(K_TLBI_RANGE_OPS)] += range_tlbi_ops(
-            inval, addr >> page_shift, (1 << 16 >> page_shift) if lpa2 else 0)
+        c[_n(K_TLBI_RANGE_OPS)] += range_tlbi_ops(inval, addr >> page_shift,
+                                                  lpa2_range_align(page_shift, lpa2))
         c[_TLBI_S1] += 1
         _vmid_context(c, features, BODY_DSBS_IPA)
         addr += inval << page_shift
