@@ -77,6 +77,7 @@ def bench_wrprotect(size: int, runs: int) -> dict:
     from s2split.engine import get_engine
     from s2split.modes import parse_mode
     from s2split.pgtable.variants import get as get_variant
+    from s2split.engine.state import S
     from s2split.workload import PerfTestParams, _phase_steps, memstress_layout
 
     p = PerfTestParams(vcpu_memory_bytes=size, mode=parse_mode(6), manual_protect=False,
@@ -89,7 +90,7 @@ def bench_wrprotect(size: int, runs: int) -> dict:
             break
         step(vm, ctx)
     slot = next(iter(vm.memslots.values()))
-    used = int(vm.M[__import__("s2split.engine.kernels", fromlist=["S_NEXT"]).S_NEXT])
+    used = int(vm.M[S.NEXT_PAGE])
     T = vm.T[:used]
     snap = vm.snapshot()
     vm.take_counts()

@@ -44,8 +44,14 @@ from _hyp import HYP
 from s2split import pte as P
 from s2split.arch import Geometry
 from s2split.engine import get_engine
-from s2split.engine import kernels as KN
-from s2split.engine.fast import FastVM
+from s2split.engine import guest as FGUEST
+from s2split.engine import memory as FMEM
+from s2split.engine import mmu as FMMU
+from s2split.engine import stage2 as FS2
+from s2split.engine import visitors as FVIS
+from s2split.engine.state import MC_NONE, MC_SPLIT, S
+from s2split.kvm.mmu import VCPU_CACHE_CAPACITY
+from s2split.engine.vm import FastVM
 from s2split.errors import KernelError, S2Error
 from s2split.hw import Features
 from s2split.kvm import mmu
@@ -152,7 +158,7 @@ class FastTables:
     """The fast engine's kernels called directly on a FastVM's arrays."""
 
     engine = "fast"
-    _IDS: ClassVar[dict[str, int]] = {"vcpu": 0, "split": KN.MC_SPLIT}
+    _IDS: ClassVar[dict[str, int]] = {"vcpu": 0, "split": MC_SPLIT}
 
     def __init__(self, geom: Geometry, features: Features, variant, kernel: str, budget: int):
         self.geom = geom
@@ -174,45 +180,45 @@ class FastTables:
 
     def cache(self, purpose: str, pages: int | None):
         if pages is None:
-            return KN.MC_NONE
+            return MC_NONE
         mc = self._IDS[purpose]
         if purpose == "vcpu":
-            assert pages <= KN.VCACHE_CAP, "a vCPU cache holds at most VCACHE_CAP pages"
-        KN.cache_topup(self.T, self.M, mc, pages, pages)
+            assert pages <= VCPU_CACHE_CAPACITY, "a vCPU cache holds at most KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE pages"
+        FMEM.cache_topup(self.T, self.M, mc, pages, pages)
         return mc
 
     def cache_objects(self, mc) -> list[int]:
-        return [] if mc == KN.MC_NONE else fast_cache_objects(self.M, mc)
+        return [] if mc == MC_NONE else fast_cache_objects(self.M, mc)
 
     def free_cache(self, mc) -> None:
-        if mc != KN.MC_NONE:
-            KN.cache_free_all(self.T, self.M, mc)
+        if mc != MC_NONE:
+            FMEM.cache_free_all(self.T, self.M, mc)
 
     def map(self, addr, size, phys, prot, mc, flags):
-        return int(KN.s2_map(self.T, self.M, addr, size, phys, int(prot), mc, flags))
+        return int(FS2.stage2_map(self.T, self.M, addr, size, phys, int(prot), mc, flags))
 
     def unmap(self, addr, size):
-        return int(KN.s2_unmap(self.T, self.M, addr, size))
+        return int(FS2.stage2_unmap(self.T, self.M, addr, size))
 
     def wrprotect(self, addr, size):
-        return int(KN.s2_wrprotect(self.T, self.M, addr, size))
+        return int(FS2.stage2_wrprotect(self.T, self.M, addr, size))
 
     def relax_perms(self, addr, prot):
-        return int(KN.s2_relax_perms(self.T, self.M, addr, int(prot)))
+        return int(FS2.stage2_relax_perms(self.T, self.M, addr, int(prot)))
 
     def split(self, addr, size, mc):
-        assert mc == KN.MC_SPLIT, "the fast split visitor always takes the split cache"
-        return int(KN.s2_split(self.T, self.M, addr, size))
+        assert mc == MC_SPLIT, "the fast split visitor always takes the split cache"
+        return int(FS2.stage2_split(self.T, self.M, addr, size))
 
     def create_unlinked(self, phys, level, prot, mc, force_pte):
-        return int(KN.create_unlinked(self.T, self.M, phys, level, int(prot), mc,
+        return int(FVIS.create_unlinked(self.T, self.M, phys, level, int(prot), mc,
                                       bool(force_pte)))
 
     def free_unlinked(self, pfn, level):
-        KN.free_unlinked(self.T, self.M, pfn, level)
+        FVIS.free_unlinked(self.T, self.M, pfn, level)
 
     def destroy(self):
-        KN.s2_destroy(self.T, self.M)
+        FMMU.kvm_stage2_destroy(self.T, self.M)
 
     def take_counts(self):
         return self.vm.take_counts()
@@ -225,7 +231,7 @@ class FastTables:
 
     def poke(self, pfn: int, idx: int, value: int) -> None:
         self.T[pfn, idx] = value
-        self.M[int(self.M[KN.S_REFC]) + pfn] += 1
+        self.M[int(self.M[S.REFCOUNT]) + pfn] += 1
 
 
 # -- comparing ---------------------------------------------------------------------
@@ -242,19 +248,19 @@ def reference_memory(pgt: Stage2PageTable):
 
 def fast_memory(vm: FastVM):
     M = vm.M
-    used = int(M[KN.S_NEXT])
-    refc = [int(x) for x in M[int(M[KN.S_REFC]):int(M[KN.S_REFC]) + used]]
-    free = [int(x) for x in M[int(M[KN.S_FSTACK]):int(M[KN.S_FSTACK]) + int(M[KN.S_FTOP])]]
+    used = int(M[S.NEXT_PAGE])
+    refc = [int(x) for x in M[int(M[S.REFCOUNT]):int(M[S.REFCOUNT]) + used]]
+    free = [int(x) for x in M[int(M[S.FREE_STACK]):int(M[S.FREE_STACK]) + int(M[S.FREE_TOP])]]
     rows = {pfn: vm.T[pfn] for pfn in range(used) if refc[pfn] > 0}
     return refc, free, rows
 
 
 def fast_cache_objects(M: np.ndarray, mc: int) -> list[int]:
     """The pages in a fast-engine cache, oldest first (as MemoryCache.objects)."""
-    if mc == KN.MC_SPLIT:
-        off, n = int(M[KN.S_SCACHE]), int(M[KN.S_SCN])
+    if mc == MC_SPLIT:
+        off, n = int(M[S.SPLIT_CACHE]), int(M[S.SPLIT_NOBJS])
     else:
-        off, n = int(M[KN.S_VCACHE]) + mc * KN.VCACHE_CAP, int(M[int(M[KN.S_VCN]) + mc])
+        off, n = int(M[S.VCPU_CACHE]) + mc * VCPU_CACHE_CAPACITY, int(M[int(M[S.VCPU_NOBJS]) + mc])
     return [int(x) for x in M[off:off + n]]
 
 
@@ -553,7 +559,7 @@ def ops(draw, r: Region, kinds: tuple[str, ...], split_caches: tuple[int, ...],
         phys = PA_INVALID if shift is None else r.pa + (addr - r.base) + shift
         op = Op("map", addr, size, phys=phys, prot=draw(st.sampled_from(MAP_PROTS)),
                 flags=draw(st.sampled_from(MAP_FLAGS)),
-                cache=draw(st.sampled_from((g.levels - 1, 0, None, 1, 2, KN.VCACHE_CAP))))
+                cache=draw(st.sampled_from((g.levels - 1, 0, None, 1, 2, VCPU_CACHE_CAPACITY))))
         # Over an earlier map: keep the permissions or the software bits, so
         # that only the other differ (an in-place update, or -EAGAIN).
         keep = draw(st.sampled_from((None, "perms", "sw")))
@@ -782,8 +788,8 @@ def _outcome(fn):
 def _fast_access(vm: FastVM, vcpu: int, gpa: int, write: bool) -> None:
     """One guest access through the fast engine's fault path (FastVM only runs
     whole passes; a single access is a pass of one, replays recorded, none used)."""
-    ret = KN.guest_access(vm.T, vm.M, vm.B, vm._replays, vcpu, gpa, write)
-    KN._flush_replays(vm.M, vm._replays)
+    ret = FGUEST.guest_access(vm.T, vm.M, vm.B, vm._replays, vcpu, gpa, write)
+    FGUEST.flush_replays(vm.M, vm._replays)
     if ret != 0:
         raise S2Error(f"a guest access failed (error {ret})")
 
@@ -794,7 +800,7 @@ def vm_view(vm) -> dict:
         caches = [list(v.memcache.objects) for v in vm.vcpus], list(vm.split_cache.objects)
     else:
         caches = [fast_cache_objects(vm.M, v.index) for v in vm.vcpus], \
-            fast_cache_objects(vm.M, KN.MC_SPLIT)
+            fast_cache_objects(vm.M, MC_SPLIT)
     bitmaps = {sid: _outcome(lambda sid=sid: vm.dirty_bitmap(sid)) for sid in vm.memslots}
     return {"vCPU caches": caches[0], "split cache": caches[1], "dirty bitmaps": bitmaps,
             "vCPU generator states": [v.rng for v in vm.vcpus]}

@@ -55,7 +55,7 @@ class FakeVcpu:
 def test_access_pattern_is_the_models(seed, pages, wp, random_access):
     """guest_pass (what the harness checks the real guest against) makes the
     accesses of the model's memstress_pass, pass after pass."""
-    from s2split.workload import memstress_pass
+    from s2split.memstress import memstress_pass
 
     class Vm:
         guest_page_size = 4096

@@ -234,7 +234,7 @@ def test_dirty_log_ioctl_errnos():
 # ioctls). Read-only slots are refused whole, not left half made.
 @pytest.mark.parametrize("engine", ["reference", "fast"])
 def test_memslot_created_with_dirty_logging(engine):
-    from s2split.engine.fast import FastVM
+    from s2split.engine.vm import FastVM
     make = VM if engine == "reference" else FastVM
     anon = parse_backing("anonymous", 4096)
     one, two = make(G4), make(G4)

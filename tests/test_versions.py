@@ -95,7 +95,7 @@ def test_auto_engine_takes_the_fast_engine_for_long_teardowns():
     # 16K pages, 52-bit IPA (LPA2): 2^52 / 32M = 2^27 teardown walks under the
     # 6.19 rules -- the fast engine's job even for a tiny VM; 6.12 is one walk.
     from s2split.engine import ReferenceEngine
-    from s2split.engine.fast import FastEngine
+    from s2split.engine.vm import FastEngine
     from s2split.modes import parse_mode
     small = dict(vcpu_memory_bytes=1 * MIB, mode=parse_mode(1), lpa2=True)
     assert isinstance(get_engine("auto", PerfTestParams(**small, kernel="6.19"), VANILLA),

@@ -11,6 +11,7 @@ backing page size, split evenly into memslots, with one region per vCPU
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .arch import size_name
 from .errors import S2Error
@@ -129,3 +130,29 @@ def upstream_argv(p) -> list[str]:
     if p.seed != 1:
         out += ["-r", str(p.seed)]
     return out
+
+
+def memstress_pass(vm: Any, write_percent: int, random_access: bool) -> None:
+    """One pass of ``memstress_guest_code`` for every vCPU, on a reference VM.
+
+    vCPUs run in lockstep, one access each in index order: a deterministic
+    stand-in for parallel vCPUs. Each draws one number for the page (random
+    access only), then one for the write decision.
+    """
+    page = vm.guest_page_size
+    vcpus = vm.vcpus
+    access = vm.guest_access
+    longest = max((v.pages for v in vcpus), default=0)
+    for i in range(longest):
+        for v in vcpus:
+            if i >= v.pages:
+                continue
+            if random_access:
+                v.rng = guest_random_u32(v.rng)
+                pg = v.rng % v.pages
+            else:
+                pg = i
+            v.rng = guest_random_u32(v.rng)
+            access(v, v.gpa + pg * page, v.rng % 100 < write_percent)
+    for v in vcpus:
+        vm.guest_mmio_exit(v)

@@ -7,7 +7,8 @@ ordinary Python and the fast engine compiles the very same source with numba
 engines; what stays written twice is the walker and its visitors, because the
 reference engine is the independent oracle for them.
 
-Values must fit in a signed 64-bit integer: the compiled copies compute in
+A rule calls no other function (numba would find it uncompiled in this
+module's namespace). Values must fit in a signed 64-bit integer: the compiled copies compute in
 int64, the Python ones with unbounded integers, and the differential tests
 compare the two.
 """
@@ -83,7 +84,7 @@ def prot_to_attr(prot: int, fwb: bool, lpa2: bool) -> int:
     elif kind == _PROT_NC:
         attr = _NORMAL_NC[1] if fwb else _NORMAL_NC[0]
     else:
-        attr = normal_memattr(fwb)
+        attr = _NORMAL[1] if fwb else _NORMAL[0]
     if not prot & _PROT_X:
         attr |= P.XN
     if prot & _PROT_R:
@@ -181,9 +182,12 @@ def split_force_pte(level: int, ptrs: int, nobjs: int) -> int:
     walker then splits those as it descends), or a negative errno:
     ``-ENOMEM`` when not even that page is there, ``-EINVAL`` for a level
     without blocks."""
-    nr = block_nr_page_tables(level, ptrs)
-    if nr < 0:
-        return nr
+    if level == 1:
+        nr = ptrs + 1
+    elif level == 2:
+        nr = 1
+    else:
+        return -EINVAL  # no block to split (level 3 never reaches the rule)
     if nobjs >= nr:
         return 1
     return 0 if nobjs >= 1 else -ENOMEM

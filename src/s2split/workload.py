@@ -139,32 +139,6 @@ def memstress_layout(p: PerfTestParams) -> Layout:
                    p.partition, p.backing_type().page_size, p.granule)
 
 
-def memstress_pass(vm: Any, write_percent: int, random_access: bool) -> None:
-    """One pass of ``memstress_guest_code`` for every vCPU, on a reference VM.
-
-    vCPUs run in lockstep, one access each in index order: a deterministic
-    stand-in for parallel vCPUs. Each draws one number for the page (random
-    access only), then one for the write decision.
-    """
-    page = vm.guest_page_size
-    vcpus = vm.vcpus
-    access = vm.guest_access
-    longest = max((v.pages for v in vcpus), default=0)
-    for i in range(longest):
-        for v in vcpus:
-            if i >= v.pages:
-                continue
-            if random_access:
-                v.rng = guest_random_u32(v.rng)
-                pg = v.rng % v.pages
-            else:
-                pg = i
-            v.rng = guest_random_u32(v.rng)
-            access(v, v.gpa + pg * page, v.rng % 100 < write_percent)
-    for v in vcpus:
-        vm.guest_mmio_exit(v)
-
-
 @dataclass
 class RunResult:
     """The counts of one perf-test run under one variant."""
@@ -352,6 +326,6 @@ def _run_group(p: PerfTestParams, layout: Layout, group: list[Variant], eng: Any
 
 
 
-__all__ = ["PerfTestParams", "Layout", "memstress_layout", "memstress_pass", "run_perf_test",
+__all__ = ["PerfTestParams", "Layout", "memstress_layout", "run_perf_test",
            "run_variants",
            "RunResult", "guest_random_u32", "parse_mode"]

@@ -65,7 +65,7 @@ def get_engine(engine: Any, params: Any = None, variants: Any = None) -> Any:
         return engine
     if engine_name(engine, params, variants) == "reference":
         return ReferenceEngine()
-    from .fast import FastEngine, require_flag_only
+    from .vm import FastEngine, require_flag_only
     for v in _as_list(variants):
         require_flag_only(v)
     return FastEngine()

@@ -25,6 +25,7 @@ from ..uapi import (KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, KVM_CAP_ARM_SUPPORTED_BL
                     KVM_CAP_ARM_VM_IPA_SIZE, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                     KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_CAPS,
                     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+from ..memstress import memstress_pass
 from ..versions import DEFAULT_KERNEL, kernel_rules
 from . import dirty_log, mmu
 from .backing import Backing
@@ -361,7 +362,6 @@ class VM(VMBase):
         self.k[K_MMIO_EXITS * SLOTS + NOLEVEL] += 1
 
     def guest_pass(self, write_percent: int, random_access: bool) -> None:
-        from ..workload import memstress_pass
         memstress_pass(self, write_percent, random_access)
 
     # -- results -------------------------------------------------------------

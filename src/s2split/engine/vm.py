@@ -1,8 +1,10 @@
-"""The fast engine: the reference engine's semantics over numpy arrays, compiled.
+"""The fast engine's VM: the twin of :mod:`s2split.kvm.vm`.
 
 :class:`FastVM` keeps the ioctl rules of :class:`~s2split.kvm.vm.VMBase`
 (shared with the reference engine) and runs every per-entry, per-page and
-per-word loop in :mod:`s2split.engine.kernels`. Table memory is one
+per-word loop in the engine's compiled modules (``stage2``, ``mmu``,
+``dirty_log``, ``guest``), over the arrays laid out in
+:mod:`s2split.engine.state`. Table memory is one
 ``(pages, entries)`` int64 array sized up front from the memslots (an upper
 bound on the tables that faults, splits and caches can ever hold), so that
 compiled code never needs to grow it; ``np.zeros`` leaves untouched pages
@@ -18,26 +20,30 @@ from typing import Sequence
 import numpy as np
 
 from ..arch import Geometry
-from ..counters import K_CACHE_PAGES_FREED, NKINDS, NOLEVEL, OP, SIZE, SLOTS, Counts
+from ..counters import K_CACHE_PAGES_FREED, OP, SIZE, Counts
 from ..errors import S2Error
 from ..hw import Features
+from ..kvm import mmu as KM
 from ..kvm.memslot import Memslot
-from ..kvm import mmu
-from ..kvm.mmu import kvm_mmu_split_nr_page_tables
 from ..kvm.vm import VMBase, Vcpu
 from ..pgtable.memory import TABLE_PA_BASE
 from ..pgtable.variants import VANILLA, WALK_OPS, Variant
+from ..rules import HUGETLB_CLASS, oa_format
 from ..versions import DEFAULT_KERNEL
-from . import kernels as KN
-
-#: The variable regions of M, in order: (scalar holding the offset, columns).
-_REGIONS = (("refc", KN.S_REFC, 1), ("fstack", KN.S_FSTACK, 1),
-            ("vcache", KN.S_VCACHE, KN.VCACHE_CAP), ("vcn", KN.S_VCN, 1),
-            ("vregs", KN.S_VREGS, 3), ("scache", KN.S_SCACHE, 1),
-            ("slots", KN.S_SLOTS, KN.NCOL))
+from . import compile_cache  # noqa: F401  (drops a stale compile cache on import)
+from .dirty_log import kvm_clear_dirty_log_protect, kvm_get_dirty_log_protect
+from .guest import KEEPS_FAULTING, REPLAY_SIZE, memstress_pass
+from .memory import cache_free_all
+from .mmu import (kvm_mmu_split_memory_region, kvm_mmu_wp_memory_region, kvm_stage2_destroy)
+from .pte import table_pfn
+from .stage2 import stage2_init, stage2_unmap
+from .state import (BACKING, FIXED, MC_SPLIT, NCOL, NREGS, REGIONS, ROOT, VARIANT_FLAGS,
+                    COUNTERS, S, SlotCol, VcpuReg, kvm_count)
+from ..bits import LOCKED
 
 
 def require_flag_only(variant: Variant) -> None:
+    """Refuse a variant that replaces a visitor: only the reference engine runs those."""
     if not variant.flag_only:
         raise S2Error(f"variant {variant.name!r} replaces a visitor; only the reference "
                       "engine can run it")
@@ -54,49 +60,49 @@ class FastVM(VMBase):
         g = geom
         self._rows = {"refc": 0, "fstack": 0, "vcache": 1, "vcn": 1, "vregs": 1, "scache": 1,
                       "slots": 4}
-        self.M = np.zeros(KN.FIXED, dtype=np.int64)
+        self.M = np.zeros(FIXED, dtype=np.int64)
         self._layout(self._rows)
         M = self.M
-        M[KN.S_PTRS] = g.ptrs_per_table
-        M[KN.S_PS] = g.page_shift
-        M[KN.S_GPS] = g.page_shift
-        M[KN.S_BPL] = g.bits_per_level
-        M[KN.S_START] = g.start_level
-        M[KN.S_PGDP] = g.pgd_pages
-        M[KN.S_IPA] = g.ipa_bits
-        M[KN.S_FMT] = 2 if g.lpa2 else 1 if g.granule == 65536 else 0
-        M[KN.S_LPA2] = int(g.lpa2)
+        M[S.PTRS] = g.ptrs_per_table
+        M[S.PAGE_SHIFT] = g.page_shift
+        M[S.GUEST_PAGE_SHIFT] = g.page_shift
+        M[S.BITS_PER_LEVEL] = g.bits_per_level
+        M[S.START_LEVEL] = g.start_level
+        M[S.PGD_PAGES] = g.pgd_pages
+        M[S.IPA_BITS] = g.ipa_bits
+        M[S.OA_FORMAT] = oa_format(g.page_shift, g.lpa2)
+        M[S.LPA2] = int(g.lpa2)
         f = self.features
-        M[KN.S_VHE], M[KN.S_FWB], M[KN.S_RANGE], M[KN.S_DIC] = f.vhe, f.fwb, f.tlbirange, f.dic
-        M[KN.S_MINBLK] = g.min_block_level
-        M[KN.S_HOSTVA] = host_va_bits
-        M[KN.S_LASTSLOT] = -1
-        M[KN.S_PHYSBITS] = 52 if (g.lpa2 or g.lpa) else 48
-        M[KN.S_TABLE_BASE] = TABLE_PA_BASE
-        M[KN.S_LEVELS] = g.levels
-        M[KN.S_FREECLEAR] = self.rules.free_clears_tables
-        M[KN.S_CHUNKDESTROY] = self.rules.chunked_destroy
+        M[S.VHE], M[S.FWB], M[S.TLBIRANGE], M[S.DIC] = f.vhe, f.fwb, f.tlbirange, f.dic
+        M[S.MIN_BLOCK_LEVEL] = g.min_block_level
+        M[S.HOST_VA_BITS] = host_va_bits
+        M[S.LAST_SLOT] = -1
+        M[S.PHYS_BITS] = 52 if (g.lpa2 or g.lpa) else 48
+        M[S.TABLE_BASE] = TABLE_PA_BASE
+        M[S.LEVELS] = g.levels
+        M[S.FREE_CLEARS] = self.rules.free_clears_tables
+        M[S.CHUNKED_DESTROY] = self.rules.chunked_destroy
         self.set_variant(variant)
         self.T = np.zeros((0, g.ptrs_per_table), dtype=np.int64)
         self.B = np.zeros(0, dtype=np.int64)
-        self._replays = np.zeros(KN.R_SIZE, dtype=np.int64)
+        self._replays = np.zeros(REPLAY_SIZE, dtype=np.int64)
         self._slot_row: dict[int, int] = {}
         self._table_bound = g.pgd_pages + 64
         self._grow_tables()
-        KN.alloc_root(self.T, self.M)
+        stage2_init(self.T, self.M)
 
     # -- memory layout -----------------------------------------------------------
     def _layout(self, rows: dict[str, int]) -> None:
         """(Re)build M with room for ``rows`` of each region, keeping contents."""
         old = self.M
-        size = KN.FIXED + sum(rows[name] * cols for name, _, cols in _REGIONS)
+        size = FIXED + sum(rows[name] * cols for name, _, cols in REGIONS)
         M = np.zeros(size, dtype=np.int64)
-        M[:KN.FIXED] = old[:KN.FIXED]
-        off = KN.FIXED
-        for name, key, cols in _REGIONS:
+        M[:FIXED] = old[:FIXED]
+        off = FIXED
+        for name, key, cols in REGIONS:
             n = rows[name] * cols
             prev = self._rows.get(name, 0) * cols
-            if old is not M and int(old[key]) >= KN.FIXED:
+            if old is not M and int(old[key]) >= FIXED:
                 keep = min(prev, n)
                 M[off:off + keep] = old[int(old[key]):int(old[key]) + keep]
             M[key] = off
@@ -105,8 +111,8 @@ class FastVM(VMBase):
         self._rows = dict(rows)
 
     def _region(self, name: str) -> np.ndarray:
-        key = dict((n, k) for n, k, _ in _REGIONS)[name]
-        cols = dict((n, c) for n, _, c in _REGIONS)[name]
+        key = dict((n, k) for n, k, _ in REGIONS)[name]
+        cols = dict((n, c) for n, _, c in REGIONS)[name]
         off = int(self.M[key])
         return self.M[off:off + self._rows[name] * cols]
 
@@ -119,19 +125,19 @@ class FastVM(VMBase):
     def _grow_tables(self) -> None:
         """Size table memory for the worst case: every slot fully split, every
         vCPU cache and the split cache full (it never shrinks)."""
-        need = self._table_bound + KN.VCACHE_CAP * len(self.vcpus) + \
-            kvm_mmu_split_nr_page_tables(self, self.split_chunk_size)
+        need = self._table_bound + KM.VCPU_CACHE_CAPACITY * len(self.vcpus) + \
+            KM.kvm_mmu_split_nr_page_tables(self, self.split_chunk_size)
         cap = self._rows["refc"]
         if need <= cap:
             return
-        used = int(self.M[KN.S_NEXT])
+        used = int(self.M[S.NEXT_PAGE])
         T = np.zeros((need, self.geom.ptrs_per_table), dtype=np.int64)
         T[:used] = self.T[:used]
         self.T = T
         rows = dict(self._rows)
         rows["refc"] = rows["fstack"] = need
         self._layout(rows)
-        self.M[KN.S_CAP] = need
+        self.M[S.CAPACITY] = need
 
     def _tables_for(self, slot: Memslot) -> int:
         g = self.geom
@@ -142,70 +148,68 @@ class FastVM(VMBase):
         return n
 
     def _count(self, kind: int, n: int = 1) -> None:
-        self.M[KN.CNT0 + (OP["kvm"] * NKINDS + kind) * SLOTS + NOLEVEL] += n
+        kvm_count(self.M, kind, n)
 
     def _row(self, slot: Memslot) -> int:
         return self._slot_row[slot.id]
 
     def _slot_col(self, slot: Memslot, col: int) -> int:
-        return int(self.M[KN.S_SLOTS]) + self._row(slot) * KN.NCOL + col
+        return int(self.M[S.SLOTS]) + self._row(slot) * NCOL + col
 
     # -- VMBase hooks -------------------------------------------------------------
     def set_eager_split_chunk_size(self, size: int) -> None:
         super().set_eager_split_chunk_size(size)
-        self.M[KN.S_CHUNK] = size
-        self._ensure_rows("scache", kvm_mmu_split_nr_page_tables(self, size) + 1)
+        self.M[S.CHUNK] = size
+        self._ensure_rows("scache", KM.kvm_mmu_split_nr_page_tables(self, size) + 1)
         self._grow_tables()
 
     def enable_cap(self, cap: int, value: int) -> None:
         super().enable_cap(cap, value)
-        self.M[KN.S_MANUAL] = self.manual_dirty_log_protect
+        self.M[S.MANUAL] = self.manual_dirty_log_protect
 
     def _slot_created(self, slot: Memslot) -> None:
-        n = int(self.M[KN.S_NSLOTS])
+        n = int(self.M[S.NSLOTS])
         self._ensure_rows("slots", n + 1)
         b = slot.backing
-        kind = {"anonymous": KN.KIND_ANON, "thp": KN.KIND_THP, "hugetlb": KN.KIND_HUGETLB}[b.kind]
-        row = {KN.C_BASE: slot.base_gfn, KN.C_NPAGES: slot.npages, KN.C_FLAGS: slot.flags,
-               KN.C_HVA: slot.userspace_addr, KN.C_HPA: slot.host_pa, KN.C_SIZE: slot.size,
-               KN.C_KIND: kind, KN.C_PAGESZ: b.page_size,
-               KN.C_HCLASS: KN.HCLASS[b.hugetlb_class] if b.hugetlb_class else KN.HC_NONE,
-               KN.C_ACTIVE: 1, KN.C_ID: slot.id}
+        row = {SlotCol.BASE_GFN: slot.base_gfn, SlotCol.NPAGES: slot.npages, SlotCol.FLAGS: slot.flags,
+               SlotCol.USERSPACE_ADDR: slot.userspace_addr, SlotCol.HOST_PA: slot.host_pa, SlotCol.SIZE: slot.size,
+               SlotCol.BACKING: BACKING[b.kind], SlotCol.PAGE_SIZE: b.page_size,
+               SlotCol.HUGETLB_CLASS: HUGETLB_CLASS[b.hugetlb_class], SlotCol.ACTIVE: 1}
         self._slot_row[slot.id] = n
-        self.M[KN.S_NSLOTS] = n + 1
+        self.M[S.NSLOTS] = n + 1
         for col, value in row.items():
             self.M[self._slot_col(slot, col)] = value
         self._table_bound += self._tables_for(slot)
         self._grow_tables()
 
     def _bitmap_changed(self, slot: Memslot, enabled: bool, all_set: bool) -> None:
-        self.M[self._slot_col(slot, KN.C_FLAGS)] = slot.flags
+        self.M[self._slot_col(slot, SlotCol.FLAGS)] = slot.flags
         if not enabled:
-            self.M[self._slot_col(slot, KN.C_HASBM)] = 0
+            self.M[self._slot_col(slot, SlotCol.HAS_BITMAP)] = 0
             return
         words = np.array(slot.new_bitmap(all_set), dtype=np.uint64).view(np.int64)
-        self.M[self._slot_col(slot, KN.C_BMOFF)] = len(self.B)
-        self.M[self._slot_col(slot, KN.C_HASBM)] = 1
+        self.M[self._slot_col(slot, SlotCol.BITMAP)] = len(self.B)
+        self.M[self._slot_col(slot, SlotCol.HAS_BITMAP)] = 1
         self.B = np.concatenate([self.B, words])
 
     def set_memslot_flags(self, slot_id: int, flags: int) -> None:
         super().set_memslot_flags(slot_id, flags)
         if slot_id in self._slot_row:
-            self.M[self._slot_col(self.memslots[slot_id], KN.C_FLAGS)] = flags
+            self.M[self._slot_col(self.memslots[slot_id], SlotCol.FLAGS)] = flags
 
     def set_guest_page_size(self, size: int) -> None:
         super().set_guest_page_size(size)
-        self.M[KN.S_GPS] = size.bit_length() - 1
+        self.M[S.GUEST_PAGE_SHIFT] = size.bit_length() - 1
 
     def _slot_deleted(self, slot: Memslot) -> None:
-        mmu.stage2_apply_range(self.geom, slot.base_gpa, slot.end_gpa,
-                               lambda addr, size: KN.s2_unmap(self.T, self.M, addr, size))
-        self.M[self._slot_col(slot, KN.C_ACTIVE)] = 0
-        self.M[KN.S_LASTSLOT] = -1
+        KM.stage2_apply_range(self.geom, slot.base_gpa, slot.end_gpa,
+                               lambda addr, size: stage2_unmap(self.T, self.M, addr, size))
+        self.M[self._slot_col(slot, SlotCol.ACTIVE)] = 0
+        self.M[S.LAST_SLOT] = -1
 
     def _get_dirty_log(self, slot: Memslot) -> np.ndarray:
         out = np.zeros(slot.nwords, dtype=np.int64)
-        KN.get_dirty_log(self.T, self.M, self.B, self._row(slot), out)
+        kvm_get_dirty_log_protect(self.T, self.M, self.B, self._row(slot), out)
         return out.view(np.uint64)  # unsigned words, like the reference's ints
 
     def _clear_dirty_log(self, slot: Memslot, first_page: int, num_pages: int,
@@ -215,7 +219,7 @@ class FastVM(VMBase):
                 bitmap.astype(np.int64)
         else:
             user = np.array([int(w) for w in bitmap], dtype=np.uint64).view(np.int64)
-        KN.clear_dirty_log(self.T, self.M, self.B, self._row(slot), first_page, num_pages,
+        kvm_clear_dirty_log_protect(self.T, self.M, self.B, self._row(slot), first_page, num_pages,
                            np.ascontiguousarray(user))
 
     def _vcpu_added(self, vcpu: Vcpu) -> None:
@@ -223,18 +227,21 @@ class FastVM(VMBase):
         for name in ("vcache", "vcn", "vregs"):
             self._ensure_rows(name, n)
         regs = self._region("vregs")
-        regs[(n - 1) * 3:(n - 1) * 3 + 3] = (vcpu.gpa, vcpu.pages, vcpu.rng)
-        self.M[KN.S_NVCPU] = n
+        row = (n - 1) * NREGS
+        regs[row + VcpuReg.GPA] = vcpu.gpa
+        regs[row + VcpuReg.PAGES] = vcpu.pages
+        regs[row + VcpuReg.RNG] = vcpu.rng
+        self.M[S.NVCPUS] = n
         self._grow_tables()
 
     def wp_memory_region(self, slot: Memslot) -> None:
-        KN.wp_memory_region(self.T, self.M, self._row(slot))
+        kvm_mmu_wp_memory_region(self.T, self.M, self._row(slot))
 
     def split_memory_region(self, slot: Memslot) -> None:
-        KN.split_memory_region(self.T, self.M, self._row(slot))
+        kvm_mmu_split_memory_region(self.T, self.M, self._row(slot))
 
     def free_split_cache(self) -> None:
-        self._count(K_CACHE_PAGES_FREED, KN.cache_free_all(self.T, self.M, KN.MC_SPLIT))
+        self._count(K_CACHE_PAGES_FREED, cache_free_all(self.T, self.M, MC_SPLIT))
 
     # -- snapshots (for running several variants off one run) ------------------
     def set_variant(self, variant: Variant) -> None:
@@ -242,10 +249,10 @@ class FastVM(VMBase):
         require_flag_only(variant)
         self.variant = variant
         for op in WALK_OPS:
-            self.M[KN.S_VF0 + OP[op]] = variant.flags_for(op)
+            self.M[VARIANT_FLAGS + OP[op]] = variant.flags_for(op)
 
     def snapshot(self) -> tuple:
-        used = int(self.M[KN.S_NEXT])
+        used = int(self.M[S.NEXT_PAGE])
         return (self.T[:used].copy(), self.M.copy(), self.B.copy(), dict(self._rows),
                 copy.deepcopy((self.memslots, self.vcpus, self.manual_dirty_log_protect,
                                self.split_chunk_size, self._slot_row, self._table_bound)))
@@ -255,7 +262,7 @@ class FastVM(VMBase):
         if len(self.T) < len(T) or self.T.shape[1] != T.shape[1]:
             raise AssertionError("a snapshot from another VM")
         self.T[:len(T)] = T
-        self.T[len(T):int(self.M[KN.S_NEXT])] = 0
+        self.T[len(T):int(self.M[S.NEXT_PAGE])] = 0
         self.M = M.copy()
         self.B = B.copy()
         self._rows = dict(rows)
@@ -264,48 +271,50 @@ class FastVM(VMBase):
 
     def _state_parts(self, T: np.ndarray, M: np.ndarray, B: np.ndarray) -> tuple:
         """Everything but the counters, the scratch and the variant flags."""
-        used = int(M[KN.S_NEXT])
-        return T[:used], M[:KN.S_VF0], M[KN.ROOT0:], B
+        used = int(M[S.NEXT_PAGE])
+        return T[:used], M[:VARIANT_FLAGS], M[ROOT:], B
 
     def state_equals(self, snap: tuple) -> bool:
         """True when the live state equals the snapshot's (counters aside)."""
         T, M, B, rows, _ = snap
-        if rows != self._rows or int(M[KN.S_NEXT]) != int(self.M[KN.S_NEXT]):
+        if rows != self._rows or int(M[S.NEXT_PAGE]) != int(self.M[S.NEXT_PAGE]):
             return False
         return all(np.array_equal(a, b) for a, b in
                    zip(self._state_parts(self.T, self.M, self.B), self._state_parts(T, M, B)))
 
     # -- guest and results -----------------------------------------------------
     def guest_pass(self, write_percent: int, random_access: bool) -> None:
-        ret = KN.guest_pass(self.T, self.M, self.B, self._replays, write_percent,
+        ret = memstress_pass(self.T, self.M, self.B, self._replays, write_percent,
                             bool(random_access))
+        if ret == KEEPS_FAULTING:
+            raise AssertionError("a guest access keeps faulting")
         if ret != 0:
             raise S2Error(f"a guest access failed (error {ret})")
         regs = self._region("vregs")
         for v in self.vcpus:
-            v.rng = int(regs[v.index * 3 + 2])
+            v.rng = int(regs[v.index * NREGS + VcpuReg.RNG])
 
     def destroy(self) -> None:
         for v in range(len(self.vcpus)):
-            KN.cache_free_all(self.T, self.M, v)
-        KN.cache_free_all(self.T, self.M, KN.MC_SPLIT)
-        KN.s2_destroy(self.T, self.M)
+            cache_free_all(self.T, self.M, v)
+        cache_free_all(self.T, self.M, MC_SPLIT)
+        kvm_stage2_destroy(self.T, self.M)
 
     def take_counts(self) -> Counts:
-        cnt = self.M[KN.CNT0:KN.CNT0 + SIZE]
+        cnt = self.M[COUNTERS:COUNTERS + SIZE]
         c = Counts.from_flat(cnt)
         cnt[:] = 0
         return c
 
     def _pfn(self, entry: int) -> int:
-        return int(KN.pfn_of(self.M, np.int64(entry)))
+        return int(table_pfn(self.M, np.int64(entry)))
 
     def dump_tables(self) -> bytes:
         """The reference's canonical image (:meth:`Stage2PageTable.dump`)."""
         g = self.geom
         out = bytearray()
         span = g.granule_size(g.start_level - 1)
-        stack = [(int(self.M[KN.ROOT0 + i]), g.start_level, i * span)
+        stack = [(int(self.M[ROOT + i]), g.start_level, i * span)
                  for i in range(g.pgd_pages)]
         stack.reverse()
         while stack:
@@ -321,20 +330,20 @@ class FastVM(VMBase):
 
     def dirty_bitmap(self, slot_id: int) -> list[int] | None:
         slot = self.memslots[slot_id]
-        if not self.M[self._slot_col(slot, KN.C_HASBM)]:
+        if not self.M[self._slot_col(slot, SlotCol.HAS_BITMAP)]:
             return None
-        off = int(self.M[self._slot_col(slot, KN.C_BMOFF)])
+        off = int(self.M[self._slot_col(slot, SlotCol.BITMAP)])
         return [int(w) for w in self.B[off:off + slot.nwords].view(np.uint64)]
 
     def table_pages(self) -> int:
         """Table pages in use (reachable, or held by a cache)."""
-        return int(self.M[KN.S_NEXT]) - int(self.M[KN.S_FTOP])
+        return int(self.M[S.NEXT_PAGE]) - int(self.M[S.FREE_TOP])
 
     def check_invariants(self) -> list[str]:
         problems = []
         g = self.geom
         refc = self._region("refc")
-        stack = [(int(self.M[KN.ROOT0 + i]), g.start_level) for i in range(g.pgd_pages)]
+        stack = [(int(self.M[ROOT + i]), g.start_level) for i in range(g.pgd_pages)]
         while stack:
             pfn, level = stack.pop()
             row = self.T[pfn]
@@ -342,7 +351,7 @@ class FastVM(VMBase):
             if int(refc[pfn]) != nz + 1:
                 problems.append(f"table {pfn} (level {level}): refcount {int(refc[pfn])} "
                                 f"!= {nz} + 1")
-            if np.any(((row & 1) == 0) & ((row & KN.LOCKED) != 0)):
+            if np.any(((row & 1) == 0) & ((row & LOCKED) != 0)):
                 problems.append(f"locked entry left in table {pfn}")
             if level < 3:
                 for e in row[(row & 3) == 3]:

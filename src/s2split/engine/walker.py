@@ -1,0 +1,223 @@
+"""The generic walker in the fast engine: the twin of :mod:`s2split.pgtable.walker`.
+
+The same visit order and counts, iteratively: numba cannot cache recursive
+functions, so the descent keeps an explicit stack in ``M`` (``STACK_*``: the
+table page, the entry index and the table entry walked into, per depth).
+The walk flags, hints and ``walk_continue`` are the reference's own, compiled.
+
+For the two walks that dominate eager splitting -- write-protect and split
+over level-3 tables, LEAF-only and not handling faults -- the rest of a
+level-3 table loop runs as one branch-free loop (:func:`_leaf_run`) that LLVM
+vectorizes; its counts follow the same rule as a visit
+(:func:`~s2split.engine.state.count_leaf_visits`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .. import counters as C
+from ..bits import S2AP_W, VALID
+from ..errors import ERANGE
+from ..pgtable import walker as WK
+from .pte import is_table, table_pfn
+from .state import (NOLV, ROOT, STACK_IDX, STACK_OLD, STACK_PFN, S, W, count,
+                    count_leaf_visits, granule_size, level_shift)
+from .visitors import call_visitor
+
+LEAF, TABLE_PRE, TABLE_POST, SHARED = WK.LEAF, WK.TABLE_PRE, WK.TABLE_POST, WK.SHARED
+HANDLE_FAULT, RETURN_HINTS, SKIP_LEVEL_BASE = WK.HANDLE_FAULT, WK.RETURN_HINTS, WK.SKIP_LEVEL_BASE
+HINT_SKIP_SIBLINGS, HINT_SKIP_CHILDREN = WK.HINT_SKIP_SIBLINGS, WK.HINT_SKIP_CHILDREN
+#: _visit's results besides 0 and errors: the child is on the stack one
+#: deeper; the table loop was cut short by a hint (``_TABLE_DONE`` in the reference).
+DESCEND = 1 << 40
+TABLE_DONE = 1 << 41
+
+walk_continue = njit(cache=True, inline="always", _nrt=False)(WK.walk_continue)
+
+
+@njit(cache=True, _nrt=False)
+def _advance(M, level):
+    """Move the walk's address to the next boundary of ``level`` (``__kvm_pgtable_visit``)."""
+    g = granule_size(M, level)
+    M[W.ADDR] = (M[W.ADDR] & ~(g - 1)) + g
+
+
+@njit(cache=True, _nrt=False)
+def _visit(T, M, d, level):
+    """``__kvm_pgtable_visit()`` for the entry at stack depth ``d``. Returns 0,
+    DESCEND (the child is on the stack at depth d + 1), TABLE_DONE or an error."""
+    op = M[W.OP]
+    flags = M[W.FLAGS]
+    pfn = M[STACK_PFN + d]
+    idx = M[STACK_IDX + d]
+    old = T[pfn, idx]
+    table = is_table(old, level)
+    ret = 0
+    called = False
+    if table:
+        count(M, op, C.K_READ_TABLE, level, 1)
+        if flags & TABLE_PRE:
+            count(M, op, C.K_VISIT_PRE, level, 1)
+            count(M, op, C.K_RELOAD, level, 1)
+            ret = call_visitor(T, M, pfn, idx, old, level, TABLE_PRE)
+            called = True
+    elif flags & LEAF:
+        valid = 1 if old & VALID else 0
+        count_leaf_visits(M, op, level, valid, 1 - valid)
+        ret = call_visitor(T, M, pfn, idx, old, level, LEAF)
+        called = True
+    else:
+        count(M, op, C.K_READ_LEAF if old & VALID else C.K_READ_INVALID, level, 1)
+    if called:
+        # Re-read: a visitor that installed or replaced a table is descended into.
+        old = T[pfn, idx]
+        table = is_table(old, level)
+    skip_new = False
+    if ret > 0:
+        # Only RETURN_HINTS visitors return positive values.
+        if ret == HINT_SKIP_SIBLINGS:
+            count(M, op, C.K_SKIP_SIBLINGS, level, 1)
+            _advance(M, level - 1)
+            return TABLE_DONE
+        skip_new = ret == HINT_SKIP_CHILDREN
+        ret = 0
+    if M[W.BUILT_COMPLETE]:
+        M[W.BUILT_COMPLETE] = 0
+        skip_new = True
+    if not walk_continue(flags, ret):
+        return ret
+    if not table:
+        _advance(M, level)
+        return 0
+    if skip_new or flags & (1 << (SKIP_LEVEL_BASE + level + 1)):  # skip_level(child level)
+        count(M, op, C.K_SKIP_CHILDREN if skip_new else C.K_SKIP_LEVEL, level, 1)
+        _advance(M, level)
+        if flags & TABLE_POST:
+            count(M, op, C.K_VISIT_POST, level, 1)
+            ret = call_visitor(T, M, pfn, idx, old, level, TABLE_POST)
+            return 0 if walk_continue(flags, ret) else ret
+        return 0
+    count(M, op, C.K_DESCENT, level, 1)
+    M[STACK_OLD + d] = old
+    M[STACK_PFN + d + 1] = table_pfn(M, old)
+    return DESCEND
+
+
+@njit(cache=True, _nrt=False)
+def _leaf_run(T, M, d, op, attr_clr):
+    """The rest of a level-3 table loop of a LEAF-only walk that does not
+    handle faults: write-protect (clear ``attr_clr`` on valid pages) or split
+    (no work at level 3), with :func:`_visit`'s counts. Returns the index
+    where the loop stopped."""
+    pfn = M[STACK_PFN + d]
+    i = M[STACK_IDX + d]
+    ptrs = M[S.PTRS]
+    ps = M[S.PAGE_SHIFT]
+    addr = M[W.ADDR]
+    end = M[W.END]
+    # The entries this loop visits, known up front: up to the end of the table
+    # or of the range, whichever is first. The per-entry loop below is then
+    # branch-free (select instead of if) so that LLVM can vectorize it.
+    base = (addr >> ps) << ps
+    n = 0
+    if addr < end:
+        n = min(ptrs - i, (end - base + (1 << ps) - 1) >> ps)
+    nvalid = 0
+    writes = 0
+    # Unsigned indices: numba then drops the negative-index wraparound that
+    # otherwise keeps these loops from vectorizing (3x slower).
+    row = np.uint64(pfn)
+    lo = np.uint64(i)
+    hi = np.uint64(i + n)
+    if attr_clr:
+        for j in range(lo, hi):
+            old = T[row, j]
+            v = old & VALID
+            new = old & ~(attr_clr * v)
+            nvalid += v
+            writes += (new ^ old) != 0
+            T[row, j] = new
+    else:
+        # Split has nothing to do at level 3: only read (no stores, so that
+        # the loop does not dirty the table pages).
+        for j in range(lo, hi):
+            nvalid += T[row, j] & VALID
+    M[W.ADDR] = base + (n << ps) if n else addr
+    count_leaf_visits(M, op, 3, nvalid, n - nvalid)
+    count(M, op, C.K_PTE_WRITE, 3, writes)
+    return i + n
+
+
+@njit(cache=True, _nrt=False)
+def walk_table(T, M, pfn, level):
+    """``__kvm_pgtable_walk()`` from one table, iteratively down its subtree."""
+    op = M[W.OP]
+    flags = M[W.FLAGS]
+    ptrs = M[S.PTRS]
+    d = 0
+    M[STACK_PFN] = pfn
+    M[STACK_IDX] = (M[W.ADDR] >> level_shift(M, level)) & (ptrs - 1)
+    count(M, op, C.K_LOOPS, level, 1)
+    run = (op == C.OP_WRPROTECT or op == C.OP_SPLIT) and \
+        not flags & (TABLE_PRE | TABLE_POST | SHARED | HANDLE_FAULT | RETURN_HINTS)
+    attr_clr = M[W.ATTR_CLR] if op == C.OP_WRPROTECT and M[W.ATTR_SET] == 0 else 0
+    while True:
+        lv = level + d
+        if run and lv == 3 and (op == C.OP_SPLIT or attr_clr == S2AP_W):
+            M[STACK_IDX + d] = _leaf_run(T, M, d, op, attr_clr)
+        if M[STACK_IDX + d] >= ptrs or M[W.ADDR] >= M[W.END]:
+            r = 0
+        else:
+            r = _visit(T, M, d, lv)
+            if r == DESCEND:
+                d += 1
+                M[STACK_IDX + d] = (M[W.ADDR] >> level_shift(M, lv + 1)) & (ptrs - 1)
+                count(M, op, C.K_LOOPS, lv + 1, 1)
+                continue
+            if r == 0:
+                M[STACK_IDX + d] += 1
+                continue
+            if r != TABLE_DONE:
+                return r  # an error ends every loop on the way up
+        # This table loop is done: back to the parent entry.
+        if d == 0:
+            return 0
+        d -= 1
+        lv = level + d
+        if flags & TABLE_POST:
+            count(M, op, C.K_VISIT_POST, lv, 1)
+            r = call_visitor(T, M, M[STACK_PFN + d], M[STACK_IDX + d], M[STACK_OLD + d], lv,
+                             TABLE_POST)
+            if not walk_continue(flags, r):
+                return r
+        M[STACK_IDX + d] += 1
+
+
+@njit(cache=True, _nrt=False)
+def kvm_pgtable_walk(T, M, op, addr, size, flags):
+    """``kvm_pgtable_walk()`` over ``[addr, addr + size)``, counted as ``op``;
+    the visitor is the operation's, and its argument is in the ``W`` fields."""
+    count(M, op, C.K_WALKS, NOLV, 1)
+    count(M, op, C.K_WALK_BYTES, NOLV, size)
+    page = 1 << M[S.PAGE_SHIFT]
+    start = addr & ~(page - 1)
+    end = (start + size + page - 1) & ~(page - 1)
+    M[W.ADDR] = start
+    M[W.START] = start
+    M[W.END] = end
+    M[W.FLAGS] = flags
+    M[W.OP] = op
+    M[W.BUILT_COMPLETE] = 0
+    limit = 1 << M[S.IPA_BITS]
+    if start > limit or end > limit:
+        return -ERANGE
+    ridx = (start & (limit - 1)) >> level_shift(M, M[S.START_LEVEL] - 1)
+    ret = 0
+    while M[W.ADDR] < end:
+        ret = walk_table(T, M, M[ROOT + ridx], M[S.START_LEVEL])
+        if ret != 0:
+            break
+        ridx += 1
+    return ret
