@@ -47,7 +47,7 @@ from s2split.engine import get_engine
 from s2split.engine import kernels as KN
 from s2split.engine.fast import FastVM
 from s2split.errors import KernelError, S2Error
-from s2split.hw import Features
+from s2split.features import Features
 from s2split.kvm import mmu
 from s2split.kvm.backing import parse_backing
 from s2split.pgtable.memory import MemoryCache

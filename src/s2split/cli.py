@@ -198,7 +198,7 @@ def perf_test_params(args: argparse.Namespace) -> list[Any]:
     """Params for each selected mode, from parsed options."""
     from .arch import parse_granule
     from .cost import load_profile
-    from .hw import Features
+    from .features import Features
     from .workload import PerfTestParams
 
     profile = load_profile(args.profile)

@@ -21,7 +21,7 @@ import numpy as np
 from .counters import KIND, KINDS, NKINDS, NOPS, OP, OPS, SLOTS, Counts, slot, slot_level
 from . import phases
 from .errors import S2Error
-from .hw import Features
+from .features import Features
 
 PROFILE_FORMAT = "s2split-profile/1"
 DEFAULT_PROFILE = "server-vhe"

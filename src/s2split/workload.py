@@ -31,7 +31,7 @@ from .arch import GRANULES, Geometry, size_name
 from .counters import WALK_OPS as COUNTED_WALK_OPS
 from .counters import Counts
 from .errors import S2Error
-from .hw import Features
+from .features import Features
 from .kvm.backing import Backing, parse_backing
 from .memstress import Layout, check_upstream_options, guest_random_u32, vcpu_seed
 from .memstress import memstress_layout as _layout

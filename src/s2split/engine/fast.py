@@ -20,7 +20,7 @@ import numpy as np
 from ..arch import Geometry
 from ..counters import K_CACHE_PAGES_FREED, NKINDS, NOLEVEL, OP, SIZE, SLOTS, Counts
 from ..errors import S2Error
-from ..hw import Features
+from ..features import Features
 from ..kvm.memslot import Memslot
 from ..kvm import mmu
 from ..kvm.mmu import kvm_mmu_split_nr_page_tables

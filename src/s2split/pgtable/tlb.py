@@ -35,7 +35,7 @@ from ..counters import (K_DCACHE_BYTES, K_DCACHE_OPS, K_DSB_ISH, K_DSB_ISHST, K_
                         K_TLBI_RANGE, K_TLBI_RANGE_OPS, K_TLBI_RANGE_PAGES, K_TLBI_S1,
                         K_TLBI_VMID, NOLEVEL, SLOTS)
 from ..arch import LAST_LEVEL
-from ..hw import Features
+from ..features import Features
 
 #: ``MAX_TLBI_RANGE_PAGES`` = ``__TLBI_RANGE_PAGES(31, 3)``.
 MAX_TLBI_RANGE_PAGES = 32 << (5 * 3 + 1)
