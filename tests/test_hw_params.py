@@ -114,7 +114,7 @@ def test_config_round_trip_and_key():
 
 
 def test_hw_run_has_perf_tests_upstream_options():
-    from s2split.cli import add_perf_test_options
+    from s2split.options import add_perf_test_options
     from s2split.hw.cli import add_run_options
 
     def upstream(p):
