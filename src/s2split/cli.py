@@ -73,7 +73,7 @@ def cmd_geometry(args: argparse.Namespace) -> int:
 def cmd_variants(args: argparse.Namespace) -> int:
     from .pgtable import variants as V
     if args.check:
-        from .pgtable.check import check_variant
+        from .variant_check import check_variant
         problems = check_variant(V.get(args.check), examples=args.examples)
         if problems:
             for p in problems:
