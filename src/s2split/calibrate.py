@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .cost import Profile, governing_keys, load_profile
+from .cost import Profile, governing_keys, load_profile, parse_cost_key
 from .counters import Counts
 from .errors import S2Error
 from .phases import phase_from_label
@@ -147,12 +147,11 @@ def fit(measurements: list[Measurement], profile: Profile, keys: list[str],
         engine: str = "auto") -> Fit:
     from .pgtable.variants import get as get_variant
     from .workload import run_perf_test
-    from .cost import _parse_key
     keys = list(dict.fromkeys(keys))  # a repeated key would get a zero column
     if not keys:
         raise S2Error("--fit: no cost key to fit")
     for k in keys:
-        _parse_key(k, "--fit")
+        parse_cost_key(k, "--fit")
     runs: dict[tuple[str, str], dict[str, Counts]] = {}
     for m in measurements:
         params, variant = params_of(m.options, m.where, profile)

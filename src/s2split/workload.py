@@ -189,7 +189,7 @@ class RunResult:
         return [n for n, _ in self.phases]
 
 
-def _phase_steps(p: PerfTestParams, layout: Layout) -> list[tuple[str, Callable[[Any, dict], None]]]:
+def phase_steps(p: PerfTestParams, layout: Layout) -> list[tuple[str, Callable[[Any, dict], None]]]:
     """The test as a list of phases, each a function of the VM and a context
     (the bitmaps userspace got back from KVM_GET_DIRTY_LOG)."""
     backing = p.backing_type()
@@ -312,7 +312,7 @@ def _run_group(p: PerfTestParams, layout: Layout, group: list[Variant], eng: Any
     touched = {v.name: {op for op in WALK_OPS if v.flags_for(op) != first.flags_for(op)}
                for v in others}
     tables: dict[str, bytes] = {}
-    for name, step in _phase_steps(p, layout):
+    for name, step in phase_steps(p, layout):
         predicted = set(phase_ops(name))
         maybe = [v for v in others if touched[v.name] & predicted]
         before = (vm.snapshot(), dict(ctx)) if maybe else None
