@@ -26,7 +26,7 @@ from ..kvm import mmu
 from ..kvm.mmu import kvm_mmu_split_nr_page_tables
 from ..kvm.vm import VMBase, Vcpu
 from ..pgtable.memory import TABLE_PA_BASE
-from ..pgtable.variants import VANILLA, WALK_OPS, Variant
+from ..pgtable.variants import VANILLA, VARIANT_OPS as WALK_OPS, Variant
 from ..versions import DEFAULT_KERNEL
 from . import kernels as KN
 
