@@ -78,14 +78,14 @@ def bench_wrprotect(size: int, runs: int) -> dict:
     from s2split.modes import parse_mode
     from s2split.pgtable.variants import get as get_variant
     from s2split.engine.state import S
-    from s2split.workload import PerfTestParams, _phase_steps, memstress_layout
+    from s2split.workload import PerfTestParams, phase_steps, memstress_layout
 
     p = PerfTestParams(vcpu_memory_bytes=size, mode=parse_mode(6), manual_protect=False,
                        chunk_size=2 << 20)
     vm = get_engine("fast", p, get_variant("vanilla")).create_vm(
         p.geometry(), p.features, get_variant("vanilla"), p.host_va_bits)
     ctx: dict = {}
-    for name, step in _phase_steps(p, memstress_layout(p)):
+    for name, step in phase_steps(p, memstress_layout(p)):
         if name == "enable_dirty_logging":
             break
         step(vm, ctx)

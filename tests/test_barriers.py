@@ -7,7 +7,7 @@ import pytest
 
 from s2split.arch import Geometry
 from s2split.counters import KIND, NKINDS, NOLEVEL, SLOTS
-from s2split.hw import Features
+from s2split.features import Features
 from s2split.pgtable import tlb
 from s2split.pgtable.memory import MemoryCache
 from s2split.pgtable.stage2 import Stage2PageTable

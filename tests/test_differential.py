@@ -31,9 +31,10 @@ from hypothesis import strategies as st
 from _hyp import HYP
 
 from s2split.arch import GRANULES, Geometry
+from s2split.backing_names import ANONYMOUS_HUGETLB_SIZES
 from s2split.engine import get_engine
-from s2split.hw import Features
-from s2split.kvm.backing import ANONYMOUS_HUGETLB_SIZES, parse_backing
+from s2split.features import Features
+from s2split.kvm.backing import parse_backing
 from s2split.memstress import INT_MAX
 from s2split.errors import S2Error
 from s2split.modes import MODES, mode_for, parse_mode

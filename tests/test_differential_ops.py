@@ -53,7 +53,7 @@ from s2split.engine.state import MC_NONE, MC_SPLIT, S
 from s2split.kvm.mmu import VCPU_CACHE_CAPACITY
 from s2split.engine.vm import FastVM
 from s2split.errors import KernelError, S2Error
-from s2split.hw import Features
+from s2split.features import Features
 from s2split.kvm import mmu
 from s2split.kvm.backing import parse_backing
 from s2split.pgtable.memory import MemoryCache

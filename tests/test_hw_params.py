@@ -114,7 +114,7 @@ def test_config_round_trip_and_key():
 
 
 def test_hw_run_has_perf_tests_upstream_options():
-    from s2split.cli import add_perf_test_options
+    from s2split.options import add_perf_test_options
     from s2split.hw.cli import add_run_options
 
     def upstream(p):
@@ -141,14 +141,15 @@ def test_default_db_is_the_stores():
     assert DEFAULT_DB == STORE_DEFAULT
 
 
-def test_features_still_import_from_s2split_hw():
+def test_features_are_a_core_module():
+    """The model's CPU features live in the numpy-free core, not in the harness:
+    the stage-2 model must not import s2split.hw to learn what FWB is."""
     import pickle
 
-    import s2split.hw
-    from s2split.hw import Features
+    from s2split.features import Features
     f = Features.parse("-fwb")
     assert f.fwb is False and pickle.loads(pickle.dumps(f)) == f
-    assert Features.__module__ == "s2split.hw.features" and s2split.hw.Features is Features
+    assert Features.__module__ == "s2split.features"
 
 
 # -- the guest machine code -------------------------------------------------------------------

@@ -31,9 +31,9 @@ from s2split import errors, pte as P
 from s2split.arch import Geometry
 from s2split.counters import KIND
 from s2split.errors import S2Error
-from s2split.hw import Features
+from s2split.features import Features
 from s2split.pgtable import variants
-from s2split.pgtable.check import INVARIANT_KINDS, random_ops
+from s2split.variant_check import INVARIANT_KINDS, random_ops
 from s2split.pgtable.memory import MemoryCache
 from s2split.pgtable.stage2 import Stage2PageTable
 from s2split.pgtable.walker import HANDLE_FAULT, SHARED

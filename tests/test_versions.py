@@ -13,7 +13,7 @@ from s2split.errors import S2Error
 from s2split.modes import parse_mode
 from s2split.pgtable.variants import VANILLA
 from s2split.versions import kernel_rules
-from s2split.workload import PerfTestParams, _phase_steps, memstress_layout
+from s2split.workload import PerfTestParams, phase_steps, memstress_layout
 
 MIB = 1 << 20
 
@@ -27,7 +27,7 @@ def destroy_counts(engine: str, kernel: str):
     eng = ReferenceEngine() if engine == "reference" else get_engine("fast", p, VANILLA)
     vm = eng.create_vm(p.geometry(), p.features, VANILLA, p.host_va_bits, kernel=kernel)
     ctx: dict = {}
-    for name, step in _phase_steps(p, memstress_layout(p)):
+    for name, step in phase_steps(p, memstress_layout(p)):
         step(vm, ctx)
         if name == "populate":
             break

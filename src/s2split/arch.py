@@ -183,14 +183,6 @@ class Geometry:
         """``kvm_pgd_page_idx()``: which concatenated root page covers ``addr``."""
         return (addr & (self.ipa_size - 1)) >> self.shift(self.start_level - 1)
 
-    def align_down(self, value: int, level: int | None = None) -> int:
-        size = self.granule if level is None else self.granule_size(level)
-        return value & ~(size - 1)
-
-    def align_up(self, value: int, level: int | None = None) -> int:
-        size = self.granule if level is None else self.granule_size(level)
-        return (value + size - 1) & ~(size - 1)
-
     @property
     def name(self) -> str:
         extra = "+lpa2" if self.lpa2 else "+lpa" if self.lpa else ""

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .cost import Profile, governing_keys, load_profile
+from .cost import Profile, governing_keys, load_profile, parse_cost_key
 from .counters import Counts
 from .errors import S2Error
 from .phases import phase_from_label
@@ -116,7 +116,8 @@ def read_measurements(path: str) -> list[Measurement]:
 
 def params_of(options: str, where: str, profile: Profile) -> tuple[Any, str]:
     """Perf-test params (and variant) from an options string."""
-    from .cli import add_perf_test_options, parse_command, perf_test_params
+    from .options import add_perf_test_options, parse_command
+    from .perftest import perf_test_params
     args, extra = parse_command(options, f"{where}: bad options", add_perf_test_options)
     if extra:
         raise S2Error(f"{where}: bad options {options!r}: unrecognized arguments: "
@@ -146,12 +147,11 @@ def fit(measurements: list[Measurement], profile: Profile, keys: list[str],
         engine: str = "auto") -> Fit:
     from .pgtable.variants import get as get_variant
     from .workload import run_perf_test
-    from .cost import _parse_key
     keys = list(dict.fromkeys(keys))  # a repeated key would get a zero column
     if not keys:
         raise S2Error("--fit: no cost key to fit")
     for k in keys:
-        _parse_key(k, "--fit")
+        parse_cost_key(k, "--fit")
     runs: dict[tuple[str, str], dict[str, Counts]] = {}
     for m in measurements:
         params, variant = params_of(m.options, m.where, profile)
@@ -215,7 +215,7 @@ def _determined(A: np.ndarray, tol: float = 1e-9) -> list[bool]:
 def calibrate_command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .cli import _console
+    from .console import rich_console
     base = load_profile(args.profile)
     keys = [k.strip() for k in (args.fit.split(",") if args.fit else DEFAULT_FIT) if k.strip()]
     keys = list(dict.fromkeys(keys))
@@ -226,7 +226,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     else:
         measurements = read_measurements(args.measurements)
     result = fit(measurements, base, keys, args.engine)
-    console = _console()
+    console = rich_console()
     t = Table(title=f"Fitted unit costs (starting from {base.name})", title_justify="left")
     for col in ("key", "start (ns)", "fitted (ns)", "determined by the data"):
         t.add_column(col)
@@ -249,7 +249,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
                    f"measurement(s) from {args.measurements}, starting from {base.name}; keys "
                    f"{', '.join(k for k in keys if result.determined[k])} determined")
     if args.output:
-        from .commands import write_atomic
+        from .output import write_atomic
         write_atomic(args.output, json.dumps(prof.to_json(), indent=2) + "\n")
         console.print(f"Fitted profile written to {args.output}", highlight=False)
     return 0

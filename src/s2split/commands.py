@@ -7,11 +7,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
+from .console import rich_console
 from .errors import S2Error
+from .options import int_arg, size_arg
+from .output import write_atomic
 
 
 def _csv(what: str, parse=str):
@@ -26,34 +27,11 @@ def _csv(what: str, parse=str):
     return f
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write a file completely or not at all (temp file + rename)."""
-    p = Path(path)
-    if p.is_dir():
-        raise S2Error(f"{p}: is a directory, cannot write a file there")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
-    except OSError as e:
-        raise S2Error(f"{p}: cannot write ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, p)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise S2Error(f"{p}: cannot write ({e.strerror or e})") from None
-        raise
-
-
 def add_matrix_options(p: argparse.ArgumentParser, single: bool = False) -> None:
     from .arch import parse_granule
-    from .cli import _int_arg, _size
     from .store import DEFAULT_DB
     g = p.add_argument_group("the matrix")
-    g.add_argument("--size", type=_size("--size"), default=64 << 30, metavar="SIZE",
+    g.add_argument("--size", type=size_arg("--size"), default=64 << 30, metavar="SIZE",
                    help="guest memory of the VM, e.g. 64G or 1T (default: 64G)")
     g.add_argument("--granule", type=_csv("--granule", parse_granule), default=None,
                    metavar="LIST", help="granules, e.g. 4K,16K (default: 4K,16K,64K)")
@@ -65,11 +43,11 @@ def add_matrix_options(p: argparse.ArgumentParser, single: bool = False) -> None
     g.add_argument("--variant", type=_csv("--variant"), default=None, metavar="LIST",
                    help="variants; vanilla is always included (default: vanilla,skip-levels,"
                    "skip-levels+skip-children)")
-    g.add_argument("--chunk-size", type=_size("--chunk-size"), default=None, metavar="SIZE",
+    g.add_argument("--chunk-size", type=size_arg("--chunk-size"), default=None, metavar="SIZE",
                    help="eager-split chunk size (default: the PMD block size of each granule)")
-    g.add_argument("--iterations", type=_int_arg("--iterations", 2), default=2, metavar="N",
+    g.add_argument("--iterations", type=int_arg("--iterations", 2), default=2, metavar="N",
                    help="iterations of the test (default: 2)")
-    g.add_argument("--ipa-bits", type=_int_arg("--ipa-bits", 32, 52), default=40, metavar="N",
+    g.add_argument("--ipa-bits", type=int_arg("--ipa-bits", 32, 52), default=40, metavar="N",
                    help="guest physical address bits (default: 40)")
     g.add_argument("--hugetlb-1g", action="store_true",
                    help="back hugetlb with 1G pages on 4K (default: the default hugepage size)")
@@ -81,7 +59,7 @@ def add_matrix_options(p: argparse.ArgumentParser, single: bool = False) -> None
     r.add_argument("--engine", choices=("auto", "reference", "fast"), default="auto",
                    help="auto: the fast engine from 64M of guest memory (default: auto)")
     if not single:
-        r.add_argument("--workers", type=_int_arg("--workers", 1), default=None, metavar="N",
+        r.add_argument("--workers", type=int_arg("--workers", 1), default=None, metavar="N",
                        help="parallel processes (default: one per CPU)")
         r.add_argument("--dask", default=None, metavar="ADDRESS",
                        help="run groups on a Dask cluster, e.g. tcp://10.0.0.5:8786")
@@ -145,7 +123,6 @@ def _err_console():
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import time
 
-    from .cli import _console
     from .report.reproduce import outcome_json, print_outcome
     from .arch import granule_name
     from .reproduce import matrix_summary
@@ -170,7 +147,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         json.dump(data, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    console = _console()
+    console = rich_console()
     console.print(f"Matrix: {matrix_summary(matrix)}", highlight=False)
     console.print(f"Profile: {outcome.profile.name} -- {outcome.profile.description}",
                   highlight=False)
@@ -229,12 +206,11 @@ def print_explanations(console: Any, outcome: Any, granules: Any = None,
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .cli import _console
     matrix = matrix_from(args)
     if len(matrix.granules) * len(matrix.backings) * len(matrix.scenarios) > 3:
         raise S2Error("explain one cell at a time: give --granule, --backing and --scenario")
     outcome = _run_matrix(args, matrix, False)
-    print_explanations(_console(), outcome)
+    print_explanations(rich_console(), outcome)
     return 0
 
 
@@ -242,7 +218,6 @@ def cmd_show(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .arch import size_name
-    from .cli import _console
     from .cost import load_profile
     from .reproduce import syscall_phases
     from .store import Store
@@ -268,7 +243,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                   profile.name if profile else c.profile, c.engine, f"{est / 1e6:,.2f} ms",
                   f"{reads:,}")
         n += 1
-    _console().print(t)
+    rich_console().print(t)
     store.close()
     return 0
 
@@ -278,7 +253,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .arch import size_name
-    from .cli import _console
     from .cost import load_profile
     from .counters import sum_counts
     from .report import saving
@@ -333,7 +307,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     store.close()
     if not rows:
         raise S2Error(f"no stored configuration has both {args.a!r} and {args.b!r}")
-    _console().print(t)
+    rich_console().print(t)
     return 0
 
 
@@ -407,8 +381,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "of a file (MEASUREMENTS is then a label)")
     ca.set_defaults(func=cmd_calibrate)
 
-    try:
-        from .hw.cli import register as register_hw
-    except ImportError:  # pragma: no cover - the hw package is part of s2split
-        return
+    from .hw.cli import register as register_hw
     register_hw(sub)

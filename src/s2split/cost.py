@@ -21,7 +21,7 @@ import numpy as np
 from .counters import KIND, KINDS, NKINDS, NOPS, OP, OPS, SLOTS, Counts, slot, slot_level
 from . import phases
 from .errors import S2Error
-from .hw import Features
+from .features import Features
 
 PROFILE_FORMAT = "s2split-profile/1"
 DEFAULT_PROFILE = "server-vhe"
@@ -74,13 +74,16 @@ def governing_keys(keys: list[str], where: str) -> np.ndarray:
     gov = np.full((NOPS, NKINDS, SLOTS), -1, dtype=np.int64)
     # Least specific first, so that more specific keys overwrite.
     for i in sorted(range(len(keys)), key=lambda i: (":" in keys[i], "@" in keys[i])):
-        op, kind, level = _parse_key(keys[i], where)
+        op, kind, level = parse_cost_key(keys[i], where)
         gov[OP[op] if op else slice(None), KIND[kind],
             slot(level) if level is not None else slice(None)] = i
     return gov
 
 
-def _parse_key(key: str, profile: str) -> tuple[str | None, str, int | None]:
+def parse_cost_key(key: str, profile: str) -> tuple[str | None, str, int | None]:
+    """A unit-cost key ``[op:]kind[@level]`` as ``(op or None, kind, level or
+    None)``; an unknown operation, counter or level is a one-line error naming
+    PROFILE (or the option the key came from)."""
     op, _, rest = key.rpartition(":")
     kind, _, level = rest.partition("@")
     if op and op not in OP:

@@ -11,7 +11,6 @@ from .cost import Profile
 from .counters import Counts
 
 READ_KINDS = ("read_table", "read_leaf", "read_invalid")
-VISIT_KINDS = ("visit_leaf", "visit_pre", "visit_post")
 OP_WALK = {"split": "split walk", "wrprotect": "write-protect walk", "map": "map walk",
            "relax_perms": "relax-permissions walk", "unmap": "unmap walk",
            "create_unlinked": "walk that builds new tables (create_unlinked)",

@@ -110,7 +110,8 @@ def params_from_command(command: str, fixture: str, host_va_bits: int = 52) -> P
     """The model configuration of a recorded ``dirty_log_perf_test`` command
     (upstream's options and the fixtures' ``-k``, read as ``perf-test`` reads
     them), with the CPU features of the QEMU host the fixtures were traced on."""
-    from .cli import add_perf_test_options, parse_command, perf_test_params
+    from .options import add_perf_test_options, parse_command
+    from .perftest import perf_test_params
     args, extra = parse_command(command, f"{fixture}: command", add_perf_test_options,
                                 program="dirty_log_perf_test")
     if extra:

@@ -24,9 +24,6 @@ WALKERS = {
     "stage2_free_walker": ("destroy", "free_unlinked"),
     "leaf_walker": ("get_leaf",),
 }
-#: Operations that start with kvm_pgtable_walk() (the others enter
-#: __kvm_pgtable_walk directly on a detached table).
-_CB = {op: cb for cb, ops in WALKERS.items() for op in ops}
 
 #: Functions whose counts depend on the kernel's scheduling: shown, and checked
 #: only as a lower bound (the model never reschedules).

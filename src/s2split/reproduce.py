@@ -27,7 +27,7 @@ from .cost import Profile, load_profile
 from .counters import Counts, sum_counts
 from .engine import engine_name
 from .errors import S2Error
-from .hw import Features
+from .features import Features
 from .modes import mode_for
 from .pgtable.variants import DEFAULT_VARIANTS, get as get_variant
 from .workload import PerfTestParams, run_variants

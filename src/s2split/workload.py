@@ -28,16 +28,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from .arch import GRANULES, Geometry, size_name
-from .counters import WALK_OPS as COUNTED_WALK_OPS
-from .counters import Counts
+from .counters import WALK_OPS, Counts
 from .errors import S2Error
-from .hw import Features
+from .features import Features
 from .kvm.backing import Backing, parse_backing
 from .memstress import Layout, check_upstream_options, guest_random_u32, vcpu_seed
 from .memstress import memstress_layout as _layout
 from .memstress import upstream_argv
 from .modes import DEFAULT_MODE, GuestMode, parse_mode
-from .pgtable.variants import WALK_OPS, Variant
+from .pgtable.variants import VARIANT_OPS, Variant
 from .uapi import (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_CAPS,
                    KVM_MEM_LOG_DIRTY_PAGES)
 from .versions import DEFAULT_KERNEL, kernel_rules
@@ -163,7 +162,7 @@ class RunResult:
         return [n for n, _ in self.phases]
 
 
-def _phase_steps(p: PerfTestParams, layout: Layout) -> list[tuple[str, Callable[[Any, dict], None]]]:
+def phase_steps(p: PerfTestParams, layout: Layout) -> list[tuple[str, Callable[[Any, dict], None]]]:
     """The test as a list of phases, each a function of the VM and a context
     (the bitmaps userspace got back from KVM_GET_DIRTY_LOG)."""
     backing = p.backing_type()
@@ -283,17 +282,17 @@ def _run_group(p: PerfTestParams, layout: Layout, group: list[Variant], eng: Any
     ctx: dict = {"keep_tables": keep_tables}
     # The operations whose walks differ between a variant and the first one (in
     # either direction: the first may be the one with flags).
-    touched = {v.name: {op for op in WALK_OPS if v.flags_for(op) != first.flags_for(op)}
+    touched = {v.name: {op for op in VARIANT_OPS if v.flags_for(op) != first.flags_for(op)}
                for v in others}
     tables: dict[str, bytes] = {}
-    for name, step in _phase_steps(p, layout):
+    for name, step in phase_steps(p, layout):
         predicted = set(phase_ops(name))
         maybe = [v for v in others if touched[v.name] & predicted]
         before = (vm.snapshot(), dict(ctx)) if maybe else None
         step(vm, ctx)
         base = vm.take_counts()
         phases[first.name].append((name, base))
-        walked = {op for op in COUNTED_WALK_OPS if base.get(op, "walks")}
+        walked = {op for op in WALK_OPS if base.get(op, "walks")}
         if walked - predicted:
             raise AssertionError(f"phase {name} walked {sorted(walked - predicted)}, not in "
                                  f"PHASE_OPS")

@@ -22,12 +22,12 @@ import numpy as np
 from ..arch import Geometry
 from ..counters import K_CACHE_PAGES_FREED, OP, SIZE, Counts
 from ..errors import S2Error
-from ..hw import Features
+from ..features import Features
 from ..kvm import mmu as KM
 from ..kvm.memslot import Memslot
 from ..kvm.vm import VMBase, Vcpu
 from ..pgtable.memory import TABLE_PA_BASE
-from ..pgtable.variants import VANILLA, WALK_OPS, Variant
+from ..pgtable.variants import VANILLA, VARIANT_OPS, Variant
 from ..rules import HUGETLB_CLASS, oa_format
 from ..versions import DEFAULT_KERNEL
 from . import compile_cache  # noqa: F401  (drops a stale compile cache on import)
@@ -248,7 +248,7 @@ class FastVM(VMBase):
         """Switch the walk flags to another (flag-only) variant."""
         require_flag_only(variant)
         self.variant = variant
-        for op in WALK_OPS:
+        for op in VARIANT_OPS:
             self.M[VARIANT_FLAGS + OP[op]] = variant.flags_for(op)
 
     def snapshot(self) -> tuple:

@@ -1,10 +1,8 @@
-"""Real hardware: CPU features for the model, and the KVM harness.
-
-* :mod:`.features` -- :class:`Features`, the CPU features the model's stage-2
-  code depends on (re-exported here: ``from s2split.hw import Features``).
+"""Real hardware: the KVM harness.
 
 Nothing here imports numpy, so the harness (``python3 -m s2split.hw run``)
-runs on a minimal Python.
+runs on a minimal Python. The CPU features the model's stage-2 code depends
+on are not here but in the core, :mod:`s2split.features`.
 
 Submodules:
 
@@ -18,9 +16,3 @@ Submodules:
 * :mod:`.compare` -- statistics between two labelled result sets;
 * :mod:`.cli` -- the ``s2split hw`` subcommands.
 """
-
-from __future__ import annotations
-
-from .features import Features
-
-__all__ = ["Features"]

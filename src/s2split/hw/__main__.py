@@ -5,7 +5,8 @@ bare Python (e.g. in a minimal arm64 VM): ``python3 -m s2split.hw run ...
 
 import sys
 
-from ..cli import Parser, run_command
+from ..console import run_command
+from ..options import Parser
 from .cli import register
 
 

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli import Parser, _int_arg, _size, add_mode_aliases, add_upstream_options
+from ..options import (Parser, add_mode_aliases, add_upstream_options, int_arg, selected_modes,
+                       size_arg)
 from ..errors import S2Error
 
 DEFAULT_DB = "s2split-results.sqlite"  # s2split.store.DEFAULT_DB, without importing numpy
@@ -40,7 +41,7 @@ def _list(what: str, parse):
 
 
 def _chunk(text: str) -> int:
-    return 0 if text.strip() == "0" else _size("--chunk-size")(text)
+    return 0 if text.strip() == "0" else size_arg("--chunk-size")(text)
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -66,7 +67,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    "runs longer and fail the run, so that a hung guest cannot hang the "
                    "harness; 0 for no limit (default: 600 s + 20 us per page of a vCPU's "
                    "region)")
-    h.add_argument("--repeat", type=_int_arg("--repeat", 1), default=1, metavar="N",
+    h.add_argument("--repeat", type=int_arg("--repeat", 1), default=1, metavar="N",
                    help="run every configuration N times, interleaved (default: 1)")
     h.add_argument("--label", default=None,
                    help="name of this result set, e.g. the kernel (default: the kernel "
@@ -86,7 +87,6 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 def run_params(args: argparse.Namespace) -> list[Any]:
     """Every configuration the options ask for (modes x backings x chunk sizes)."""
-    from ..cli import selected_modes
     from .params import HwParams
 
     modes = selected_modes(args)
@@ -367,7 +367,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="smallest slowdown that counts as a regression (default: 5)")
     cp.add_argument("--alpha", type=_significance, default=0.05,
                     help="significance level, Holm-corrected over all rows (default: 0.05)")
-    cp.add_argument("--min-reps", type=_int_arg("--min-reps", 1), default=9,
+    cp.add_argument("--min-reps", type=int_arg("--min-reps", 1), default=9,
                     help="warn below this many repetitions (default: 9)")
     cp.add_argument("--max-cv", type=_nonnegative("--max-cv", "%"), default=10.0, metavar="PCT",
                     help="warn when a sample's coefficient of variation exceeds this "

@@ -245,11 +245,11 @@ def _add_selftest_options(p) -> None:
     steer the host, or move memory the output's own lines place), -e and -n
     are refused; -b, -i and -r default to None, "not given", so the output's
     own figures can be checked against them."""
-    from ..cli import _int_arg, add_upstream_options
+    from ..options import add_upstream_options, int_arg
     add_upstream_options(p)
     p.add_argument("-c", dest="pin", default=None)
     p.add_argument("-e", dest="evil", action="store_true")
-    p.add_argument("-f", dest="wr_fract", type=_int_arg("-f", 1), default=None)
+    p.add_argument("-f", dest="wr_fract", type=int_arg("-f", 1), default=None)
     p.add_argument("-n", dest="nested", action="store_true")
     p.add_argument("-p", dest="phys_offset", default=None)
     p.set_defaults(vcpu_memory_bytes=None, iterations=None, seed=None)
@@ -257,7 +257,7 @@ def _add_selftest_options(p) -> None:
 
 def _parse_args(text: str) -> dict[str, Any]:
     """The upstream options that shape the configuration."""
-    from ..cli import parse_command
+    from ..options import parse_command
     where = f"--args {text!r}"
     ns, extra = parse_command(text, where, _add_selftest_options)
     if extra:

@@ -13,16 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..arch import GRANULES, pmd_size, size_name
+from ..backing_names import HUGETLB_SUFFIX_SIZES, UPSTREAM_NAMES
 from ..errors import S2Error
-
-_HUGETLB_SUFFIX = {
-    "16kb": 1 << 14, "64kb": 1 << 16, "512kb": 1 << 19, "1mb": 1 << 20, "2mb": 1 << 21,
-    "8mb": 1 << 23, "16mb": 1 << 24, "32mb": 1 << 25, "256mb": 1 << 28, "512mb": 1 << 29,
-    "1gb": 1 << 30, "2gb": 1 << 31, "16gb": 1 << 34,
-}
-ANONYMOUS_HUGETLB_SIZES = tuple(_HUGETLB_SUFFIX)
-UPSTREAM_NAMES = ("anonymous", "anonymous_thp", "anonymous_hugetlb",
-                  *(f"anonymous_hugetlb_{s}" for s in _HUGETLB_SUFFIX), "shmem", "shared_hugetlb")
 
 
 def hugetlb_sizes(granule: int) -> dict[int, str]:
@@ -77,8 +69,8 @@ def parse_backing(name: str, granule: int) -> Backing:
         # The default hugepage size (Hugepagesize in /proc/meminfo) is the PMD size.
         return Backing(key, "hugetlb", granule, pmd)
     if key.startswith("anonymous_hugetlb_") and key.removeprefix("anonymous_hugetlb_") in \
-            _HUGETLB_SUFFIX:
-        size = _HUGETLB_SUFFIX[key.removeprefix("anonymous_hugetlb_")]
+            HUGETLB_SUFFIX_SIZES:
+        size = HUGETLB_SUFFIX_SIZES[key.removeprefix("anonymous_hugetlb_")]
         valid = hugetlb_sizes(granule)
         if size not in valid:
             ok = ", ".join(f"anonymous_hugetlb_{size_name(s).lower()}b" for s in sorted(valid))

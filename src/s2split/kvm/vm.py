@@ -17,7 +17,7 @@ from ..arch import Geometry, size_name
 from ..counters import (K_ABORTS, K_CACHE_PAGES_FREED, K_GUEST_ACCESSES, K_IOCTLS, K_MMIO_EXITS,
                         NOLEVEL, OP_KVM, SLOTS, Counts, Tally)
 from ..errors import EEXIST, EFAULT, EINVAL, ENOENT, KernelError, S2Error
-from ..hw import Features
+from ..features import Features
 from ..pgtable.memory import MemoryCache
 from ..pgtable.stage2 import Stage2PageTable
 from ..pgtable.variants import VANILLA, Variant

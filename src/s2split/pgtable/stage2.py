@@ -31,7 +31,7 @@ from ..counters import (K_BBM, K_CALLS, K_CALLS_FORCE_PTE, K_EAGAIN, K_ERRORS, K
                         OP_CREATE_UNLINKED, OP_DESTROY, OP_FREE_UNLINKED, OP_GET_LEAF, OP_INIT,
                         OP_MAP, OP_RELAX, OP_SPLIT, OP_UNMAP, OP_WRPROTECT, OPS, SLOTS, Tally)
 from ..errors import E2BIG, EAGAIN, EINVAL, ENOMEM, S2Error, require_int
-from ..hw import Features
+from ..features import Features
 from ..versions import DEFAULT_KERNEL, kernel_rules
 from . import tlb
 from .memory import MemoryCache, TableMemory

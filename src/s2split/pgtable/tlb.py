@@ -36,7 +36,7 @@ from ..counters import (K_DCACHE_BYTES, K_DCACHE_OPS, K_DSB_ISH, K_DSB_ISHST, K_
                         K_TLBI_VMID, NOLEVEL, SLOTS)
 from ..arch import LAST_LEVEL
 from ..rules import MAX_TLBI_RANGE_PAGES, lpa2_range_align, range_tlbi_ops
-from ..hw import Features
+from ..features import Features
 
 def _n(kind: int) -> int:
     return kind * SLOTS + NOLEVEL

@@ -51,11 +51,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from .. import counters
 from ..errors import S2Error
 from .walker import RETURN_HINTS, SKIP_NEW_CHILDREN, skip_level
 
-#: Operations whose walks a variant may change.
-WALK_OPS = ("map", "unmap", "wrprotect", "relax_perms", "split", "destroy")
+#: Operations whose walks a variant may change: the stage-2 walks that start
+#: with kvm_pgtable_walk() (get_leaf walks the host's page tables, not ours).
+VARIANT_OPS = tuple(op for op in counters.WALK_OPS if op != "get_leaf")
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,9 @@ class Variant:
 
     def __post_init__(self) -> None:
         for op in (*self.walk_flags, *self.visitors):
-            if op not in WALK_OPS:
+            if op not in VARIANT_OPS:
                 raise S2Error(f"variant {self.name!r}: unknown operation {op!r}; "
-                              f"choose from {', '.join(WALK_OPS)}")
+                              f"choose from {', '.join(VARIANT_OPS)}")
         object.__setattr__(self, "walk_flags", MappingProxyType(dict(self.walk_flags)))
         object.__setattr__(self, "visitors", MappingProxyType(dict(self.visitors)))
 

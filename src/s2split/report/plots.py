@@ -17,7 +17,7 @@ TOP_KINDS = 7
 
 
 def _save(fig, base: Path) -> list[str]:
-    from ..commands import write_atomic
+    from ..output import write_atomic
     out = []
     for ext in ("png", "svg"):
         buf = io.BytesIO()

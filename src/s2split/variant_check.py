@@ -12,12 +12,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..arch import Geometry
-from ..counters import Counts
-from ..pte import Prot
-from .memory import MemoryCache
-from .stage2 import Stage2PageTable
-from .variants import VANILLA, Variant
+from .arch import Geometry
+from .counters import Counts
+from .modes import parse_mode
+from .pgtable.memory import MemoryCache
+from .pgtable.stage2 import Stage2PageTable
+from .pgtable.variants import VANILLA, Variant
+from .pte import Prot
+from .workload import PerfTestParams, run_perf_test
 
 #: Counters that must not change under any variant.
 INVARIANT_KINDS = ("tlbi_ipa", "tlbi_ipa_nsh", "tlbi_range", "tlbi_range_pages",
@@ -134,9 +136,6 @@ def check_variant(variant: Variant, examples: int = 25, seed: int = 0,
 
 def _check_workloads(variant: Variant) -> list[str]:
     """Small perf-test runs through the KVM layer (chunking, partial splits)."""
-    from ..modes import parse_mode
-    from ..workload import PerfTestParams, run_perf_test
-
     problems = []
     for backing, mode, chunk, manual in (("anonymous_thp", 6, 2 << 20, True),
                                          ("anonymous_hugetlb", 6, 1 << 30, False),

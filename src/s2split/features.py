@@ -2,14 +2,15 @@
 
 These are the profile switches of the brief: they decide *which* maintenance
 the kernel performs, so they change counts. How long each event takes is the
-cost model's business (:mod:`s2split.cost`).
+cost model's business (:mod:`s2split.cost`). Numpy-free: the model core and the
+harness share it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..errors import S2Error
+from .errors import S2Error
 
 
 @dataclass(frozen=True)
