@@ -167,7 +167,7 @@ def test_recovers_known_costs(model, tmp_path, capsys, fmt):
     assert code == 0, err
     res = json.loads(out)
     assert res["profile"] == "fitted"
-    from s2split.counters import Counts
+    from s2split.counts import Counts
     for v in ("vanilla", "skip-levels"):
         for p in res["variants"][v]["phases"]:
             c = Counts.from_dict(p["counts"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from s2split.cost import governing_keys, load_profile
-from s2split.counters import Counts
+from s2split.counts import Counts
 from s2split.errors import S2Error
 
 

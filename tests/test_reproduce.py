@@ -27,7 +27,7 @@ import pytest
 
 from _cli import run_cli as cli
 from s2split.cost import load_profile
-from s2split.counters import Counts
+from s2split.counts import Counts
 from s2split.store import SCHEMA_VERSION, Store
 
 SMALL = ["--size", "4M"]

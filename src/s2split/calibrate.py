@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .cost import Profile, governing_keys, load_profile, parse_cost_key
-from .counters import Counts
+from .counts import Counts
 from .errors import S2Error
 from .phases import phase_from_label
 

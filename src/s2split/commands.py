@@ -254,7 +254,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from .arch import size_name
     from .cost import load_profile
-    from .counters import sum_counts
+    from .counts import sum_counts
     from .report import saving
     from .reproduce import syscall_phases
     from .store import Store

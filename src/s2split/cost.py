@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .counters import KIND, KINDS, NKINDS, NOPS, OP, OPS, SLOTS, Counts, slot, slot_level
+from .counters import KIND, KINDS, NKINDS, NOPS, OP, OPS, SLOTS, slot, slot_level
+from .counts import Counts
 from . import phases
 from .errors import S2Error
 from .features import Features

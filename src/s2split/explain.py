@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from rich.table import Table
 
 from .cost import Profile
-from .counters import Counts
+from .counts import Counts
 
 READ_KINDS = ("read_table", "read_leaf", "read_invalid")
 OP_WALK = {"split": "split walk", "wrprotect": "write-protect walk", "map": "map walk",

@@ -9,7 +9,8 @@ with the fixtures' keys (``level=3``, ``level=2,visit=1``,
 
 from __future__ import annotations
 
-from .counters import WALK_OPS, Counts
+from .counters import WALK_OPS
+from .counts import Counts
 
 #: TLBI_TTL_UNKNOWN as the kernel passes it (INT_MAX).
 TTL_UNKNOWN = 2147483647

@@ -24,7 +24,7 @@ import numpy as np
 from . import __version__
 from .arch import GRANULES, granule_name, pmd_size, size_name
 from .cost import Profile, load_profile
-from .counters import Counts, sum_counts
+from .counts import Counts, sum_counts
 from .engine import engine_name
 from .errors import S2Error
 from .features import Features

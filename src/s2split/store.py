@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from . import __version__
-from .counters import Counts
+from .counts import Counts
 from .errors import S2Error
 
 SCHEMA_VERSION = 1

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 
 from .arch import Geometry
-from .counters import Counts
+from .counts import Counts
 from .modes import parse_mode
 from .pgtable.memory import MemoryCache
 from .pgtable.stage2 import Stage2PageTable

@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from .arch import GRANULES, Geometry, size_name
-from .counters import WALK_OPS, Counts
+from .counters import WALK_OPS
+from .counts import Counts
 from .errors import S2Error
 from .features import Features
 from .kvm.backing import Backing, parse_backing

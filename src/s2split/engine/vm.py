@@ -20,7 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from ..arch import Geometry
-from ..counters import K_CACHE_PAGES_FREED, OP, SIZE, Counts
+from ..counters import K_CACHE_PAGES_FREED, OP, SIZE
+from ..counts import Counts
 from ..errors import S2Error
 from ..features import Features
 from ..kvm import mmu as KM
@@ -171,8 +172,9 @@ class FastVM(VMBase):
         n = int(self.M[S.NSLOTS])
         self._ensure_rows("slots", n + 1)
         b = slot.backing
-        row = {SlotCol.BASE_GFN: slot.base_gfn, SlotCol.NPAGES: slot.npages, SlotCol.FLAGS: slot.flags,
-               SlotCol.USERSPACE_ADDR: slot.userspace_addr, SlotCol.HOST_PA: slot.host_pa, SlotCol.SIZE: slot.size,
+        row = {SlotCol.BASE_GFN: slot.base_gfn, SlotCol.NPAGES: slot.npages,
+               SlotCol.FLAGS: slot.flags, SlotCol.USERSPACE_ADDR: slot.userspace_addr,
+               SlotCol.HOST_PA: slot.host_pa, SlotCol.SIZE: slot.size,
                SlotCol.BACKING: BACKING[b.kind], SlotCol.PAGE_SIZE: b.page_size,
                SlotCol.HUGETLB_CLASS: HUGETLB_CLASS[b.hugetlb_class], SlotCol.ACTIVE: 1}
         self._slot_row[slot.id] = n

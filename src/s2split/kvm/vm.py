@@ -15,7 +15,8 @@ from typing import Sequence
 from .. import pte as P
 from ..arch import Geometry, size_name
 from ..counters import (K_ABORTS, K_CACHE_PAGES_FREED, K_GUEST_ACCESSES, K_IOCTLS, K_MMIO_EXITS,
-                        NOLEVEL, OP_KVM, SLOTS, Counts, Tally)
+                        NOLEVEL, OP_KVM, SLOTS)
+from ..counts import Counts, Tally
 from ..errors import EEXIST, EFAULT, EINVAL, ENOENT, KernelError, S2Error
 from ..features import Features
 from ..pgtable.memory import MemoryCache

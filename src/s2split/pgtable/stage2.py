@@ -29,7 +29,8 @@ from ..arch import LAST_LEVEL, Geometry
 from ..counters import (K_BBM, K_CALLS, K_CALLS_FORCE_PTE, K_EAGAIN, K_ERRORS, K_GET_PAGE,
                         K_PAGE_FREED, K_PAGE_TAKEN, K_PTE_CAS, K_PTE_WRITE, K_PUT_PAGE, NOLEVEL,
                         OP_CREATE_UNLINKED, OP_DESTROY, OP_FREE_UNLINKED, OP_GET_LEAF, OP_INIT,
-                        OP_MAP, OP_RELAX, OP_SPLIT, OP_UNMAP, OP_WRPROTECT, OPS, SLOTS, Tally)
+                        OP_MAP, OP_RELAX, OP_SPLIT, OP_UNMAP, OP_WRPROTECT, OPS, SLOTS)
+from ..counts import Tally
 from ..errors import E2BIG, EAGAIN, EINVAL, ENOMEM, S2Error, require_int
 from ..features import Features
 from ..versions import DEFAULT_KERNEL, kernel_rules

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..arch import size_name
 from ..cost import Profile, format_seconds
-from ..counters import Counts
+from ..counts import Counts
 from ..kernel_counters import kernel_counts
 from ..phases import upstream_label
 from ..workload import RunResult

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..arch import granule_name
-from ..counters import Counts
+from ..counts import Counts
 from ..reproduce import BACKING_LABELS, SCENARIOS, Outcome, profile_option, \
     reproduce_command
 from . import saving
