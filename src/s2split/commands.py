@@ -381,5 +381,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "of a file (MEASUREMENTS is then a label)")
     ca.set_defaults(func=cmd_calibrate)
 
+    from .report.mail import register as register_report
+    register_report(sub)
+
     from .hw.cli import register as register_hw
     register_hw(sub)
