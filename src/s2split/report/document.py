@@ -258,6 +258,7 @@ def render_rich(doc: Document, console: Any) -> None:
                     console.print(b.title, style="bold", markup=False, highlight=False)
                 blocks(b.blocks, depth + 1)
             elif isinstance(b, Para):
+                console.print()
                 console.print(b.text, markup=False, highlight=False)
             elif isinstance(b, Bullets):
                 for item in b.items:

@@ -328,9 +328,10 @@ def measured_section(data: ReportData) -> Section:
         f"clear: every iteration's KVM_CLEAR_DIRTY_LOG summed per run), with its 95% "
         f"bootstrap confidence interval and the runs on each kernel. Modelled: what "
         f"{v} saves, estimated under profile {data.profile.name}."))
-    t = Table([Column("cell", wrap=22), Column(f"modelled\n({v})", right=True),
+    t = Table([Column("cell", wrap=26), Column(f"modelled\n({v})", right=True),
                Column("measured", right=True), Column("95% CI", right=True),
-               Column(f"runs\n{base}/{patched}", right=True)], [])
+               Column("runs", right=True)], [],
+              notes=[f"runs: {base}/{patched}; 95% CI: of the measured saving, in percent."])
     for cell in data.cells():
         g, b, s = cell
         model = savings(data.outcome, s, b, v, "time")[g]
@@ -443,7 +444,7 @@ def sensitivity_section(data: ReportData, rows: list[dict[str, Any]]) -> Section
         Bullets([f"{n}: {o.profile.description}" for n, o in data.by_profile.items()])])
     for s in m.scenarios:
         for b in m.backings:
-            t = Table([Column("variant", wrap=16), Column("gran.")] +
+            t = Table([Column("variant", wrap=26), Column("gran.")] +
                       [Column(n.replace("-", "-\n", 1), right=True) for n in names], [],
                       title=f"{s}, {BACKING_LABELS[b]}: saved (hinge share)")
             for r in rows:
@@ -466,8 +467,8 @@ def sensitivity_section(data: ReportData, rows: list[dict[str, Any]]) -> Section
                     o.phase_counts(g, b, s, v), o.phase_counts(g, b, s, e))
                     for g in m.granules)), None)
                 if twin:
-                    items.append(f"{s}, {BACKING_LABELS[b]}: {v} does the work of {twin}; "
-                                 "the same holds.")
+                    items.append(f"{s}, {BACKING_LABELS[b]}: {v} does exactly the work of "
+                                 f"{twin}, so the same holds for it.")
                     continue
                 told.append(v)
                 hs = [(g, r["profiles"][o.profile.name]) for r in rows for g in m.granules
@@ -508,7 +509,7 @@ def breakdown_section(data: ReportData) -> Section:
         totals = {v: o.profile.estimate_ns(o.phase_counts(g, b, s, v)) for v in m.variants}
         unit = _unit(list(totals.values()))
         keys = B.ordered_keys(k for p in parts.values() for k in p)
-        t = Table([Column("operation", wrap=34)] +
+        t = Table([Column("operation", wrap=40)] +
                   [Column(_variant_header(v), right=True) for v in m.variants], [],
                   title=f"{_label(cell)} (estimated {unit[0]})")
         for k in keys:
