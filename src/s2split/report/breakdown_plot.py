@@ -32,7 +32,7 @@ def write_breakdown_plots(outcome, directory: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     from ..reproduce import BACKING_LABELS
-    from .plots import _save
+    from .plots import save_figure
 
     m = outcome.matrix
     prof = outcome.profile
@@ -63,6 +63,6 @@ def write_breakdown_plots(outcome, directory: str) -> list[str]:
             fig.suptitle(f"{s}: {BACKING_LABELS[b]} -- estimated syscall time by kernel "
                          f"operation (profile {prof.name}; estimates)")
             fig.tight_layout()
-            written += _save(fig, out_dir / f"breakdown_{s}_{b}")
+            written += save_figure(fig, out_dir / f"breakdown_{s}_{b}")
             plt.close(fig)
     return written

@@ -33,7 +33,7 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Callable
 
 from .. import __version__
 from ..arch import granule_name, size_name
@@ -64,6 +64,9 @@ HOST_PAGE_NOTE = (
     "pool of huge pages of the block size.")
 
 Cell = tuple[int, str, str]  # (granule, backing, scenario)
+#: (matrix, show progress) -> its Outcome: the command line's way of running a
+#: matrix against the results database (``commands``).
+RunMatrix = Callable[[Any, bool], Any]
 
 
 @dataclass
@@ -133,13 +136,13 @@ def _check_db(path: str) -> None:
     Store.open(path, create=False).close()
 
 
-def gather(args: argparse.Namespace, show_progress: bool = False) -> ReportData:
-    """Every number the report shows: cells (computed where missing) under the
-    matrix's profile and every shipped profile, and the measurements."""
-    from ..commands import _run_matrix, matrix_from
+def gather(args: argparse.Namespace, matrix: Any, run_matrix: RunMatrix,
+           show_progress: bool = False) -> ReportData:
+    """Every number the report shows: cells (computed where missing, by
+    ``run_matrix``, reproduce's machinery) under the matrix's profile and every
+    shipped profile, and the measurements."""
     from ..cost import builtin_profiles, load_profile
 
-    matrix = matrix_from(args)
     _check_db(args.db)
     if args.measured:
         _check_labels(args.db, args.measured)
@@ -148,11 +151,11 @@ def gather(args: argparse.Namespace, show_progress: bool = False) -> ReportData:
     if variant not in matrix.variants:
         raise S2Error(f"--measured-variant {variant!r} is not in the matrix's variants "
                       f"({', '.join(matrix.variants)})")
-    outcome = _run_matrix(args, matrix, show_progress)
+    outcome = run_matrix(matrix, show_progress)
     by_profile = {outcome.profile.name: outcome}
     for name in builtin_profiles():
         if load_profile(name).name not in by_profile:
-            by_profile[name] = _run_matrix(args, replace(matrix, profile=name), show_progress)
+            by_profile[name] = run_matrix(replace(matrix, profile=name), show_progress)
     data = ReportData(outcome, dict(sorted(by_profile.items())), measured_variant=variant,
                       repeat=args.repeat)
     if args.measured:
@@ -654,14 +657,16 @@ def render(data: ReportData, fmt: str) -> str:
     return buf.getvalue()
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def run_report(args: argparse.Namespace, matrix: Any, run_matrix: RunMatrix) -> int:
+    """``s2split report`` (see the module docstring): gather, render, write."""
     to_file = args.output not in (None, "-")
     fmt = choose_format(args.format, args.output, sys.stdout.isatty())
     if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
         raise S2Error(f"--plots {args.plots}: exists and is not a directory")
     if to_file and os.path.isdir(args.output):
         raise S2Error(f"-o {args.output}: is a directory")
-    data = gather(args, show_progress=sys.stderr.isatty() and not args.no_progress)
+    data = gather(args, matrix, run_matrix,
+                  show_progress=sys.stderr.isatty() and not args.no_progress)
     if args.plots:
         from .breakdown_plot import write_breakdown_plots
         try:
@@ -669,13 +674,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         except OSError as e:
             raise S2Error(f"--plots {args.plots}: cannot write ({e.strerror or e})") from None
     if fmt == "rich" and not to_file:
-        from ..cli import _console
+        from ..console import rich_console
         from .document import render_rich
-        render_rich(build_document(data), _console())
+        render_rich(build_document(data), rich_console())
         return 0
     text = render(data, fmt)
     if to_file:
-        from ..commands import write_atomic
+        from ..output import write_atomic
         write_atomic(args.output, text)
         print(f"wrote the report ({fmt}) to {args.output}")
     else:
@@ -689,19 +694,19 @@ def _labels(text: str) -> str:
     return text
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import _int_arg
-    from ..commands import add_matrix_options
-    rp = sub.add_parser(
-        "report", help="the results as a report for a mailing list (text, Markdown, JSON)",
-        description="The experiment matrix as a report: setup, estimated savings, measured "
-        "savings beside them (--measured), exact invocations, where the gains are, "
-        "sensitivity to the profile, and a per-operation breakdown. Cells missing from "
-        "the database are computed as 'reproduce' computes them. Without --format: rich "
-        "on a terminal, text (ASCII, 80 columns) when standard output is not a terminal, "
-        "and by its suffix for -o FILE (.md, .json; text otherwise).")
-    add_matrix_options(rp)
-    o = rp.add_argument_group("the report")
+DESCRIPTION = (
+    "The experiment matrix as a report: setup, estimated savings, measured savings beside "
+    "them (--measured), exact invocations, where the gains are, sensitivity to the "
+    "profile, and a per-operation breakdown. Cells missing from the database are "
+    "computed as 'reproduce' computes them. Without --format: rich on a terminal, text "
+    "(ASCII, 80 columns) when standard output is not a terminal, and by its suffix for "
+    "-o FILE (.md, .json; text otherwise).")
+
+
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``s2split report`` beyond reproduce's matrix options."""
+    from ..options import int_arg
+    o = p.add_argument_group("the report")
     o.add_argument("--format", choices=FORMATS, default=None,
                    help="text (ASCII, 80 columns, for mail), markdown, json or rich "
                    "(default: see above)")
@@ -714,10 +719,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--measured-variant", default=None, metavar="NAME",
                    help="the variant the patched kernel implements (default: the first "
                    "variant after vanilla)")
-    o.add_argument("--repeat", type=_int_arg("--repeat", 1), default=DEFAULT_REPEAT,
+    o.add_argument("--repeat", type=int_arg("--repeat", 1), default=DEFAULT_REPEAT,
                    metavar="N", help="repetitions in the printed 'hw run' commands "
                    f"(default: {DEFAULT_REPEAT})")
     o.add_argument("--plots", metavar="DIR",
                    help="write the per-operation stacked bars into DIR (PNG and SVG)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
-    rp.set_defaults(func=cmd_report)
