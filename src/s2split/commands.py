@@ -324,6 +324,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """``s2split report`` (s2split.report.mail), on reproduce's machinery."""
+    from .report.mail import run_report
+    return run_report(args, matrix_from(args),
+                      lambda matrix, show: _run_matrix(args, matrix, show))
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate_command
     return calibrate_command(args)
@@ -380,6 +387,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     ca.add_argument("--db", default=None, help="use hw measurements from this database instead "
                     "of a file (MEASUREMENTS is then a label)")
     ca.set_defaults(func=cmd_calibrate)
+
+    from .report.mail import DESCRIPTION, add_report_options
+    rr = sub.add_parser("report", help="the results as a report for a mailing list (text, "
+                        "Markdown, JSON)", description=DESCRIPTION)
+    add_matrix_options(rr)
+    add_report_options(rr)
+    rr.set_defaults(func=cmd_report)
 
     from .hw.cli import register as register_hw
     register_hw(sub)

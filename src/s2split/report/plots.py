@@ -16,7 +16,8 @@ from ..reproduce import BACKING_LABELS, Outcome
 TOP_KINDS = 7
 
 
-def _save(fig, base: Path) -> list[str]:
+def save_figure(fig, base: Path) -> list[str]:
+    """Write ``fig`` as ``base.png`` and ``base.svg``, each atomically."""
     from ..output import write_atomic
     out = []
     for ext in ("png", "svg"):
@@ -77,7 +78,7 @@ def write_plots(outcome: Outcome, directory: str) -> list[str]:
             axes[0][-1].legend(fontsize=7, loc="upper right")
             fig.suptitle(f"{s}: {BACKING_LABELS[b]} -- estimated time by counter "
                          f"(profile {outcome.profile.name}; estimates)")
-            written += _save(fig, out_dir / f"time_{s}_{b}")
+            written += save_figure(fig, out_dir / f"time_{s}_{b}")
             plt.close(fig)
 
             # Entries read per level.
@@ -101,6 +102,6 @@ def write_plots(outcome: Outcome, directory: str) -> list[str]:
                 ax.set_ylabel("entries read")
             axes[0][-1].legend(fontsize=7)
             fig.suptitle(f"{s}: {BACKING_LABELS[b]} -- entries read per level (exact)")
-            written += _save(fig, out_dir / f"reads_{s}_{b}")
+            written += save_figure(fig, out_dir / f"reads_{s}_{b}")
             plt.close(fig)
     return written
