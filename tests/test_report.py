@@ -25,7 +25,8 @@ import pytest
 
 from s2split.cli import main
 from s2split.cost import builtin_profiles, load_profile
-from s2split.counters import OPS, Counts, KINDS
+from s2split.counters import KINDS, OPS
+from s2split.counts import Counts
 from s2split.report import breakdown as B
 from s2split.report.document import wrap_command
 from s2split.report.mail import choose_format

@@ -45,7 +45,8 @@ from typing import Iterable
 
 import numpy as np
 
-from ..counters import KINDS, NKINDS, NOPS, OPS, SLOTS, Counts, slot_level
+from ..counters import KINDS, NKINDS, NOPS, OPS, SLOTS, slot_level
+from ..counts import Counts
 
 SPLIT_WALK = "split walk"
 WRPROTECT_WALK = "write-protect walk"

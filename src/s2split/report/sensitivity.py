@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..counters import KINDS, Counts, slot_level
+from ..counters import KINDS, slot_level
+from ..counts import Counts
 from .breakdown import BY_LEVEL, CATEGORIES, CATEGORY_INDEX, Key, breakdown_ns, key_label, \
     key_phrase
 
