@@ -249,7 +249,7 @@ HW_KEYS = [(("rows",), {"array"}, ""), (("rows", 0), {"object"}, ""),
            (("rows", 0, "label"), {"string"}, ""), (("rows", 0, "config_key"), {"string"}, ""),
            (("rows", 0, "config"), {"object"}, ""), (("rows", 0, "phase"), {"string"}, ""),
            (("rows", 0, "repetition"), {"integer"}, "int>=0"),
-           (("rows", 0, "seconds"), {"number"}, ">0"),
+           (("rows", 0, "seconds"), {"number"}, ">=0"),
            (("rows", 0, "host"), {"object"}, ""),
            (("rows", 0, "config", "vcpu_memory_bytes"), {"integer"}, ""),
            (("rows", 0, "config", "manual_protect"), {"boolean"}, "")]
@@ -370,7 +370,7 @@ CELL_DAMAGE = {
 MEASUREMENT_DAMAGE = {
     ("measurements", "config"): ["'{'", "'[]'", "json_set(config, '$.granule', 'big')"],
     ("measurements", "host"): ["'nope'", "'5'"],
-    ("measurements", "seconds"): ["-1.0", "0.0", "'slow'", "9e999"],
+    ("measurements", "seconds"): ["-1.0", "'slow'", "9e999"],
     ("measurements", "repetition"): ["-1", "'first'"],
 }
 CELL_READERS = [["show"], ["compare", "vanilla", "skip-levels"], ["export"],

@@ -13,7 +13,6 @@ A function the fixture never mentions was not traced and is not compared.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -15,7 +15,6 @@ from .features import Features
 
 NUMBER = {"type": "number"}
 NON_NEGATIVE = {"type": "number", "minimum": 0}
-POSITIVE = {"type": "number", "exclusiveMinimum": 0}
 COUNT = {"type": "integer", "minimum": 0}
 TEXT = {"type": "string"}
 NAME = {"type": "string", "minLength": 1}
@@ -88,7 +87,10 @@ MEASUREMENT_ROW = {
     "required": ["label", "config_key", "config", "phase", "repetition", "seconds"],
     "properties": {
         "label": NAME, "config_key": NAME, "config": MEASUREMENT_CONFIG, "phase": NAME,
-        "repetition": COUNT, "seconds": POSITIVE, "host": HOST, "source": TEXT,
+        # >= 0, not > 0: a stored 0 (an imported line printing 0.000000000s)
+        # must not make the whole database unreadable; hw compare refuses a
+        # median of 0 itself.
+        "repetition": COUNT, "seconds": NON_NEGATIVE, "host": HOST, "source": TEXT,
     },
 }
 HW_RUN = {

@@ -203,7 +203,12 @@ class Pool:
     def _give(w: _Worker, fn: Callable[..., Any], item: tuple[Any, tuple],
               busy: dict[Connection, _Worker]) -> None:
         w.task = item
-        w.conn.send((fn, item[1]))
+        try:
+            w.conn.send((fn, item[1]))
+        except OSError:  # the worker is gone (killed while idle)
+            w.process.join(timeout=10)
+            raise WorkerError(f"a worker process died (exit status {w.process.exitcode}) "
+                              f"before running {_label(item)}") from None
         busy[w.conn] = w
 
 
