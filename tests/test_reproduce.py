@@ -417,7 +417,8 @@ def test_export_json_and_csv_match_the_database(matrix_run, tmp_path, capsys):
         for p, (n, counts, est) in zip(c["phases"], s.phases):
             assert Counts.from_dict(p["counts"]) == counts
             assert p["estimate_ns"] == est
-    # -o writes the same bytes.
+    # -o writes the same bytes (into an existing directory: -o creates none).
+    (tmp_path / "sub").mkdir()
     code, _, err = cli(["export", "--db", str(db), "--format", "json", "-o",
                         str(tmp_path / "sub" / "e.json")], capsys)
     assert code == 0, err

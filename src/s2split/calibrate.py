@@ -81,19 +81,13 @@ def _row(options: Any, phase: Any, seconds: Any, where: str) -> Measurement:
 def read_measurements(path: str) -> list[Measurement]:
     """CSV with columns options,phase,seconds -- or JSON: a list of such objects
     (or ``{"measurements": [...]}``)."""
+    from .validate import read_text
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise S2Error(f"{path}: cannot read measurements ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise S2Error(f"{path}: not a text file (expected CSV or JSON measurements)") from None
+    text = read_text(path, "measurements")
     rows: list[Measurement] = []
     if p.suffix.lower() == ".json" or text.lstrip().startswith(("[", "{")):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise S2Error(f"{path}: not valid JSON: {e.msg} at line {e.lineno}") from None
+        from .validate import loads
+        data = loads(text, path)
         items = data.get("measurements") if isinstance(data, dict) else data
         if not isinstance(items, list):
             raise S2Error(f"{path}: expected a list of measurements")
@@ -217,7 +211,10 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
     from .console import rich_console
     base = load_profile(args.profile)
-    keys = [k.strip() for k in (args.fit.split(",") if args.fit else DEFAULT_FIT) if k.strip()]
+    keys = [k.strip() for k in (args.fit.split(",") if args.fit is not None else DEFAULT_FIT)
+            if k.strip()]
+    if not keys:
+        raise S2Error(f"--fit {args.fit!r}: no cost key to fit")
     keys = list(dict.fromkeys(keys))
     if args.output and Path(args.output).is_dir():
         raise S2Error(f"-o {args.output}: is a directory")

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Sequence
 
-from .console import rich_console, run_command
+from .console import flush_stdout, is_output_error, output_failed, rich_console, run_command
 from .options import Parser, add_perf_test_options, int_arg
 
 
@@ -148,11 +148,26 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        failed = flush_stdout("s2split")
+        if failed is not None:
+            return failed
+        raise e
+    except OSError as e:
+        if not is_output_error(e):
+            raise
+        return output_failed("s2split", e)
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+        try:
+            parser.print_help()
+        except OSError as e:
+            if not is_output_error(e):
+                raise
+            return output_failed("s2split", e)
+        return flush_stdout("s2split") or 2
 
     def load_variants() -> None:
         if args.variants:

@@ -69,7 +69,7 @@ def matrix_from(args: argparse.Namespace) -> Any:
     from .cost import load_profile
     from .pgtable.variants import DEFAULT_VARIANTS
     from .reproduce import Matrix
-    load_profile(args.profile)  # a bad profile fails before the database is created
+    profile = load_profile(args.profile)  # a bad profile fails before the database is created
     variants = list(args.variant or DEFAULT_VARIANTS)
     if "vanilla" not in variants:
         variants.insert(0, "vanilla")
@@ -83,7 +83,9 @@ def matrix_from(args: argparse.Namespace) -> Any:
         kw["backings"] = tuple(args.backing)
     if args.scenario:
         kw["scenarios"] = tuple(args.scenario)
-    return Matrix(**kw)
+    matrix = Matrix(**kw)
+    matrix.check_layouts(profile.features)  # and a bad size too
+    return matrix
 
 
 def _run_matrix(args: argparse.Namespace, matrix: Any, show_progress: bool) -> Any:
@@ -229,7 +231,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     t.add_column("syscall est.", justify="right")
     t.add_column("entries read", justify="right")
     n = 0
-    for c in store.cells():
+    try:
+        cells = list(store.cells())
+    finally:
+        store.close()
+    stored = sorted({c.variant for c in cells})
+    for v in args.variant or ():
+        if v not in stored:
+            raise S2Error(f"--variant {v}: no stored cell of that variant in {store.path} "
+                          f"(stored: {', '.join(stored) or 'none'})")
+    for c in cells:
         cfg = c.config
         if args.variant and c.variant not in args.variant:
             continue
@@ -244,7 +255,6 @@ def cmd_show(args: argparse.Namespace) -> int:
                   f"{reads:,}")
         n += 1
     rich_console().print(t)
-    store.close()
     return 0
 
 

@@ -8,6 +8,8 @@ rich is imported only when a console is made.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import shutil
 import sys
 from typing import Any
@@ -29,16 +31,67 @@ def _term_width() -> int:
 
 def run_command(args: argparse.Namespace, name: str, before: Any = None) -> int:
     """Run a parsed command the way every s2split command ends: its status, or
-    a one-line error and 2 (130 on Ctrl-C)."""
+    a one-line error and 2 (130 on Ctrl-C; 1 when standard output cannot be
+    written: a full disk, a closed pipe)."""
     try:
         if before:
             before()
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
     except S2Error as e:
-        sys.stderr.write(f"s2split {name}: error: {e}\n")
-        return 2
+        return _say(f"s2split {name}: error: {e}", 2)
     except KeyboardInterrupt:
-        sys.stderr.write("s2split: interrupted\n")
-        return 130
-    except BrokenPipeError:
-        return 0
+        return _say("s2split: interrupted", 130)
+    except OSError as e:
+        if not is_output_error(e):
+            raise
+        return output_failed(f"s2split {name}", e)
+
+
+#: errno values of a write to standard output that cannot succeed.
+_OUTPUT_ERRNOS = {"EPIPE", "ENOSPC", "EIO", "EFBIG", "EDQUOT", "ECONNRESET"}
+
+
+def is_output_error(e: OSError) -> bool:
+    """Whether E is a write to standard output that cannot succeed (a closed
+    pipe, a full or failing device) rather than a bug to show."""
+    return isinstance(e, BrokenPipeError) or \
+        errno.errorcode.get(e.errno or 0, "") in _OUTPUT_ERRNOS
+
+
+def _say(line: str, code: int) -> int:
+    """Write one line to stderr; a broken stderr cannot change the status."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    return code
+
+
+def output_failed(who: str, e: OSError) -> int:
+    """Standard output failed: one line on stderr, status 1. Whatever is still
+    buffered goes to /dev/null (as the Python docs advise for EPIPE), so that
+    the interpreter's exit does not fail on it again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return _say(f"{who}: error: cannot write standard output ({e.strerror or e})", 1)
+
+
+def flush_stdout(who: str) -> int | None:
+    """Flush standard output: None when that worked (or stdout is closed),
+    else the status :func:`output_failed` gives."""
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        if not is_output_error(e):
+            raise
+        return output_failed(who, e)
+    except ValueError:  # closed
+        pass
+    return None

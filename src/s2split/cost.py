@@ -11,7 +11,6 @@ profile**, never a measurement; reports say so next to each number.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -109,49 +108,58 @@ def builtin_profiles() -> list[str]:
 
 
 def _read(name_or_path: str) -> tuple[dict, str]:
+    from .schemas import PROFILE
+    from .validate import check, loads, read_json
     path = Path(name_or_path)
     if name_or_path.endswith(".json") or path.exists():
-        try:
-            return json.loads(path.read_text()), str(path)
-        except FileNotFoundError:
-            raise S2Error(f"profile file {name_or_path} does not exist") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise S2Error(f"profile file {name_or_path} is not readable JSON: {e}") from None
-    res = resources.files("s2split.profiles").joinpath(f"{name_or_path}.json")
-    if not res.is_file():
-        raise S2Error(f"unknown profile {name_or_path!r}: choose from "
-                      f"{', '.join(builtin_profiles())} or give a profile file")
-    return json.loads(res.read_text()), f"builtin:{name_or_path}"
-
-
-def load_profile(name_or_path: str | None = None) -> Profile:
-    """A built-in profile by name, or a profile file by path."""
-    data, source = _read(name_or_path or DEFAULT_PROFILE)
+        if not path.exists():
+            raise S2Error(f"profile file {name_or_path} does not exist")
+        data, source = read_json(path, "profile", invalid="not readable JSON"), str(path)
+    else:
+        res = resources.files("s2split.profiles").joinpath(f"{name_or_path}.json")
+        if not res.is_file():
+            raise S2Error(f"unknown profile {name_or_path!r}: choose from "
+                          f"{', '.join(builtin_profiles())} or give a profile file")
+        source = f"builtin:{name_or_path}"
+        data = loads(res.read_text(encoding="utf-8"), source)
     if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
         raise S2Error(f"{source}: not an s2split profile (format must be {PROFILE_FORMAT!r})")
+    check(data, PROFILE, f"{source}: malformed profile")
+    return data, source
+
+
+def _identity(source: str) -> str:
+    return source if source.startswith("builtin:") else str(Path(source).resolve())
+
+
+def load_profile(name_or_path: str | None = None, _chain: tuple[str, ...] = ()) -> Profile:
+    """A built-in profile by name, or a profile file by path. Files are checked
+    against :data:`s2split.schemas.PROFILE`; an ``inherits`` chain that comes
+    back to a profile already in it is an error, not a recursion."""
+    data, source = _read(name_or_path or DEFAULT_PROFILE)
+    chain = (*_chain, _identity(source))
     costs: dict[str, float] = {}
     feats = Features()
     if data.get("inherits"):
         parent = str(data["inherits"])
         if not source.startswith("builtin:") and (parent.endswith(".json") or "/" in parent):
             parent = str(Path(source).parent / parent)  # relative to this file
-        base = load_profile(parent)
+        try:
+            parent_id = _identity(_read(parent)[1])
+        except S2Error as e:
+            raise S2Error(f"{source}: inherits {data['inherits']!r}: {e}") from None
+        if parent_id in chain:
+            loop = " -> ".join([*chain, parent_id])
+            raise S2Error(f"{source}: inherits: inheritance cycle {loop}")
+        base = load_profile(parent, chain)
         costs.update(base.unit_costs_ns)
         feats = base.features
-    try:
-        for k, v in data.get("unit_costs_ns", {}).items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                raise S2Error(f"{source}: unit cost {k!r} must be a non-negative number")
-            costs[k] = float(v)
-        given = data.get("features", {})
-        if not isinstance(given, dict):
-            raise TypeError("features must be an object")
-        feats = Features(**{**vars(feats), **given})
-        return Profile(str(data["name"]), str(data.get("description", "")),
-                       str(data.get("provenance", "")), feats, costs,
-                       tuple(data.get("notes", ())), source)
-    except (KeyError, TypeError) as e:
-        raise S2Error(f"{source}: malformed profile ({e})") from None
+    for k, v in data.get("unit_costs_ns", {}).items():
+        costs[k] = float(v)  # the schema: non-negative numbers, finite as parsed
+    feats = Features(**{**vars(feats), **data.get("features", {})})
+    return Profile(str(data["name"]), str(data.get("description", "")),
+                   str(data.get("provenance", "")), feats, costs,
+                   tuple(data.get("notes", ())), source)
 
 
 def format_seconds(ns: float) -> str:

@@ -57,6 +57,10 @@ class KernelError(S2Error):
     def __init__(self, errno: int, message: str):
         super().__init__(f"{message} ({ERRNO_NAMES.get(errno, errno)})")
         self.errno = errno
+        self.message = message
+
+    def __reduce__(self):  # pickled with the arguments __init__ takes (worker errors)
+        return (type(self), (self.errno, self.message))
 
 
 def require_int(name: str, value: object, *, minimum: int = 0) -> int:

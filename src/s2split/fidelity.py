@@ -13,7 +13,6 @@ A function the fixture never mentions was not traced and is not compared.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,45 +63,28 @@ def _fail(path: str, problem: str) -> S2Error:
 
 
 def load_fixture(path: str | Path) -> dict[str, Any]:
-    """Read and validate a fixture; errors name the file and the problem."""
+    """Read and validate a fixture (:data:`s2split.schemas.FIXTURE`); errors
+    name the file and the key. A function name the model does not know is an
+    error too: its counts could never be compared, so "all match" would lie."""
+    from .kernel_counters import KERNEL_FUNCTIONS
+    from .schemas import FIXTURE
+    from .validate import check, read_json
     p = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise _fail(p, f"cannot read fixture ({e.strerror or e})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _fail(p, f"not valid JSON (truncated?): {e.msg} at line {e.lineno} "
-                       f"column {e.colno}") from None
+    data = read_json(path, "fixture", invalid="not valid JSON (truncated?)")
     if not isinstance(data, dict):
         raise _fail(p, "the top level must be a JSON object")
     if data.get("format") != FIXTURE_FORMAT:
         raise _fail(p, f"format is {data.get('format')!r}, expected {FIXTURE_FORMAT!r}")
-    runs = data.get("runs")
-    if not isinstance(runs, list) or not runs:
-        raise _fail(p, "'runs' must be a non-empty list")
-    for i, run in enumerate(runs):
-        where = f"runs[{i}]"
-        if not isinstance(run, dict):
-            raise _fail(p, f"{where} must be an object")
-        for key, typ in (("command", str), ("phases", list)):
-            if not isinstance(run.get(key), typ):
-                raise _fail(p, f"{where}.{key} is missing or not a {typ.__name__}")
+    check(data, FIXTURE, p)
+    known = set(KERNEL_FUNCTIONS)
+    for i, run in enumerate(data["runs"]):
         for j, ph in enumerate(run["phases"]):
-            w = f"{where}.phases[{j}]"
-            if not isinstance(ph, dict) or not isinstance(ph.get("phase"), str):
-                raise _fail(p, f"{w} needs a 'phase' name")
-            calls = ph.get("calls", {})
-            if not isinstance(calls, dict) or not all(
-                    isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                    for v in calls.values()):
-                raise _fail(p, f"{w}.calls must map function names to non-negative integers")
-            detail = ph.get("detail", {})
-            if not isinstance(detail, dict) or not all(
-                    isinstance(d, dict) and all(isinstance(e, dict) for e in d.values())
-                    for d in detail.values()):
-                raise _fail(p, f"{w}.detail must map functions to {{key: {{hitcount, ...}}}}")
+            for part in ("calls", "detail"):
+                for fn in ph.get(part, {}):
+                    if fn not in known:
+                        raise _fail(p, f"runs[{i}].phases[{j}].{part}: unknown kernel "
+                                       f"function {fn!r} (the model counts "
+                                       f"{len(known)} functions; see kernel_counters.py)")
     return data
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
@@ -75,6 +74,26 @@ class Matrix:
             get_variant(v)
         if not self.granules or not self.backings or not self.scenarios:
             raise S2Error("the matrix is empty")
+        if self.size <= 0:
+            raise S2Error(f"--size must be greater than 0, got {self.size}")
+        if self.hugetlb_1g and 4096 not in self.granules:
+            raise S2Error("--hugetlb-1g: 1G hugetlb pages exist only with 4K pages, and "
+                          "--granule has no 4K")
+        if self.hugetlb_1g and "hugetlb" not in self.backings:
+            raise S2Error("--hugetlb-1g: --backing has no hugetlb")
+
+    def check_layouts(self, features: Features) -> None:
+        """memstress's checks of every group (before the results store is
+        opened), worded for reproduce's options."""
+        from .workload import memstress_layout
+        for g in self.groups(features):
+            try:
+                memstress_layout(g.params)
+            except S2Error as e:
+                text = str(e)
+                if text.startswith("-b"):
+                    text = "--size" + text[2:]
+                raise S2Error(text) from None
 
     def chunk_for(self, granule: int) -> int:
         if self.chunk is not None:
@@ -86,6 +105,14 @@ class Matrix:
         name = BACKINGS[backing]
         if backing == "hugetlb" and self.hugetlb_1g and granule == 4096:
             name = "anonymous_hugetlb_1gb"
+        try:
+            return self._params(granule, name, scenario, features)
+        except S2Error as e:
+            text = str(e)
+            raise S2Error("--size" + text[2:] if text.startswith("-b") else text) from None
+
+    def _params(self, granule: int, name: str, scenario: str,
+                features: Features) -> PerfTestParams:
         return PerfTestParams(vcpu_memory_bytes=self.size, backing=name,
                               manual_protect=scenario == "clear", iterations=self.iterations,
                               mode=mode_for(granule, self.ipa_bits),
@@ -161,15 +188,10 @@ def warmup(engine: str = "fast") -> None:
         run_variants(replace(p, manual_protect=manual), [get_variant("vanilla")], engine)
 
 
-def _worker_init() -> None:
-    """Workers leave Ctrl-C to the main process, which stops them (instead of
-    each printing a KeyboardInterrupt traceback)."""
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class LocalExecutor:
-    """Groups in a pool of local processes."""
+    """Groups in a pool of local processes (:class:`s2split.workers.Pool`:
+    errors come back whole, a dead worker is an error, not a hang, and no
+    worker outlives the main process)."""
 
     def __init__(self, workers: int | None = None):
         self.workers = workers or os.cpu_count() or 1
@@ -179,39 +201,9 @@ class LocalExecutor:
             for group, engine in tasks:
                 yield group, run_group(group.params, group.variants, engine)
             return
-        import signal
-        pool = ProcessPoolExecutor(max_workers=self.workers, initializer=_worker_init)
-        finished = False
-        try:
-            # The workers are forked here. Ctrl-C during a fork would be lost in
-            # CPython's fork hooks ("Exception ignored in _releaseLock"): hold
-            # SIGINT back until the forks are done (then it is raised below).
-            masked = hasattr(signal, "pthread_sigmask")
-            if masked:
-                old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            try:
-                pending: dict[Future, Group] = {
-                    pool.submit(run_group, g.params, g.variants, eng): g for g, eng in tasks}
-            finally:
-                if masked:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    yield pending.pop(fut), fut.result()
-            finished = True
-        finally:
-            if not finished:
-                # Interrupted (Ctrl-C, a failed group, the caller stopped): stop
-                # the workers, or the exit would wait for every queued group
-                # and then drop its results. ProcessPoolExecutor has no public
-                # way to do this before Python 3.14 (terminate_workers).
-                for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                    proc.terminate()
-            # Waiting is quick once the workers are stopped, and joining the
-            # pool's thread here keeps its exit hook from writing to a closed
-            # pipe ("Exception ignored in ... _python_exit").
-            pool.shutdown(wait=True, cancel_futures=not finished)
+        from .workers import Pool
+        yield from Pool(self.workers).run(
+            run_group, [(g, (g.params, g.variants, eng)) for g, eng in tasks])
 
 
 class DaskExecutor:

@@ -208,17 +208,37 @@ class Store:
         return cid
 
     def cells(self, where: str = "", args: tuple = ()) -> Iterator[StoredCell]:
+        """Stored cells, each row checked (:meth:`_cell`): a damaged row is a
+        one-line error naming the database and the row."""
         with self._errors():
             rows = self.conn.execute(
                 "SELECT id, key, config, variant, engine, profile, tool_version, created, "
                 f"seconds FROM cells {where} ORDER BY id", args).fetchall()
         for r in rows:
             with self._errors():
-                ph = [(name, Counts.from_dict(json.loads(counts)), est) for name, counts, est in
-                      self.conn.execute("SELECT phase, counts, estimate_ns FROM phases WHERE "
-                                        "cell_id = ? ORDER BY seq", (r[0],))]
-            yield StoredCell(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], r[8],
-                             ph)
+                ph = self.conn.execute("SELECT phase, counts, estimate_ns FROM phases WHERE "
+                                       "cell_id = ? ORDER BY seq", (r[0],)).fetchall()
+            yield self._cell(r, ph)
+
+    def _cell(self, r: tuple, phase_rows: list[tuple]) -> StoredCell:
+        from .schemas import CELL_CONFIG, counts_schema
+        from .validate import check, finite, loads
+        where = f"{self.path}: cells row {r[0]}"
+        for i, name in ((1, "key"), (3, "variant"), (4, "engine"), (5, "profile")):
+            if not isinstance(r[i], str) or not r[i]:
+                raise S2Error(f"{where}: {name}: must be a non-empty text, got {r[i]!r}")
+        config = loads(r[2], f"{where}: config") if isinstance(r[2], str) else r[2]
+        check(config, CELL_CONFIG, f"{where}: config")
+        seconds = finite(r[8], f"{where}: seconds", 0)
+        phases = []
+        for name, counts, est in phase_rows:
+            w = f"{self.path}: phases row (cell {r[0]}, phase {name!r})"
+            data = loads(counts, f"{w}: counts") if isinstance(counts, str) else counts
+            check(data, counts_schema(), f"{w}: counts")
+            phases.append((str(name), Counts.from_dict(data),
+                           finite(est, f"{w}: estimate_ns", 0)))
+        return StoredCell(r[0], r[1], config, r[3], r[4], r[5], str(r[6]), str(r[7]), seconds,
+                          phases)
 
     def cell_count(self) -> int:
         with self._errors():
@@ -238,17 +258,28 @@ class Store:
         return len(rows)
 
     def measurements(self, label: str | None = None) -> list[dict[str, Any]]:
-        q = "SELECT label, config_key, config, phase, repetition, seconds, host, source " \
+        q = "SELECT id, label, config_key, config, phase, repetition, seconds, host, source " \
             "FROM measurements"
         args: tuple = ()
         if label is not None:
             q += " WHERE label = ?"
             args = (label,)
         with self._errors():
-            return [{"label": r[0], "config_key": r[1], "config": json.loads(r[2]),
-                     "phase": r[3], "repetition": r[4], "seconds": r[5],
-                     "host": json.loads(r[6]), "source": r[7]}
-                    for r in self.conn.execute(q + " ORDER BY id", args)]
+            rows = self.conn.execute(q + " ORDER BY id", args).fetchall()
+        return [self._measurement(r) for r in rows]
+
+    def _measurement(self, r: tuple) -> dict[str, Any]:
+        from .schemas import MEASUREMENT_ROW
+        from .validate import check, finite, loads
+        where = f"{self.path}: measurements row {r[0]}"
+        row = {"label": r[1], "config_key": r[2],
+               "config": loads(r[3], f"{where}: config") if isinstance(r[3], str) else r[3],
+               "phase": r[4], "repetition": r[5], "seconds": r[6],
+               "host": loads(r[7], f"{where}: host") if isinstance(r[7], str) else r[7],
+               "source": r[8]}
+        check(row, MEASUREMENT_ROW, where)
+        finite(row["seconds"], f"{where}: seconds")
+        return row
 
     def labels(self) -> list[str]:
         with self._errors():

@@ -188,24 +188,18 @@ def _host_page() -> int:
 
 
 def _write_json(path: str, doc: dict[str, Any]) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-        tmp.replace(target)
-    except OSError as e:
-        raise S2Error(f"cannot write {path} ({e.strerror})") from None
+    from ..output import write_atomic  # numpy-free, like the rest of hw run
+    write_atomic(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
-def _open_store(path: str):
+def _open_store(path: str, create: bool = True):
     try:
         from ..store import Store
     except ImportError as e:
         raise S2Error(f"the results store cannot be opened here ({e}); write the results "
                       "with --json FILE and load them with 's2split hw import-json FILE' "
                       "where s2split is fully installed") from None
-    return Store.open(path)
+    return Store.open(path, create=create)
 
 
 def _add_rows(store, rows: list[dict[str, Any]]) -> int:
@@ -244,18 +238,19 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_import_json(args: argparse.Namespace) -> int:
-    store = _open_store(args.db)
-    total = 0
-    for path in args.files:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except OSError as e:
-            raise S2Error(f"cannot read {path} ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise S2Error(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
+    from ..schemas import HW_RUN
+    from ..validate import check, read_json
+    docs = []
+    for path in args.files:  # every file is checked before anything is stored
+        doc = read_json(path, "hw run JSON", invalid="is not JSON")
         if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
             raise S2Error(f"{path} is not the output of 's2split hw run --json' (format "
                           f"{JSON_FORMAT!r})")
+        check(doc, HW_RUN, path)
+        docs.append((path, doc))
+    store = _open_store(args.db)
+    total = 0
+    for path, doc in docs:
         rows = doc.get("rows", [])
         if args.label:
             rows = [dict(r, label=args.label) for r in rows]
@@ -272,7 +267,7 @@ def cmd_import_json(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare_labels, print_comparison
 
-    store = _open_store(args.db)
+    store = _open_store(args.db, create=False)
     try:
         report = compare_labels(store, args.a, args.b, threshold=args.threshold / 100,
                                 alpha=args.alpha, min_reps=args.min_reps, max_cv=args.max_cv / 100,

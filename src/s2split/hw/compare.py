@@ -281,6 +281,8 @@ def _add_model(report: Report, configs: dict[str, dict], hosts: dict[str, list[d
             estimates[key] = model_estimates(cfg, prof, _host_page_size(hosts.get(key, [])))
         except S2Error as e:
             report.model_notes[key] = f"no model estimate: {e}"
+        except (KeyError, TypeError, ValueError) as e:  # a configuration missing a key
+            report.model_notes[key] = f"no model estimate: incomplete configuration ({e!r})"
     for row in report.rows:
         est = estimates.get(row.config_key)
         if est is not None and row.phase in est:

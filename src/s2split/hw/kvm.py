@@ -172,6 +172,9 @@ class KvmError(S2Error):
         super().__init__(message)
         self.errno = errno
 
+    def __reduce__(self):  # keep the errno across a pickle round trip
+        return (type(self), (str(self), self.errno))
+
 
 def _errstr(e: OSError) -> str:
     name = _errno.errorcode.get(e.errno or 0, str(e.errno))

@@ -53,7 +53,11 @@ from types import MappingProxyType
 
 from .. import counters
 from ..errors import S2Error
-from .walker import RETURN_HINTS, SKIP_NEW_CHILDREN, skip_level
+from .walker import RETURN_HINTS, SKIP_NEW_CHILDREN, WalkFlags, skip_level
+
+_ALL_FLAGS = 0
+for _flag in WalkFlags:
+    _ALL_FLAGS |= int(_flag)
 
 #: Operations whose walks a variant may change: the stage-2 walks that start
 #: with kvm_pgtable_walk() (get_leaf walks the host's page tables, not ours).
@@ -68,6 +72,30 @@ class Variant:
     visitors: Mapping[str, Callable] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # A variant may come from a user's file: check every type here, so
+        # that a bad one is a one-line error when registered, not a traceback
+        # (or a silently wrong walk) later.
+        if not isinstance(self.name, str) or not self.name:
+            raise S2Error(f"variant name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.description, str):
+            raise S2Error(f"variant {self.name!r}: description must be a string, got "
+                          f"{type(self.description).__name__}")
+        for what, value in (("walk_flags", self.walk_flags), ("visitors", self.visitors)):
+            if not isinstance(value, Mapping):
+                raise S2Error(f"variant {self.name!r}: {what} must map operation names to "
+                              f"{'walk flags' if what == 'walk_flags' else 'functions'}, got "
+                              f"{type(value).__name__}")
+        for op, flags in self.walk_flags.items():
+            if isinstance(flags, bool) or not isinstance(flags, int):
+                raise S2Error(f"variant {self.name!r}: walk_flags[{op!r}] must be an integer "
+                              f"of WalkFlags bits, got {type(flags).__name__} {flags!r}")
+            if flags < 0 or flags & ~_ALL_FLAGS:
+                raise S2Error(f"variant {self.name!r}: walk_flags[{op!r}] = {flags:#x} has "
+                              f"bits that are no WalkFlags (known: {_ALL_FLAGS:#x})")
+        for op, fn in self.visitors.items():
+            if not callable(fn):
+                raise S2Error(f"variant {self.name!r}: visitors[{op!r}] must be a function, "
+                              f"got {type(fn).__name__}")
         for op in (*self.walk_flags, *self.visitors):
             if op not in VARIANT_OPS:
                 raise S2Error(f"variant {self.name!r}: unknown operation {op!r}; "
@@ -107,6 +135,8 @@ _REGISTRY: dict[str, Variant] = {}
 
 
 def register(variant: Variant, *, replace: bool = False) -> Variant:
+    if not isinstance(variant, Variant):
+        raise S2Error(f"register() takes a Variant, got {type(variant).__name__}")
     if variant.name in _REGISTRY and not replace:
         raise S2Error(f"a variant named {variant.name!r} already exists")
     _REGISTRY[variant.name] = variant
@@ -135,8 +165,9 @@ def load_user_variants() -> None:
             runpy.run_path(path, run_name="s2split_user_variants")
         except S2Error as e:
             raise S2Error(f"{path}: {e}") from None
-        except Exception as e:  # a user's file: report it in one line
-            raise S2Error(f"{path}: {type(e).__name__}: {e}") from None
+        except (Exception, SystemExit) as e:  # a user's file: report it in one line
+            text = str(e).splitlines()[0] if str(e) else ""
+            raise S2Error(f"{path}: {type(e).__name__}: {text}") from None
 
 
 def get(name: str) -> Variant:

@@ -1,0 +1,130 @@
+"""JSON Schemas (draft 2020-12) of the files and database rows s2split reads,
+checked by :func:`s2split.validate.check`.
+
+They are built here, not kept as static files, where a list of names comes
+from the code (CPU features, counters, kernel functions), so that the schema
+and the code cannot disagree. Everything here is importable without numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from functools import lru_cache
+
+from .features import Features
+
+NUMBER = {"type": "number"}
+NON_NEGATIVE = {"type": "number", "minimum": 0}
+COUNT = {"type": "integer", "minimum": 0}
+TEXT = {"type": "string"}
+NAME = {"type": "string", "minLength": 1}
+BOOL = {"type": "boolean"}
+
+#: A profile (``s2split-profile/1``): unknown keys are refused, so that a
+#: misspelt ``unit_cost_ns`` is not silently ignored. Whether a cost key names
+#: a known counter is checked by :func:`s2split.cost.governing_keys`.
+FEATURES = {"type": "object", "additionalProperties": False,
+            "properties": {f.name: BOOL for f in fields(Features)}}
+PROFILE = {
+    "type": "object", "required": ["format", "name"], "additionalProperties": False,
+    "properties": {
+        "format": {"const": "s2split-profile/1"},
+        "name": NAME, "description": TEXT, "provenance": TEXT, "inherits": NAME,
+        "features": FEATURES,
+        "unit_costs_ns": {"type": "object", "additionalProperties": NON_NEGATIVE},
+        "notes": {"type": "array", "items": TEXT},
+    },
+}
+
+#: A real-kernel fixture (``s2split-real-kernel-counts/1``). Function names
+#: are checked against the model's list by :func:`s2split.fidelity.load_fixture`.
+FIXTURE = {
+    "type": "object", "required": ["format", "runs"],
+    "properties": {
+        "format": {"const": "s2split-real-kernel-counts/1"},
+        "runs": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["command", "phases"],
+            "properties": {
+                "label": TEXT, "command": NAME,
+                "gpa_range": {"type": "array", "minItems": 2, "maxItems": 2,
+                              "items": {"type": ["string", "integer"]}},
+                "phases": {"type": "array", "items": {
+                    "type": "object", "required": ["phase"],
+                    "properties": {
+                        "phase": NAME,
+                        "calls": {"type": "object", "additionalProperties": COUNT},
+                        "detail": {"type": "object", "additionalProperties": {
+                            "type": "object", "additionalProperties": {
+                                "type": "object",
+                                "additionalProperties": COUNT}}},
+                    }}},
+            }}},
+    },
+}
+
+#: A measurement row, as ``hw run --json`` writes it and the store keeps it.
+MEASUREMENT_CONFIG = {
+    "type": "object",
+    "properties": {
+        "vcpu_memory_bytes": {"type": "integer", "minimum": 1},
+        "vcpus": {"type": "integer", "minimum": 1},
+        "backing": NAME, "manual_protect": BOOL,
+        "iterations": {"type": "integer", "minimum": 1},
+        "mode": TEXT, "mode_id": {"type": "integer"},
+        "pa_bits": {"type": ["integer", "null"], "minimum": 1},
+        "granule": {"enum": [4096, 16384, 65536]},
+        "guest_page_size": {"enum": [4096, 16384, 65536]},
+        "slots": {"type": "integer", "minimum": 1},
+        "write_percent": {"type": "integer", "minimum": 0, "maximum": 100},
+        "random_access": BOOL, "partition": BOOL, "seed": {"type": "integer"},
+        "chunk_size": {"type": ["integer", "null"], "minimum": 0},
+        "seed_synced": BOOL, "arch": {"type": ["string", "null"]},
+    },
+}
+HOST = {"type": "object", "properties": {"page_size": {"enum": [4096, 16384, 65536, None]}}}
+MEASUREMENT_ROW = {
+    "type": "object",
+    "required": ["label", "config_key", "config", "phase", "repetition", "seconds"],
+    "properties": {
+        "label": NAME, "config_key": NAME, "config": MEASUREMENT_CONFIG, "phase": NAME,
+        # >= 0, not > 0: a stored 0 (an imported line printing 0.000000000s)
+        # must not make the whole database unreadable; hw compare refuses a
+        # median of 0 itself.
+        "repetition": COUNT, "seconds": NON_NEGATIVE, "host": HOST, "source": TEXT,
+    },
+}
+HW_RUN = {
+    "type": "object", "required": ["format", "rows"],
+    "properties": {
+        "format": {"const": "s2split-hw-run/1"},
+        "label": TEXT, "host": HOST,
+        "rows": {"type": "array", "items": MEASUREMENT_ROW},
+        "runs": {"type": "array", "items": {
+            "type": "object", "properties": {"problems": {"type": "array"}}}},
+    },
+}
+
+#: The configuration of a stored cell (:meth:`PerfTestParams.to_dict`): the
+#: keys that show, compare and export read.
+CELL_CONFIG = {
+    "type": "object",
+    "required": ["vcpu_memory_bytes", "backing", "manual_protect", "iterations", "granule"],
+    "properties": {
+        **MEASUREMENT_CONFIG["properties"],
+        "features": FEATURES,
+    },
+}
+
+
+@lru_cache(maxsize=None)
+def counts_schema() -> dict:
+    """The sparse counts of a stored phase: ``"op/kind/level"`` -> count, with
+    names the counter layout knows (an unknown one is refused, not dropped)."""
+    import re
+
+    from .counters import KINDS, OPS
+    ops = "|".join(map(re.escape, OPS))
+    kinds = "|".join(map(re.escape, KINDS))
+    return {"type": "object",
+            "propertyNames": {"pattern": f"^({ops})/({kinds})/(-|-1|0|1|2|3)$"},
+            "additionalProperties": COUNT}
