@@ -29,7 +29,7 @@ from s2split.hw.kvm import KvmError
 from s2split.output import write_atomic
 from s2split.workers import Pool, WorkerError
 
-from _cli import run_cli as cli
+from _cli import one_line, run_cli as cli
 
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", COLUMNS="200")
 SRC = str(Path(s2split.__file__).parent.parent)
@@ -40,13 +40,6 @@ def s2split_run(*args: str, **kw) -> subprocess.CompletedProcess:
                           text=True, env=ENV, timeout=kw.pop("timeout", 180), **kw)
 
 
-def one_line(err: str, *needles: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 # -- 1. every exception class survives pickling (the process boundary) ----------------------

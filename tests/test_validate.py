@@ -27,6 +27,8 @@ from s2split.cli import main
 from s2split.pgtable import variants as V
 from s2split.store import Store
 
+from _cli import one_line as single_line
+
 FIXTURES = sorted((Path(__file__).parent.parent / "fixtures" / "real-kernel").glob("*.json"))
 FUZZ = settings(max_examples=12, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -43,13 +45,9 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
 
 
 def one_line(code: int, err: str, *needles: str) -> str:
+    """The one-line error of a refused input: exit status 2."""
     assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+    return single_line(err, *needles)
 
 
 def run_subprocess(argv: list[str]) -> tuple[int, str]:
