@@ -189,11 +189,21 @@ def slot_index(M, s, col):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def count_leaf_visits(M, op, level, nvalid, ninvalid):
-    """The walker's counts for LEAF visits of entries that are leaves: each is
+def count_leaf_visit(M, op, level, valid):
+    """The walker's counts for a LEAF visit of an entry that is a leaf: it is
     read (a valid leaf or an invalid entry), visited, and read again after the
-    visit. One rule for the walker, its level-3 run and the nested walks that
-    ``create_unlinked``/``free_unlinked`` make (``__kvm_pgtable_visit()``)."""
+    visit (``__kvm_pgtable_visit()``). :func:`count_leaf_visits` is the same
+    rule for many entries at once."""
+    count(M, op, C.K_READ_LEAF if valid else C.K_READ_INVALID, level, 1)
+    count(M, op, C.K_VISIT_LEAF, level, 1)
+    count(M, op, C.K_RELOAD, level, 1)
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def count_leaf_visits(M, op, level, nvalid, ninvalid):
+    """:func:`count_leaf_visit` for ``nvalid + ninvalid`` entries: the rule
+    shared by the walker's level-3 run and the nested walks that
+    ``create_unlinked``/``free_unlinked`` make."""
     count(M, op, C.K_READ_LEAF, level, nvalid)
     count(M, op, C.K_READ_INVALID, level, ninvalid)
     count(M, op, C.K_VISIT_LEAF, level, nvalid + ninvalid)

@@ -8,7 +8,7 @@ walks above it (:mod:`s2split.engine.stage2`). numba cannot cache recursive
 functions, so the two walks a visitor starts itself -- ``create_unlinked``
 filling a fresh table and ``free_unlinked`` dropping a detached one -- are
 loops of their own here, counted with the walker's own rule
-(:func:`~s2split.engine.state.count_leaf_visits`); ``create_unlinked`` fills
+(:func:`~s2split.engine.state.count_leaf_visit`); ``create_unlinked`` fills
 at most two levels, all that splitting a block needs. The differential tests
 pin every line to the reference.
 """
@@ -26,7 +26,7 @@ from .memory import cache_alloc, get_page, mem_put, put_page
 from .pte import (is_cacheable, is_executable, is_table, make_leaf, make_table, prot_to_attr,
                   pte_to_phys, table_pfn)
 from .state import (FREE_STACK_IDX, FREE_STACK_OLD, FREE_STACK_PFN, MC_NONE, MC_SPLIT, NOLV, S, W,
-                    count, count_leaf_visits, granule_size)
+                    count, count_leaf_visit, count_leaf_visits, granule_size)
 from .tlb import dcache_clean_inval_poc, flush_vmid_ipa, flush_vmid_range, icache_inval_pou
 
 LEAF, TABLE_PRE, TABLE_POST, SHARED = WK.LEAF, WK.TABLE_PRE, WK.TABLE_POST, WK.SHARED
@@ -124,7 +124,7 @@ def free_unlinked(T, M, pfn, level):
             M[FREE_STACK_IDX + d] = 0
             count(M, op, C.K_LOOPS, lv + 1, 1)
             continue
-        count_leaf_visits(M, op, lv, 1 if old & VALID else 0, 0 if old & VALID else 1)
+        count_leaf_visit(M, op, lv, old & VALID)
         if old != 0:
             put_page(M, op, M[FREE_STACK_PFN + d], lv)
         M[FREE_STACK_IDX + d] = i + 1

@@ -23,7 +23,7 @@ from ..errors import ERANGE
 from ..pgtable import walker as WK
 from .pte import is_table, table_pfn
 from .state import (NOLV, ROOT, STACK_IDX, STACK_OLD, STACK_PFN, S, W, count,
-                    count_leaf_visits, granule_size, level_shift)
+                    count_leaf_visit, count_leaf_visits, granule_size, level_shift)
 from .visitors import call_visitor
 
 LEAF, TABLE_PRE, TABLE_POST, SHARED = WK.LEAF, WK.TABLE_PRE, WK.TABLE_POST, WK.SHARED
@@ -64,8 +64,7 @@ def _visit(T, M, d, level):
             ret = call_visitor(T, M, pfn, idx, old, level, TABLE_PRE)
             called = True
     elif flags & LEAF:
-        valid = 1 if old & VALID else 0
-        count_leaf_visits(M, op, level, valid, 1 - valid)
+        count_leaf_visit(M, op, level, old & VALID)
         ret = call_visitor(T, M, pfn, idx, old, level, LEAF)
         called = True
     else:
