@@ -210,6 +210,13 @@ def calibrate_command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .console import rich_console
+    if getattr(args, "savings", None):
+        from .calibrate_savings import savings_command
+        return savings_command(args)
+    if not args.measurements:
+        raise S2Error("give MEASUREMENTS (a file, or a label with --db) or --savings FILE")
+    if args.predict:
+        raise S2Error("--predict needs --savings")
     base = load_profile(args.profile)
     keys = [k.strip() for k in (args.fit.split(",") if args.fit is not None else DEFAULT_FIT)
             if k.strip()]

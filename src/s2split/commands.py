@@ -384,7 +384,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     xp.set_defaults(func=cmd_export)
 
     ca = sub.add_parser("calibrate", help="fit a profile's unit costs to measured times")
-    ca.add_argument("measurements", metavar="MEASUREMENTS",
+    ca.add_argument("measurements", metavar="MEASUREMENTS", nargs="?", default=None,
                     help="CSV or JSON of (perf-test options, phase, seconds)")
     ca.add_argument("--profile", default="server-vhe", help="profile to start from")
     ca.add_argument("--fit", default=None, metavar="KEYS",
@@ -396,6 +396,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ca.add_argument("--engine", choices=("auto", "reference", "fast"), default="auto")
     ca.add_argument("--db", default=None, help="use hw measurements from this database instead "
                     "of a file (MEASUREMENTS is then a label)")
+    from .calibrate_savings import add_savings_options
+    add_savings_options(ca)
     ca.set_defaults(func=cmd_calibrate)
 
     from .report.mail import DESCRIPTION, add_report_options
