@@ -8,10 +8,16 @@ from typing import Any
 
 from rich.table import Table
 
-STATUS = {"pinned": "pinned (sets the scale)", "determined": "determined by the table",
-          "conditional": "determined, given the held costs",
-          "undetermined": "undetermined: kept the starting value",
-          "absent": "not in these cells: kept the starting value"}
+STATUS = {"pinned": "pinned (sets the scale)", "determined": "determined",
+          "conditional": "determined*",
+          "undetermined": "undetermined: kept start",
+          "absent": "not in these cells: kept start"}
+
+
+def _where(where: str, source: str) -> str:
+    """``line 4`` (CSV) or ``row 3`` (JSON) of the table."""
+    rest = where[len(source):].lstrip(": ") if where.startswith(source) else where
+    return f"line {rest}" if rest.isdigit() else rest
 
 
 def _pct(x: float | None) -> str:
@@ -30,7 +36,7 @@ def print_fit(fit: Any, source: str, predictions: list[Any], cells: Any,
                   "'s2split reproduce' computes time_saved_pct.", highlight=False)
     pinned = fit.costs[0]
     console.print(f"Pinned: {fit.pin} = {pinned.value:g} ns (its starting value). Why: "
-                  f"{SCALE_FREE}, so one cost must be held to set the scale; {fit.pin} "
+                  f"{SCALE_FREE}: one cost must be held to set the scale. {fit.pin} "
                   f"{fit.pin_reason}. Fitted costs are in its units; the costs not fitted keep "
                   "their starting values (their starting ratios to it).", highlight=False)
     t = Table(title=f"Unit costs ({conf} intervals; ns, in units of the pinned {fit.pin})",
@@ -39,33 +45,36 @@ def print_fit(fit: Any, source: str, predictions: list[Any], cells: Any,
                 "status"):
         t.add_column(col, justify="right" if "ns" in col or "/" in col else "left")
     for c in fit.costs:
-        iv = "-" if c.low is None else f"{c.low:.4g} .. {c.high:.4g}"
-        status = STATUS[c.status] + (f" ({c.note})" if c.note and c.status in
-                                     ("determined", "conditional") else "")
+        iv = "-" if c.low is None else f"{c.low:.4g}..{c.high:.4g}"
+        status = STATUS[c.status] + (", at the bound 0" if "bound" in c.note else "")
         t.add_row(c.key, f"{c.start:.4g}", f"{c.value:.4g}", iv,
                   f"{c.value / pinned.value:.4g}", status)
     console.print(t)
+    held = [c.key for c in fit.costs if c.status == "undetermined"]
     for c in fit.costs:
         if c.status == "undetermined":
             console.print(f"  {c.key}: {c.note}.", highlight=False)
+    if held:
+        console.print(f"  * determined once {', '.join(held)} is held at its starting value; "
+                      "the intervals take the held costs as exact.", highlight=False)
     r = Table(title="Savings: given vs fitted (estimates under the fitted profile)",
               title_justify="left")
-    for col in ("row", "scenario", "backing", "granule", "variant"):
+    for col in ("where", "scenario", "backing", "granule", "variant"):
         r.add_column(col)
     for col in ("given", "+/- (1 sd)", "fitted", f"{conf} interval", "residual", "z"):
         r.add_column(col, justify="right")
     for rf in fit.rows:
         row = rf.row
-        r.add_row(row.where.rsplit("/", 1)[-1], row.scenario, row.backing, row.granule_label,
+        r.add_row(_where(row.where, source), row.scenario, row.backing, row.granule_label,
                   row.variant, _pct(row.saved_pct), f"{rf.sigma:.3g}", _pct(rf.fitted),
-                  f"{rf.low:.2f} .. {rf.high:.2f}", f"{rf.residual:+.2f}", f"{rf.z:+.2f}")
+                  f"{rf.low:.2f}..{rf.high:.2f}", f"{rf.residual:+.2f}", f"{rf.z:+.2f}")
     console.print(r)
     sources = sorted({rf.sigma_source for rf in fit.rows})
     console.print(f"Uncertainties: {', '.join(sources)}.", highlight=False)
     console.print(f"Verdict: {fit.verdict}.", highlight=False)
     if predictions:
-        p = Table(title=f"Predictions under the fitted profile ({conf} intervals from the "
-                  "fitted costs; estimates)", title_justify="left")
+        p = Table(title=f"Predictions: estimates under the fitted profile ({conf} intervals "
+                  "from the fitted costs' uncertainty)", title_justify="left")
         for col in ("scenario", "backing", "granule", "variant"):
             p.add_column(col)
         for col in ("predicted", f"{conf} interval", "given"):
@@ -73,8 +82,10 @@ def print_fit(fit: Any, source: str, predictions: list[Any], cells: Any,
         for pr in predictions:
             row = pr.row
             p.add_row(row.scenario, row.backing, row.granule_label, row.variant,
-                      _pct(pr.predicted), f"{pr.low:.2f} .. {pr.high:.2f}",
+                      _pct(pr.predicted), f"{pr.low:.2f}..{pr.high:.2f}",
                       _pct(row.saved_pct))
         console.print(p)
+    console.print(f"Cells: {cells.computed} computed, {cells.found} found in the results "
+                  "database.", highlight=False)
     if output:
         console.print(f"Fitted profile written to {output}", highlight=False)
