@@ -102,10 +102,18 @@ def compute_cells(rows: list[SavingsRow], base: Profile, keys: list[str], store:
             profile=profile_option(base))
         try:
             matrix = Matrix(**matrix_kw)
-            for g in granules:  # layout errors before any work
-                from .workload import memstress_layout
+            from .arch import size_name
+            from .workload import memstress_layout
+            for g in granules:  # errors here, before workers that cannot report them
                 for b in matrix.backings:
-                    memstress_layout(matrix.params(g, b, "clear", base.features))
+                    params = matrix.params(g, b, "clear", base.features)
+                    memstress_layout(params)
+                    geom, c = params.geometry(), params.chunk_size
+                    if c and (c & (c - 1) or not c & geom.supported_block_sizes_bitmap):
+                        raise S2Error(
+                            f"chunk_size {size_name(c)} is not a supported block size with "
+                            f"{size_name(g)} pages "
+                            f"({', '.join(size_name(x) for x in geom.supported_block_sizes)})")
             outcome = reproduce(matrix, store, engine, executor)
         except S2Error as e:
             raise S2Error(f"{sub[0].where}: {e}") from None
@@ -408,7 +416,7 @@ def fit_savings(rows: list[SavingsRow], cells: Cells, base: Profile, fit_keys: l
     profile = Profile(fitted_name, base.description, base.provenance, base.features, costs_ns,
                       base.notes, "")
     cost_rows = []
-    for k in [pin] + list(dict.fromkeys(fit_keys)):
+    for k in dict.fromkeys([pin] + fit_keys):
         i = keys.index(k)
         if k == pin:
             cost_rows.append(CostFit(k, start[i], start[i], None, None, "pinned",

@@ -395,7 +395,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="write the fitted profile to this file (JSON)")
     ca.add_argument("--engine", choices=("auto", "reference", "fast"), default="auto")
     ca.add_argument("--db", default=None, help="use hw measurements from this database instead "
-                    "of a file (MEASUREMENTS is then a label)")
+                    "of a file (MEASUREMENTS is then a label); with --savings: the results "
+                    "database holding the cells (default: ./s2split-results.sqlite)")
     from .calibrate_savings import add_savings_options
     add_savings_options(ca)
     ca.set_defaults(func=cmd_calibrate)
