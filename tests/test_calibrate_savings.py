@@ -291,7 +291,7 @@ def test_predict_needs_savings_and_savings_excludes_measurements(tmp_path, capsy
     table = tmp_path / "t.csv"
     table.write_text(ROW + "clear,regular,avg,skip-levels,20\n")
     code, _, err = run_cli(["calibrate", "m.csv", "--predict", str(table)], capsys)
-    assert code == 2 and "--predict needs --savings" in err
+    assert code == 2 and "need --savings" in err
     code, _, err = run_cli(["calibrate", "m.csv", "--savings", str(table)], capsys)
     assert code == 2 and "not both" in err
     code, _, err = run_cli(["calibrate"], capsys)
