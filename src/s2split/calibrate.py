@@ -210,9 +210,6 @@ def calibrate_command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .console import rich_console
-    if getattr(args, "savings", None):
-        from .calibrate_savings import savings_command
-        return savings_command(args)
     if not args.measurements:
         raise S2Error("give MEASUREMENTS (a file, or a label with --db) or --savings FILE")
     if args.predict or args.pin or args.stderr is not None or args.json:

@@ -6,7 +6,7 @@ with ``a`` the cell's counts summed per cost key (the key that prices each
 counter, by the profile's precedence) and ``c`` the costs. A variant's saving
 is therefore a ratio of two linear forms, ``100 (a0.c - a1.c) / a0.c``
 (``granule=avg``: the mean of three such ratios), computed exactly as
-``s2split reproduce`` computes ``time_saved_pct`` -- the numbers reported are
+``s2split reproduce`` computes ``time_saved_pct`` -- the numbers reported equal
 those of :func:`s2split.report.reproduce.savings` under the fitted profile.
 
 Savings are unchanged when every cost is multiplied by one factor, so a table
@@ -31,9 +31,9 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -169,11 +169,23 @@ def model(forms: list[tuple[np.ndarray, np.ndarray]],
 
 
 def exact_savings(outcome: Any, row: SavingsRow, profile: Profile) -> float | None:
-    """The row's saving under ``profile`` exactly as ``reproduce`` reports it."""
-    from .report.reproduce import savings
-    by_granule = savings(replace(outcome, profile=profile), row.scenario, row.backing,
-                         row.variant, "time")
-    return by_granule[AVG if row.granule == AVG else int(row.granule)]
+    """The row's saving under ``profile`` exactly as ``reproduce`` reports it
+    (``time_saved_pct``, :func:`s2split.report.reproduce.savings`, which sits in
+    a layer above this one): per granule, the percent of vanilla's estimated
+    time the variant saves, None where vanilla has no time; ``avg``, the mean
+    of the granules that have one. tests/test_calibrate_savings.py checks the
+    two agree to the last digit."""
+    by_granule: dict[int, float | None] = {}
+    for g in row.granules:
+        base = profile.estimate_ns(outcome.phase_counts(g, row.backing, row.scenario,
+                                                        "vanilla"))
+        value = profile.estimate_ns(outcome.phase_counts(g, row.backing, row.scenario,
+                                                         row.variant))
+        by_granule[g] = None if base == 0 else 100.0 * (base - value) / base
+    if row.granule != AVG:
+        return by_granule[int(row.granule)]
+    vals = [v for v in by_granule.values() if v is not None]
+    return sum(vals) / len(vals) if vals else None
 
 
 #: A direction of the costs that the table determines this many times less
@@ -537,8 +549,12 @@ def fit_json(fit: SavingsFit, source: str, predictions: list[Prediction]) -> dic
     }
 
 
-def savings_command(args: argparse.Namespace) -> int:
-    """``s2split calibrate --savings FILE [--predict FILE] [-o PROFILE] [--json]``."""
+def savings_command(args: argparse.Namespace,
+                    print_fit: Callable[[SavingsFit, str, list[Prediction], Cells, str | None],
+                                        None]) -> int:
+    """``s2split calibrate --savings FILE [--predict FILE] [-o PROFILE] [--json]``.
+    ``print_fit`` prints the fit as tables (the command line passes
+    :func:`s2split.report.savings_fit.print_fit`: reports sit above the tasks)."""
     from .store import DEFAULT_DB, Store
     if args.measurements:
         raise S2Error("give either MEASUREMENTS or --savings, not both")
@@ -572,7 +588,7 @@ def savings_command(args: argparse.Namespace) -> int:
                       args.name)
     predictions = predict(fit, wanted, pcells) if pcells else []
     if args.output:
-        from .commands import write_atomic
+        from .output import write_atomic
         write_atomic(args.output, json.dumps(profile_json(fit, args.savings), indent=2) + "\n")
     if args.json:
         data = fit_json(fit, args.savings, predictions)
@@ -583,7 +599,6 @@ def savings_command(args: argparse.Namespace) -> int:
         json.dump(data, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    from .report.savings_fit import print_fit
     print_fit(fit, args.savings, predictions, cells, args.output)
     return 0
 

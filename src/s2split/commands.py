@@ -342,6 +342,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.savings:
+        from .calibrate_savings import savings_command
+        from .report.savings_fit import print_fit
+        return savings_command(args, print_fit)
     from .calibrate import calibrate_command
     return calibrate_command(args)
 

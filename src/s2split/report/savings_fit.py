@@ -27,8 +27,8 @@ def _pct(x: float | None) -> str:
 def print_fit(fit: Any, source: str, predictions: list[Any], cells: Any,
               output: str | None) -> None:
     from ..calibrate_savings import SCALE_FREE
-    from ..cli import _console
-    console = _console()
+    from ..console import rich_console
+    console = rich_console()
     conf = f"{100 * fit.confidence:g}%"
     console.print(f"Fitting unit costs to {len(fit.rows)} published saving(s) from {source}, "
                   f"starting from profile {fit.base.name}. The savings are the model's "
