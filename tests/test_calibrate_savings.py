@@ -268,6 +268,9 @@ ROW = "scenario,backing,granule,variant,saved_pct\n"
     ("[{\"scenario\": \"clear\",", [], "not valid JSON"),
     ("[{\"scenario\": \"clear\", \"backing\": \"thp\", \"granule\": \"4K\", "
      "\"variant\": \"skip-levels\", \"saved\": 3}]", [], "unknown field 'saved'"),
+    # read strictly, as every JSON file (s2split.validate): NaN is no JSON number
+    ("[{\"scenario\": \"clear\", \"backing\": \"thp\", \"granule\": \"4K\", "
+     "\"variant\": \"skip-levels\", \"saved_pct\": NaN}]", [], "NaN is not a JSON number"),
     (ROW + "clear,regular,avg,skip-levels,20\n", ["--fit", "no_such_counter"],
      "unknown counter"),
     # 3M is no block size of the 4K granule (4K, 2M, 1G): the kernel refuses it
@@ -285,6 +288,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, text, args, message)
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
     if not args or "chunk_size" in message:  # an error in the table names the file
         assert str(table) in lines[0]
+
+
+def test_a_table_not_in_utf8_is_one_line_and_exit_2(tmp_path, capsys):
+    table = tmp_path / "t.csv"
+    table.write_bytes((ROW + "clear,regular,avg,skip-levels,20 \xb1 1\n").encode("latin-1"))
+    code, _, err = run_cli(["calibrate", "--savings", str(table), "--db",
+                            str(tmp_path / "db.sqlite")], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and str(table) in lines[0], err
+    assert "must be UTF-8" in lines[0]
 
 
 def test_predict_needs_savings_and_savings_excludes_measurements(tmp_path, capsys):

@@ -104,7 +104,7 @@ def compute_cells(rows: list[SavingsRow], base: Profile, keys: list[str], store:
             matrix = Matrix(**matrix_kw)
             from .arch import size_name
             from .workload import memstress_layout
-            for g in granules:  # errors here, before workers that cannot report them
+            for g in granules:  # errors before any cell runs, naming the row
                 for b in matrix.backings:
                     params = matrix.params(g, b, "clear", base.features)
                     memstress_layout(params)

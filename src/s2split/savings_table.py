@@ -13,7 +13,6 @@ three granules of the per-granule savings, as ``reproduce`` prints it),
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -145,23 +144,13 @@ def _row(raw: dict[str, Any], where: str, need_saved: bool) -> SavingsRow:
 
 def read_savings(path: str, need_saved: bool = True) -> list[SavingsRow]:
     """The rows of a savings table (``need_saved``: every row gives ``saved_pct``)."""
+    from .validate import loads, read_text
     p = Path(path)
-    try:
-        text = p.read_text()
-    except IsADirectoryError:
-        raise S2Error(f"{path}: is a directory, not a savings table") from None
-    except OSError as e:
-        raise S2Error(f"{path}: cannot read the savings table ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise S2Error(f"{path}: not a text file (expected a CSV or JSON savings table)") \
-            from None
+    text = read_text(path, "savings table")  # UTF-8, or one line naming the file
     known = set(REQUIRED + OPTIONAL)
     rows: list[SavingsRow] = []
     if p.suffix.lower() == ".json" or text.lstrip().startswith(("[", "{")):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise S2Error(f"{path}: not valid JSON: {e.msg} at line {e.lineno}") from None
+        data = loads(text, path)  # strict: NaN and Infinity are refused
         items = data.get("rows") if isinstance(data, dict) else data
         if not isinstance(items, list):
             raise S2Error(f"{path}: expected a list of rows (or {{\"rows\": [...]}})")
