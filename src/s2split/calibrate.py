@@ -210,6 +210,10 @@ def calibrate_command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .console import rich_console
+    if not args.measurements:
+        raise S2Error("give MEASUREMENTS (a file, or a label with --db) or --savings FILE")
+    if args.predict or args.pin or args.stderr is not None or args.json:
+        raise S2Error("--predict, --pin, --stderr and --json need --savings")
     base = load_profile(args.profile)
     keys = [k.strip() for k in (args.fit.split(",") if args.fit is not None else DEFAULT_FIT)
             if k.strip()]

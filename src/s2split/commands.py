@@ -342,6 +342,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.savings:
+        from .calibrate_savings import savings_command
+        from .report.savings_fit import print_fit
+        return savings_command(args, print_fit)
     from .calibrate import calibrate_command
     return calibrate_command(args)
 
@@ -384,7 +388,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     xp.set_defaults(func=cmd_export)
 
     ca = sub.add_parser("calibrate", help="fit a profile's unit costs to measured times")
-    ca.add_argument("measurements", metavar="MEASUREMENTS",
+    ca.add_argument("measurements", metavar="MEASUREMENTS", nargs="?", default=None,
                     help="CSV or JSON of (perf-test options, phase, seconds)")
     ca.add_argument("--profile", default="server-vhe", help="profile to start from")
     ca.add_argument("--fit", default=None, metavar="KEYS",
@@ -395,7 +399,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="write the fitted profile to this file (JSON)")
     ca.add_argument("--engine", choices=("auto", "reference", "fast"), default="auto")
     ca.add_argument("--db", default=None, help="use hw measurements from this database instead "
-                    "of a file (MEASUREMENTS is then a label)")
+                    "of a file (MEASUREMENTS is then a label); with --savings: the results "
+                    "database holding the cells (default: ./s2split-results.sqlite)")
+    from .calibrate_savings import add_savings_options
+    add_savings_options(ca)
     ca.set_defaults(func=cmd_calibrate)
 
     from .report.mail import DESCRIPTION, add_report_options

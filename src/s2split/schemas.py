@@ -33,6 +33,10 @@ PROFILE = {
         "features": FEATURES,
         "unit_costs_ns": {"type": "object", "additionalProperties": NON_NEGATIVE},
         "notes": {"type": "array", "items": TEXT},
+        # how ``calibrate --savings`` fitted it (a record for readers; the
+        # model reads only the costs and features)
+        "calibration": {"type": "object", "required": ["kind"],
+                        "properties": {"kind": {"enum": ["savings"]}}},
     },
 }
 
