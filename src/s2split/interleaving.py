@@ -55,9 +55,9 @@ FAULT_PATH = (*RELAX_FOOTPRINT, "kvm_handle_guest_abort", "kvm_pgtable_stage2_ma
               "stage2_map_walker", "__kvm_tlb_flush_vmid_ipa",
               "kvm_pgtable_stage2_create_unlinked", "kvm_pgtable_stage2_free_unlinked",
               "stage2_free_walker", "leaf_walker")
-#: A relax_perms that lost its race invalidates with no level hint; the kernel
-#: passes whatever the unset level holds (TLBI_TTL_UNKNOWN once fixed upstream,
-#: which the s8 variable holds as -1), so any level key the model lacks is this.
+#: A relax_perms that lost its race invalidates with no level hint (recorded as
+#: level=2147483647, TLBI_TTL_UNKNOWN, on Debian's 6.12.117; older 6.12 passed
+#: an unset level): any level key the model lacks is this.
 NO_HINT_FUNCTION = "__kvm_tlb_flush_vmid_ipa_nsh"
 NO_HINT_NOTE = "no level hint: a relax_perms that lost a race (-EAGAIN)"
 

@@ -385,10 +385,11 @@ def selftest_command(p: Any, host_page: int, cpu: str | None) -> str:
 
 
 def record_runs(args: argparse.Namespace, recorder: Recorder, write: Callable[[str], None]
-                ) -> list[dict[str, Any]]:
-    """Run every configuration through the harness with the probes installed;
-    the fixture's runs."""
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run every configuration through the harness with the probes installed:
+    the fixture's runs, and the host's fingerprint."""
     from .cli import _pass_timeout, run_params
+    from .fingerprint import fingerprint
     from .harness import run_config
     from .kvm import Kvm, host_page_size
 
@@ -416,15 +417,14 @@ def record_runs(args: argparse.Namespace, recorder: Recorder, write: Callable[[s
                     "gpa_range": [hex(layout.gpa), hex(layout.gpa + layout.size)],
                     "eager_split_chunk_size": p.chunk_size or 0,
                     "phases": phases})
+        host = fingerprint(kvm)
     finally:
         kvm.close()
-    return runs
+    return runs, host
 
 
 def cmd_record(args: argparse.Namespace) -> int:
     from .cli import _write_json, run_params
-    from .fingerprint import fingerprint
-    from .kvm import Kvm
 
     if args.db is not None or args.json is not None:
         raise S2Error("fidelity record writes a fixture (--output); --db and --json do not apply")
@@ -441,13 +441,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     try:
         recorder.install()
         before = recorder.hits()
-        runs = record_runs(args, recorder, print)
+        runs, host = record_runs(args, recorder, print)
         after = recorder.hits()
-        kvm = Kvm(args.kvm)
-        try:
-            host = fingerprint(kvm)
-        finally:
-            kvm.close()
     except _Terminated as e:
         raise S2Error(f"terminated by {e}; nothing written") from None
     finally:
