@@ -6,8 +6,6 @@ model's own counts, then changed the way a real kernel could differ."""
 import copy
 import json
 
-import pytest
-
 from s2split.cli import main
 from s2split.fidelity import FIXTURE_FORMAT, check_fixture, params_from_command
 from s2split.kernel_counters import kernel_counts

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import platform
 import re
