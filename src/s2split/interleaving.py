@@ -106,7 +106,7 @@ class PassBound:
         return model + self.extra * self.per_fault.get((fn, key, fld), 0)
 
 
-def pass_bound(phase: str, model: dict[str, dict], writes: Counter | None) -> PassBound:
+def pass_bound(model: dict[str, dict], writes: Counter | None) -> PassBound:
     """The bound of one phase in which vCPUs run, from the model's kernel-named
     counts of that phase and the pass's write accesses per stage-2 page."""
     if writes is None:
