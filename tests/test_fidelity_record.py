@@ -23,9 +23,10 @@ class FakeTracefs(R.Tracefs):
     (function -> {key tuple: (hitcount, {val: sum})}) in the kernel's format,
     and kprobe_profile."""
 
-    def __init__(self, absent=()):
+    def __init__(self, absent=(), refuse_trigger=()):
         super().__init__("/nonexistent")
         self.absent = set(absent)
+        self.refuse_trigger = set(refuse_trigger)
         self.kprobes = {}  # "grp/fn" -> definition
         self.instances = {}  # name -> {"tracing_on": str}
         self.triggers = {}  # (instance, "grp/fn") -> [text]
@@ -88,6 +89,10 @@ class FakeTracefs(R.Tracefs):
         inst, ev = self._event(rel)
         if rel.endswith("/trigger"):
             lst = self.triggers.setdefault((inst, ev), [])
+            if ev.split("/")[1] in self.refuse_trigger and not text.startswith("!"):
+                self.log += ["[ 2.0] hist:kprobes:x: error: Invalid key modifier",
+                             f"  Command: {text}", "                 ^"]
+                self._err(errno.EINVAL)
             if text.startswith("!"):
                 if text[1:] not in lst:
                     self._err(errno.ENOENT)
@@ -319,3 +324,17 @@ def test_unknown_kernel_variant_refused_before_anything_is_installed(fake_host, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]
     assert fake_host.empty and not fake_host.log and not out.exists()
+
+
+def test_refused_trigger_is_missing_and_undone():
+    # one function the kernel cannot probe, then one whose trigger it refuses:
+    # each gets its own reason (not the other's stale error_log entry)
+    fs = FakeTracefs(absent={"kvm_pgtable_walk"}, refuse_trigger={"__kvm_pgtable_walk"})
+    rec = R.Recorder(fs, group="g")
+    rec.install()
+    assert "Invalid probed address" in rec.missing["kvm_pgtable_walk"]
+    assert "hist trigger or enable refused" in rec.missing["__kvm_pgtable_walk"]
+    assert "Invalid key modifier" in rec.missing["__kvm_pgtable_walk"]
+    assert "g/__kvm_pgtable_walk" not in fs.kprobes  # taken out at once
+    assert "__kvm_pgtable_walk" not in rec.traced and "stage2_map_walker" in rec.traced
+    assert rec.remove() == [] and fs.empty

@@ -246,7 +246,7 @@ class Recorder:
     group: str = field(default_factory=lambda: f"s2split_{os.getpid()}")
     probes: tuple[Probe, ...] = PROBES
     missing: dict[str, str] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)  # events hist tables dropped
     traced: list[str] = field(default_factory=list)  # functions defined, in order
     _events: list[Probe] = field(default_factory=list)
     _triggers: list[Probe] = field(default_factory=list)
@@ -260,13 +260,17 @@ class Recorder:
     def _event_dir(self, probe: Probe) -> str:
         return f"{self.instance}/events/{self.group}/{probe.function}"
 
-    def _error_log(self) -> str:
-        """The kernel's reason for the last refused definition: its message and
-        the argument it points at."""
+    def _log_lines(self) -> list[str]:
         try:
-            lines = self.fs.read("error_log").splitlines()
+            return [l for l in self.fs.read("error_log").splitlines() if l.strip()]
         except OSError:
-            return ""
+            return []
+
+    def _error_log(self, seen: int) -> str:
+        """The kernel's reason for a refused definition, from the error_log
+        lines after the first ``seen``: its message and the argument it points
+        at."""
+        lines = self._log_lines()[seen:]
         at = max((i for i, l in enumerate(lines) if "error:" in l), default=None)
         if at is None:
             return ""
@@ -282,26 +286,39 @@ class Recorder:
         """Define every probe the kernel has, with its trigger, and enable it.
         The instance's own ring buffer is off: hist triggers still see every
         event (the kernel hands them a scratch buffer), nothing is stored."""
-        self.fs.mkdir(self.instance)
-        self._instance = True
-        self.fs.write(f"{self.instance}/tracing_on", "0")
+        try:
+            self.fs.mkdir(self.instance)
+            self._instance = True
+            self.fs.write(f"{self.instance}/tracing_on", "0")
+        except OSError as e:
+            raise S2Error(f"cannot make the tracefs instance {self.instance}: "
+                          f"{e.strerror}") from None
         for probe in self.probes:
             definition = f"p:{self.group}/{probe.function} {probe.function} {probe.fetch}"
+            seen = len(self._log_lines())
             try:
                 self.fs.write("kprobe_events", definition, append=True)
             except OSError as e:
                 why = os.strerror(e.errno) if e.errno else str(e)
                 if e.errno in (errno.ENOENT, errno.EINVAL, errno.EADDRNOTAVAIL):
-                    log = self._error_log()
+                    log = self._error_log(seen)
                     self.missing[probe.function] = f"{why}{': ' + log if log else ''}"
                     continue
                 raise S2Error(f"cannot define a kprobe on {probe.function}: {why}") from None
             self._events.append(probe)
+            try:
+                self.fs.write(f"{self._event_dir(probe)}/trigger", probe.trigger())
+                self._triggers.append(probe)
+                self.fs.write(f"{self._event_dir(probe)}/enable", "1")
+                self._enabled.append(probe)
+            except OSError as e:
+                # a kernel that refuses this trigger (or event): not counted
+                log = self._error_log(seen)
+                self.missing[probe.function] = (f"hist trigger or enable refused: {e.strerror}"
+                                                f"{': ' + log if log else ''}")
+                self._undo(probe)
+                continue
             self.traced.append(probe.function)
-            self.fs.write(f"{self._event_dir(probe)}/trigger", probe.trigger())
-            self._triggers.append(probe)
-            self.fs.write(f"{self._event_dir(probe)}/enable", "1")
-            self._enabled.append(probe)
         if not self._events:
             fn, why = next(iter(self.missing.items()))
             raise S2Error(f"none of the stage-2 functions can be probed on this kernel "
@@ -313,8 +330,7 @@ class Recorder:
         for probe in self._triggers:
             counts, dropped = parse_hist(self.fs.read(f"{self._event_dir(probe)}/hist"))
             if dropped:
-                self.problems.append(f"{probe.function}: the hist table dropped {dropped} "
-                                     "events")
+                self.dropped[probe.function] = dropped  # cumulative, like the counts
             out[probe.function] = counts
         return out
 
@@ -325,6 +341,17 @@ class Recorder:
         except OSError:
             return {}
         return {p.function: profile[p.function] for p in self._events if p.function in profile}
+
+    def _undo(self, probe: Probe) -> None:
+        """Take one probe out again (best effort: :meth:`remove` retries)."""
+        try:
+            if probe in self._triggers:
+                self.fs.write(f"{self._event_dir(probe)}/trigger", "!" + probe.trigger())
+                self._triggers.remove(probe)
+            self.fs.write("kprobe_events", f"-:{self.group}/{probe.function}", append=True)
+            self._events.remove(probe)
+        except OSError:
+            pass
 
     def remove(self) -> list[str]:
         """Undo everything :meth:`install` did, in reverse; every step is tried.
@@ -451,7 +478,8 @@ def cmd_record(args: argparse.Namespace) -> int:
         if left:
             sys.stderr.write("s2split fidelity record: could not undo in tracefs: "
                              + "; ".join(left) + "\n")
-    caveats = list(recorder.problems)
+    caveats = [f"{fn}: the hist table dropped {n} events: its counts are low"
+               for fn, n in recorder.dropped.items()]
     for fn, (hits, missed) in after.items():
         h0, m0 = before.get(fn, (0, 0))
         counted = sum(ph["calls"].get(fn, 0) for r in runs for ph in r["phases"])
