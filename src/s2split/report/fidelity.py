@@ -10,7 +10,20 @@ from ..fidelity import Row, RunCheck
 
 
 def _say(console: Console, text: str) -> None:
-    console.print(text, markup=False, highlight=False)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _table(console: Console, table: Table) -> None:
+    """A table at its natural width: a row stays one line (for grep and for
+    the tests) even when it is wider than the terminal."""
+    from rich.measure import Measurement
+    need = Measurement.get(console, console.options.update(width=100_000), table).maximum
+    width = console.width
+    console.width = max(width, need)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def _allowed(r: Row) -> str:
@@ -56,7 +69,7 @@ def print_fidelity(console: Console, checks: list[RunCheck], show_all: bool = Fa
                       f"{r.model - r.kernel:+,}", f"{status} {r.note}".strip())
             shown += 1
         if shown:
-            console.print(t)
+            _table(console, t)
         verdict = "all compared counts match" if ok else f"{len(bad)} compared count(s) differ"
         _say(console, f"  {chk.compared} counts compared ({chk.compared_exact} exactly, "
                       f"{chk.compared_bounds} as bounds): {verdict}\n")
@@ -101,7 +114,7 @@ def print_summary(console: Console, checks: list[RunCheck]) -> None:
                   str(notes), text)
         for i, v in enumerate((len(runs), exact, bounds, differ, notes)):
             totals[i] += v
-    console.print(t)
+    _table(console, t)
     _say(console, f"{len(fixtures)} fixture(s), {totals[0]} run(s): {totals[1]:,} counts "
                   f"compared exactly, {totals[2]:,} as bounds, {totals[3]:,} differing; "
                   f"{totals[4]} note(s) above")
