@@ -268,6 +268,31 @@ def test_this_host_cannot_record(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_recorder_needs_no_numpy(tmp_path):
+    """The recorder runs where the harness runs, without numpy: with numpy and
+    numba unimportable, ``python -m s2split.hw.record`` parses its options and
+    reaches the host check (this host has no arm64 KVM to trace), one line and
+    exit 2. The layers contract cannot say this statically: the harness it
+    drives names the model in functions a recording never calls."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = tmp_path / "k.json"
+    code = ("import sys, runpy\n"
+            "sys.modules['numpy'] = sys.modules['numba'] = None  # imports of them fail\n"
+            "sys.argv = ['record'] + sys.argv[1:]\n"
+            "runpy.run_module('s2split.hw.record', run_name='__main__')\n")
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = dict(os.environ, PYTHONPATH=str(src))
+    proc = subprocess.run([sys.executable, "-c", code, "-b", "1M", "--output", str(out),
+                           "--kvm", str(tmp_path / "no-kvm")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "cannot record on this host" in err[0], proc.stderr
+    assert "numpy" not in proc.stderr and not out.exists()
+
+
 @pytest.mark.parametrize("machine,euid,kvm,tracefs,readme,expect", [
     ("x86_64", 0, True, True, True, "not arm64"),
     ("aarch64", 1000, True, True, True, "need root"),

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import platform
 import re
@@ -414,7 +415,7 @@ def record_runs(args: argparse.Namespace, recorder: Recorder, write: Callable[[s
                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run every configuration through the harness with the probes installed:
     the fixture's runs, and the host's fingerprint."""
-    from .cli import _pass_timeout, run_params
+    from .cli import pass_timeout_option, run_params
     from .fingerprint import fingerprint
     from .harness import run_config
     from .kvm import Kvm, host_page_size
@@ -427,7 +428,7 @@ def record_runs(args: argparse.Namespace, recorder: Recorder, write: Callable[[s
             for p in configs:
                 snaps: list[tuple[str, Snapshot]] = [("", recorder.snapshot())]
                 result = run_config(p, write, verify=args.verify, kvm=kvm,
-                                    pass_timeout=_pass_timeout(args.pass_timeout),
+                                    pass_timeout=pass_timeout_option(args.pass_timeout),
                                     on_phase=lambda name: snaps.append(
                                         (name, recorder.snapshot())))
                 layout = result.layout
@@ -450,7 +451,8 @@ def record_runs(args: argparse.Namespace, recorder: Recorder, write: Callable[[s
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from .cli import _write_json, run_params
+    from ..output import write_atomic
+    from .cli import run_params
 
     if args.db is not None or args.json is not None:
         raise S2Error("fidelity record writes a fixture (--output); --db and --json do not apply")
@@ -507,7 +509,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     }
     if args.kernel_variant is not None:
         doc["kernel_variant"] = args.kernel_variant
-    _write_json(args.output, doc)
+    write_atomic(args.output, json.dumps(doc, indent=1, sort_keys=True) + "\n")
     print(f"wrote {len(runs)} run(s), {len(recorder.traced)} functions traced"
           f"{f', {len(recorder.missing)} missing' if recorder.missing else ''}, to {args.output}"
           f"; compare with: s2split fidelity {args.output}")
@@ -539,7 +541,7 @@ def add_record_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser():
-    from ..cli import Parser
+    from ..options import Parser
     p = Parser(prog="s2split fidelity record",
                description="Record the real kernel's stage-2 call counts while the "
                "dirty_log_perf_test phases run on this host's KVM (the 'hw run' options), "
@@ -551,7 +553,7 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import run_command
+    from ..console import run_command
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     return run_command(args, "fidelity record")
 
