@@ -80,6 +80,18 @@ def test_unknown_kernel_variant_is_one_line_error(tmp_path, capsys):
     assert len(err) == 1 and "kernel_variant" in err[0] and "no-such-variant" in err[0]
 
 
+def test_described_fields_of_the_wrong_type_are_one_line_errors(tmp_path, capsys):
+    """The fields fidelity reads are checked by the fixture schema (the
+    validation layer), before any run: each wrong type is one line naming it."""
+    for field, value in (("kernel_variant", 3), ("selftest_variant", ["seedfix"]),
+                         ("missing_functions", {"kvm_pgtable_stage2_split": 1})):
+        data = {"format": FIXTURE_FORMAT, field: value,
+                "runs": [{"command": SMALL, "phases": [{"phase": "populate"}]}]}
+        assert main(["fidelity", "--engine", "reference", write(tmp_path, data)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and field in err[0], (field, err)
+
+
 def test_fields_not_understood_are_reported(tmp_path, capsys):
     data = model_fixture(SMALL, frobnicate=1)
     data["runs"][0]["wobble"] = True
