@@ -385,12 +385,12 @@ class Recorder:
         return left
 
 
-class _Terminated(BaseException):
+class Terminated(BaseException):
     """SIGTERM/SIGHUP, raised in the main thread so that cleanup runs."""
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated(signal.Signals(signum).name)
+    raise Terminated(signal.Signals(signum).name)
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -471,7 +471,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         before = recorder.hits()
         runs, host = record_runs(args, recorder, print)
         after = recorder.hits()
-    except _Terminated as e:
+    except Terminated as e:
         raise S2Error(f"terminated by {e}; nothing written") from None
     finally:
         left = recorder.remove()
