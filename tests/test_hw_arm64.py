@@ -53,8 +53,16 @@ def bitmap_set(hexstr: str) -> set:
     return {i for i in range(value.bit_length()) if value >> i & 1}
 
 
-@pytest.mark.slow
-def test_arm64_harness_under_emulation(tmp_path):
+#: The ``fidelity record`` runs of the same boot (see test_fidelity_record_under_emulation):
+#: manual-protect on THP and 4K pages, and two vCPUs writing the same pages (-o).
+RECORD_ARGS = [["-b", "4M", "-s", "anonymous_thp,anonymous", "-k", "2M"],
+               ["-v", "2", "-o", "-b", "1M", "-s", "anonymous", "-k", "2M", "-g"]]
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """One boot: ``hw run`` and the ``fidelity record`` runs; the report."""
+    tmp_path = tmp_path_factory.mktemp("arm64")
     qemu = shutil.which("qemu-system-aarch64")
     if qemu is None:
         if os.environ.get("CI"):
@@ -84,18 +92,27 @@ def test_arm64_harness_under_emulation(tmp_path):
             "2M", "-w", str(wp), "-a", "--seed-synced", "-r", "3", "--verify",
             "--keep-bitmaps", "--label", "emulated"]
     blob = base64.urlsafe_b64encode(json.dumps(args).encode()).decode()
+    records = base64.urlsafe_b64encode(json.dumps(RECORD_ARGS).encode()).decode()
     cmd = [qemu, "-machine", "virt,virtualization=on,gic-version=3",
            "-cpu", "max,pauth-impdef=on", "-smp", "2", "-m", "1024",
            "-accel", "tcg,thread=multi", "-nodefaults", "-display", "none",
            "-serial", "stdio", "-no-reboot", "-kernel", str(cache / "Image"),
            "-initrd", str(initrd),
-           "-append", f"console=ttyAMA0 panic=-1 quiet S2SPLIT_ARGS={blob}"]
+           "-append", f"console=ttyAMA0 panic=-1 quiet S2SPLIT_ARGS={blob} "
+           f"S2SPLIT_RECORD={records}"]
     vm = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     console = vm.stdout + vm.stderr
     m = re.search(r"S2SPLIT-RESULT-BEGIN\s*(.*?)\s*S2SPLIT-RESULT-END", console, re.S)
     assert m, f"no result on the console (qemu exit {vm.returncode}):\n{console[-3000:]}"
     report = json.loads(base64.b64decode("".join(m.group(1).split())))
     assert "init_error" not in report, report
+    return report
+
+
+@pytest.mark.slow
+def test_arm64_harness_under_emulation(emulated):
+    report = emulated
+    vcpus, per_vcpu, wp = 2, 32 * MIB, 50
     assert report["returncode"] == 0, report["stderr"] + report["stdout"]
 
     # Debian's arm64 kernel, 6.12 or newer, and no numpy anywhere in the guest
@@ -140,3 +157,53 @@ def test_arm64_harness_under_emulation(tmp_path):
     # and the console output reads back as selftest output
     parsed = parse_output(report["stdout"])
     assert [r.status for r in parsed.runs] == ["ok", "ok"]
+
+
+@pytest.mark.slow
+def test_fidelity_record_under_emulation(emulated, tmp_path):
+    """``fidelity record`` on Debian's kernel (kprobe events, hist triggers),
+    then ``fidelity`` on the fixtures it wrote: the model matches the real
+    kernel -- exactly, and within the derived bounds where two vCPUs write the
+    same pages -- and the recorder left nothing behind in tracefs."""
+    from s2split.fidelity import check_fixture
+    from s2split.hw.record import PROBES
+
+    records = emulated["records"]
+    assert [r["argv"] for r in records] == RECORD_ARGS
+    assert emulated["kprobe_events_after"].strip() == ""
+    assert emulated["instances_after"] == []
+    checks = []
+    for i, rec in enumerate(records):
+        assert rec["returncode"] == 0, rec["stderr"] + rec["stdout"]
+        fixture = rec["fixture"]
+        assert fixture["kernel_release"] in emulated["proc_version"]
+        assert fixture["selftest_variant"] == "s2split-hw"
+        # every probe is either traced or recorded missing, with a reason
+        assert set(fixture["traced_functions"]) | set(fixture["missing_functions"]) == \
+            {p.function for p in PROBES}
+        assert {"kvm_pgtable_walk", "__kvm_pgtable_walk", "stage2_split_walker",
+                "stage2_attr_walker", "kvm_pgtable_stage2_split",
+                "kvm_pgtable_stage2_relax_perms", "__kvm_tlb_flush_vmid_ipa_nsh"} <= \
+            set(fixture["traced_functions"])
+        path = tmp_path / f"recorded{i}.json"
+        path.write_text(json.dumps(fixture))
+        checks.append(check_fixture(str(path), engine="reference"))
+    thp, anon = checks[0]
+    overlap, = checks[1]
+    for chk in (thp, anon, overlap):
+        assert chk.layout_ok, chk.layout_note
+        assert chk.compared_exact > 50
+        assert chk.mismatches == [], [(r.phase, r.function, r.key, r.field, r.kernel, r.lo,
+                                       r.hi) for r in chk.mismatches]
+    # the split work was really recorded: THP blocks split when the log is cleared
+    split = [r for r in thp.rows if r.phase == "iter1_clear_dirty_log" and
+             r.function == "stage2_split_walker" and r.field == "calls"]
+    assert split and split[0].kernel > 0 and split[0].kernel == split[0].model
+    # -o with two vCPUs: the dirtying passes' fault path is compared as bounds
+    # (2 x 1M over one 2M region: 512 pages, each written twice per pass, so
+    # [512, 1024] relax_perms calls), everything else exactly
+    for it in (1, 2):
+        r = next(r for r in overlap.rows if (r.phase, r.function, r.field) ==
+                 (f"iter{it}_dirty", "kvm_pgtable_stage2_relax_perms", "calls"))
+        assert (r.lo, r.hi) == (512, 1024) and r.lo <= r.kernel <= r.hi
+    assert not any(r.bound for r in overlap.rows if "get_dirty_log" in r.phase)

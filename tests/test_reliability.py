@@ -26,6 +26,7 @@ import pytest
 import s2split
 from s2split.errors import EINVAL, KernelError, S2Error
 from s2split.hw.kvm import KvmError
+from s2split.hw.record import Terminated
 from s2split.output import write_atomic
 from s2split.workers import Pool, WorkerError
 
@@ -49,6 +50,7 @@ EXAMPLES = {
     KernelError: KernelError(EINVAL, "eager-split chunk size 3M is not supported"),
     KvmError: KvmError("KVM_CREATE_VM failed (ENOMEM)", errno.ENOMEM),
     WorkerError: WorkerError("a worker process died (signal SIGKILL)"),
+    Terminated: Terminated("SIGTERM"),
 }
 
 

@@ -119,7 +119,11 @@ def build_parser() -> Parser:
     add_perf_test_options(pt, DEFAULT_VARIANTS)
     pt.set_defaults(func=cmd_perf_test)
 
-    fd = sub.add_parser("fidelity", help="compare the model with real-kernel call counts")
+    fd = sub.add_parser("fidelity", help="compare the model with real-kernel call counts "
+                        "('fidelity record': record them on this arm64 KVM host)",
+                        description="Compare the model with real-kernel call counts. "
+                        "'s2split fidelity record [hw run options] --output FIXTURE.json' "
+                        "records such a fixture on an arm64 KVM host (see docs/hw.md).")
     fd.add_argument("fixtures", nargs="+", metavar="FIXTURE")
     fd.add_argument("--engine", choices=("auto", "reference", "fast"), default="auto")
     fd.add_argument("--host-va-bits", type=int_arg("--host-va-bits", 32, 52), default=52,
@@ -148,7 +152,11 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:2] == ["fidelity", "record"]:  # a command of its own (numpy-free)
+            from .hw.record import main as record_main
+            return record_main(argv[2:])
         parser = build_parser()
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2), already printed

@@ -9,6 +9,14 @@ compares, function by function and key by key (``level=``, ``visit=``,
 memslot 0 and are shown for information. ``__kvm_mmu_topup_memory_cache``
 depends on rescheduling: the kernel's count must be at least the model's.
 A function the fixture never mentions was not traced and is not compared.
+
+The fixture says what ran: ``selftest_variant`` (a build whose name contains
+``seedfix`` synced the seed into the guest: the model's ``--seed-synced``) and
+``kernel_variant`` (a kernel implementing one of the model's split-walk
+variants; compared with that variant). In runs whose fault path depends on how
+vCPUs interleave (``-o`` with ``-v`` > 1), the fault-path counts of the
+passes are compared as bounds (:mod:`s2split.interleaving`). Every field,
+value, key or function that is not compared is reported with the reason.
 """
 
 from __future__ import annotations
@@ -18,12 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from .errors import S2Error
+from .interleaving import FAULT_PATH, NO_HINT_FUNCTION, NO_HINT_NOTE, PassBound
 from .kernel_counters import LOWER_BOUND, comparable_key, kernel_counts
-from .pgtable.variants import VANILLA
+from .pgtable.variants import VANILLA, Variant
 from .workload import PerfTestParams, RunResult, run_perf_test
 
 FIXTURE_FORMAT = "s2split-real-kernel-counts/1"
 INFO_PHASES = ("create_vm", "populate", "destroy_vm")
+#: Fields fidelity reads or knows to be descriptive; anything else is reported.
+TOP_FIELDS = {"format", "name", "kernel_release", "qemu", "how", "caveats", "selftest_variant",
+              "kernel_variant", "recorder", "host", "traced_functions", "missing_functions"}
+RUN_FIELDS = {"label", "command", "exit_status", "guest_mode", "gpa_range",
+              "eager_split_chunk_size", "printed_times_s_emulated", "phases", "config_key",
+              "problems"}
+PHASE_FIELDS = {"phase", "calls", "detail"}
+#: selftest builds that behave like the upstream selftest plus ``-k`` for the
+#: test memslots (the fixtures' own and ``s2split fidelity record``'s harness).
+PLAIN_SELFTESTS = ("upstream", "upstream+k", "s2split-hw")
+LABELS = {"no_manual_protect": False, "manual_protect": True}
 
 
 @dataclass
@@ -37,6 +57,23 @@ class Row:
     compared: bool
     ok: bool
     note: str = ""
+    lo: int | None = None  # a bound row: the kernel's count must lie in [lo, hi]
+    hi: int | None = None  # None with lo set: no upper bound
+
+    @property
+    def bound(self) -> bool:
+        return self.lo is not None
+
+    @property
+    def excess(self) -> int:
+        """How far the kernel's count lies outside what is allowed (0: inside)."""
+        if not self.bound:
+            return abs(self.kernel - self.model)
+        if self.kernel < self.lo:
+            return self.lo - self.kernel
+        if self.hi is not None and self.kernel > self.hi:
+            return self.kernel - self.hi
+        return 0
 
 
 @dataclass
@@ -48,6 +85,10 @@ class RunCheck:
     rows: list[Row] = field(default_factory=list)
     layout_ok: bool = True
     layout_note: str = ""
+    variant: str = "vanilla"
+    notes: list[str] = field(default_factory=list)  # this run's reported oddities
+    fixture_notes: list[str] = field(default_factory=list)  # shared by a fixture's runs
+    bound_notes: dict[str, str] = field(default_factory=dict)  # phase -> why bounds
 
     @property
     def mismatches(self) -> list[Row]:
@@ -56,6 +97,14 @@ class RunCheck:
     @property
     def compared(self) -> int:
         return sum(1 for r in self.rows if r.compared)
+
+    @property
+    def compared_exact(self) -> int:
+        return sum(1 for r in self.rows if r.compared and not r.bound)
+
+    @property
+    def compared_bounds(self) -> int:
+        return sum(1 for r in self.rows if r.compared and r.bound)
 
 
 def _fail(path: str, problem: str) -> S2Error:
@@ -75,7 +124,7 @@ def load_fixture(path: str | Path) -> dict[str, Any]:
         raise _fail(p, "the top level must be a JSON object")
     if data.get("format") != FIXTURE_FORMAT:
         raise _fail(p, f"format is {data.get('format')!r}, expected {FIXTURE_FORMAT!r}")
-    check(data, FIXTURE, p)
+    check(data, FIXTURE, p)  # selftest_variant and kernel_variant are strings there too
     known = set(KERNEL_FUNCTIONS)
     for i, run in enumerate(data["runs"]):
         for j, ph in enumerate(run["phases"]):
@@ -88,10 +137,54 @@ def load_fixture(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def params_from_command(command: str, fixture: str, host_va_bits: int = 52) -> PerfTestParams:
+@dataclass
+class Description:
+    """What a fixture says ran, as the model reads it."""
+
+    seed_synced: bool
+    variant: Variant
+    notes: list[str]
+
+
+def describe_fixture(path: str, data: dict[str, Any]) -> Description:
+    """The selftest build and kernel variant of a loaded fixture, and every
+    field fidelity does not use (an unknown kernel variant is an error)."""
+    from .pgtable.variants import get
+
+    notes = []
+    selftest = data.get("selftest_variant")
+    seed_synced = False
+    if selftest is not None:
+        if "seedfix" in selftest:
+            seed_synced = True
+            notes.append(f"selftest_variant {selftest!r}: the seed is synced into the guest "
+                         "(compared with --seed-synced)")
+        elif selftest not in PLAIN_SELFTESTS:
+            notes.append(f"selftest_variant {selftest!r} not understood: compared as the "
+                         "upstream selftest plus -k (guest vCPU k seeded with k)")
+    variant = VANILLA
+    if "kernel_variant" in data:
+        try:
+            variant = get(data["kernel_variant"])
+        except S2Error as e:
+            raise _fail(path, f"kernel_variant: {e}") from None
+        notes.append(f"kernel_variant {variant.name!r}: compared with the model's "
+                     f"{variant.name} split walk")
+    for key in sorted(set(data) - TOP_FIELDS - {"runs"}):
+        notes.append(f"field {key!r} not understood (not used)")
+    missing = data.get("missing_functions")
+    if isinstance(missing, dict) and missing:
+        notes.append("not traced on that kernel: " + ", ".join(
+            f"{fn} ({why})" for fn, why in sorted(missing.items())))
+    return Description(seed_synced, variant, notes)
+
+
+def params_from_command(command: str, fixture: str, host_va_bits: int = 52,
+                        seed_synced: bool = False) -> PerfTestParams:
     """The model configuration of a recorded ``dirty_log_perf_test`` command
     (upstream's options and the fixtures' ``-k``, read as ``perf-test`` reads
-    them), with the CPU features of the QEMU host the fixtures were traced on."""
+    them), with the CPU features of the QEMU host the fixtures were traced on.
+    ``seed_synced``: the selftest build synced the seed into the guest."""
     from .options import add_perf_test_options, parse_command
     from .perftest import perf_test_params
     args, extra = parse_command(command, f"{fixture}: command", add_perf_test_options,
@@ -99,18 +192,34 @@ def params_from_command(command: str, fixture: str, host_va_bits: int = 52) -> P
     if extra:
         raise _fail(fixture, f"option(s) {' '.join(extra)} of {command!r} are not modelled")
     args.profile, args.host_va_bits = "qemu-tcg", host_va_bits
+    args.seed_synced = args.seed_synced or seed_synced
     params = perf_test_params(args)
     if len(params) != 1:
         raise _fail(fixture, f"{command!r}: one guest mode per run")
     return params[0]
 
 
-def _compare_phase(phase: str, kernel: dict, model_counts, traced: set[str]) -> list[Row]:
+def _bounded_row(phase: str, fn: str, key: str, fld: str, kv: int, mv: int, compared: bool,
+                 bound: PassBound) -> Row:
+    no_hint = fn == NO_HINT_FUNCTION and bool(key) and mv == 0
+    lo = 0 if no_hint else mv
+    hi = bound.upper(fn, key, fld, mv)
+    if hi == lo:  # an extra fault never reaches it: nothing to bound
+        return Row(phase, fn, key, fld, kv, mv, compared, kv == mv)
+    ok = kv >= lo and (hi is None or kv <= hi)
+    return Row(phase, fn, key, fld, kv, mv, compared, ok,
+               NO_HINT_NOTE if no_hint else "interleaving-dependent", lo, hi)
+
+
+def _compare_phase(phase: str, kernel: dict, model_counts, traced: set[str],
+                   bound: PassBound | None = None,
+                   uncompared: dict[str, set[str]] | None = None) -> list[Row]:
     compared = phase not in INFO_PHASES
     model = kernel_counts(model_counts)
     rows: list[Row] = []
     kcalls = kernel.get("calls", {})
     kdetail = kernel.get("detail", {})
+    bounded = bound is not None and bound.extra != 0
     for fn in sorted(set(kcalls) | set(model)):
         if fn not in traced and fn not in kcalls:
             continue  # the kernel run did not trace it
@@ -119,14 +228,26 @@ def _compare_phase(phase: str, kernel: dict, model_counts, traced: set[str]) -> 
         known = fn in model or fn in _modelled()
         if fn in LOWER_BOUND:
             rows.append(Row(phase, fn, "", "calls", kv, mv, compared, kv >= mv,
-                            "lower bound: the kernel also tops up when it reschedules"))
+                            "lower bound: the kernel also tops up when it reschedules", mv,
+                            None))
+            if uncompared is not None:
+                for key in kdetail.get(fn, {}):
+                    uncompared.setdefault(fn, set()).add(key.split("=")[0])
             continue
-        rows.append(Row(phase, fn, "", "calls", kv, mv, compared, kv == mv,
-                        "" if known else "not modelled"))
+        by_interleaving = bounded and fn in FAULT_PATH
+        if by_interleaving:
+            rows.append(_bounded_row(phase, fn, "", "calls", kv, mv, compared, bound))
+        else:
+            rows.append(Row(phase, fn, "", "calls", kv, mv, compared, kv == mv,
+                            "" if known else "not modelled"))
         md = model.get(fn, {}).get("detail", {})
         kd = kdetail.get(fn, {})
         for key in sorted(set(kd) | set(md)):
             if not comparable_key(fn, key):
+                # an "all" key holding just the call count is compared as the calls
+                same = key == "all" and kd.get(key) == {"hitcount": kv}
+                if uncompared is not None and key in kd and not same:
+                    uncompared.setdefault(fn, set()).add(key.split("=")[0])
                 continue
             for fld in ("hitcount", "size", "pages"):
                 a = kd.get(key, {}).get(fld)
@@ -135,8 +256,15 @@ def _compare_phase(phase: str, kernel: dict, model_counts, traced: set[str]) -> 
                     continue
                 if a is None and key not in kd and b == 0:
                     continue
-                rows.append(Row(phase, fn, key, fld, a or 0, b or 0, compared,
-                                (a or 0) == (b or 0)))
+                if by_interleaving:
+                    rows.append(_bounded_row(phase, fn, key, fld, a or 0, b or 0, compared,
+                                             bound))
+                else:
+                    rows.append(Row(phase, fn, key, fld, a or 0, b or 0, compared,
+                                    (a or 0) == (b or 0)))
+            if uncompared is not None and key in kd:
+                for fld in set(kd[key]) - {"hitcount", "size", "pages"}:
+                    uncompared.setdefault(fn, set()).add(f"{key}.{fld}")
     return rows
 
 
@@ -145,11 +273,59 @@ def _modelled() -> set[str]:
     return set(KERNEL_FUNCTIONS)
 
 
-def check_run(fixture: str, run: dict, engine: str = "auto",
-              host_va_bits: int = 52) -> tuple[RunCheck, RunResult]:
-    params = params_from_command(run["command"], fixture, host_va_bits)
-    res = run_perf_test(params, VANILLA, engine)
-    check = RunCheck(fixture, str(run.get("label", "")), run["command"], params)
+def _run_notes(run: dict, params: PerfTestParams) -> list[str]:
+    """What the run's descriptive fields say that the command does not, and
+    every field not understood."""
+    notes = []
+    for key in sorted(set(run) - RUN_FIELDS):
+        notes.append(f"field {key!r} not understood (not used)")
+    label = run.get("label")
+    if label is not None:
+        if label not in LABELS:
+            notes.append(f"label {label!r} not understood (the command decides: "
+                         f"{'manual_protect' if params.manual_protect else 'no_manual_protect'})")
+        elif LABELS[label] != params.manual_protect:
+            notes.append(f"label {label!r} disagrees with the command (compared as the command "
+                         "says)")
+    chunk = run.get("eager_split_chunk_size")
+    if chunk is not None and chunk != params.chunk_size:
+        notes.append(f"eager_split_chunk_size {chunk!r} disagrees with the command's -k "
+                     f"({params.chunk_size}); compared as the command says")
+    mode = run.get("guest_mode")
+    if isinstance(mode, str) and " ".join(mode.split()) != " ".join(params.mode.string.split()):
+        notes.append(f"guest_mode {mode!r} is not the command's ({params.mode.string!r})")
+    status = run.get("exit_status")
+    if status not in (None, 0):
+        notes.append(f"the recorded run exited with status {status!r}")
+    for phase in run["phases"]:
+        for key in sorted(set(phase) - PHASE_FIELDS):
+            notes.append(f"phases[{phase['phase']}]: field {key!r} not understood (not used)")
+    return notes
+
+
+def phase_bounds(params: PerfTestParams, res: RunResult) -> dict[str, PassBound]:
+    """For a run whose fault path depends on interleaving: each phase in which
+    vCPUs run -> its bound (empty for other runs)."""
+    from .interleaving import depends_on_interleaving, pass_bound, write_accesses
+    if not depends_on_interleaving(params):
+        return {}
+    writes = write_accesses(params, res.layout)
+    out = {"populate": pass_bound(kernel_counts(res.phase("populate")), None)}
+    for it in range(1, params.iterations + 1):
+        name = f"iter{it}_dirty"
+        out[name] = pass_bound(kernel_counts(res.phase(name)), writes[it])
+    return out
+
+
+def check_run(fixture: str, run: dict, engine: str = "auto", host_va_bits: int = 52,
+              description: Description | None = None,
+              traced: set[str] | None = None) -> tuple[RunCheck, RunResult]:
+    desc = description or Description(False, VANILLA, [])
+    params = params_from_command(run["command"], fixture, host_va_bits, desc.seed_synced)
+    res = run_perf_test(params, desc.variant, engine)
+    check = RunCheck(fixture, str(run.get("label", "")), run["command"], params,
+                     variant=desc.variant.name, fixture_notes=desc.notes)
+    check.notes = _run_notes(run, params)
     rng = run.get("gpa_range")
     if isinstance(rng, list) and len(rng) == 2:
         try:
@@ -161,18 +337,33 @@ def check_run(fixture: str, run: dict, engine: str = "auto",
         check.layout_note = (f"test memory [{got[0]:#x}, {got[1]:#x})" if check.layout_ok else
                              f"test memory: kernel [{want[0]:#x}, {want[1]:#x}) vs model "
                              f"[{got[0]:#x}, {got[1]:#x})")
-    traced = {fn for ph in run["phases"] for fn in ph.get("calls", {})}
+    elif rng is not None:
+        check.notes.append(f"gpa_range {rng!r} not understood (not checked)")
+    if traced is None:
+        traced = {fn for ph in run["phases"] for fn in ph.get("calls", {})}
+    bounds = phase_bounds(params, res)
+    check.bound_notes = {name: b.reason for name, b in bounds.items()}
     names = set(res.phase_names)
+    uncompared: dict[str, set[str]] = {}
     for ph in run["phases"]:
         name = ph["phase"]
         if name not in names:
             check.rows.append(Row(name, "(phase)", "", "", 1, 0, name not in INFO_PHASES, False,
                                   "the model has no such phase"))
             continue
-        check.rows.extend(_compare_phase(name, ph, res.phase(name), traced))
+        check.rows.extend(_compare_phase(name, ph, res.phase(name), traced, bounds.get(name),
+                                         uncompared))
+    if uncompared:
+        check.notes.append("not compared (the model does not count them): " + "; ".join(
+            f"{fn} {', '.join(sorted(k + ('=*' if '.' not in k and k != 'all' else '') for k in keys))}"
+            for fn, keys in sorted(uncompared.items())))
     return check, res
 
 
 def check_fixture(path: str, engine: str = "auto", host_va_bits: int = 52) -> list[RunCheck]:
     data = load_fixture(path)
-    return [check_run(str(path), run, engine, host_va_bits)[0] for run in data["runs"]]
+    desc = describe_fixture(str(path), data)
+    traced = data.get("traced_functions")
+    traced = set(traced) if isinstance(traced, list) else None
+    return [check_run(str(path), run, engine, host_va_bits, desc, traced)[0]
+            for run in data["runs"]]

@@ -46,6 +46,9 @@ FIXTURE = {
     "type": "object", "required": ["format", "runs"],
     "properties": {
         "format": {"const": "s2split-real-kernel-counts/1"},
+        # read by s2split.fidelity.describe_fixture; other keys are reported there
+        "selftest_variant": TEXT, "kernel_variant": TEXT,
+        "missing_functions": {"type": "object", "additionalProperties": TEXT},
         "runs": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["command", "phases"],
             "properties": {

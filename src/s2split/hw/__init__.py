@@ -14,5 +14,7 @@ Submodules:
 * :mod:`.fingerprint` -- what identifies the host a result came from;
 * :mod:`.selftest` -- parser of the upstream ``dirty_log_perf_test`` output;
 * :mod:`.compare` -- statistics between two labelled result sets;
+* :mod:`.record` -- ``s2split fidelity record``: the real kernel's stage-2
+  call counts (kprobe events, hist triggers) as a fidelity fixture;
 * :mod:`.cli` -- the ``s2split hw`` subcommands.
 """

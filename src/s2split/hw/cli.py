@@ -148,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     print(f"# repetition {rep + 1}/{args.repeat}: {p.config_key()}")
                 result = run_config(p, print, verify=args.verify,
                                     keep_bitmaps=args.keep_bitmaps, kvm=kvm,
-                                    pass_timeout=_pass_timeout(args.pass_timeout))
+                                    pass_timeout=pass_timeout_option(args.pass_timeout))
                 rows += measurement_rows(result, label, rep, host)
                 run = {"config_key": p.config_key(), "repetition": rep,
                        "capabilities": result.capabilities, "layout":
@@ -304,7 +304,7 @@ def _significance(text: str) -> float:
     return v
 
 
-def _pass_timeout(seconds: float | None) -> float | None:
+def pass_timeout_option(seconds: float | None) -> float | None:
     """``--pass-timeout`` for :func:`run_config`: not given is its default
     (negative), 0 is no limit."""
     if seconds is None:

@@ -108,10 +108,14 @@ def default_pass_timeout(layout: Layout) -> float:
 
 def run_config(p: HwParams, write: Writer = print, verify: bool = False,
                keep_bitmaps: bool = False, kvm: Kvm | None = None,
-               pass_timeout: float | None = -1.0) -> RunResult:
+               pass_timeout: float | None = -1.0,
+               on_phase: Callable[[str], None] | None = None) -> RunResult:
     """Run one configuration; print its lines with ``write``. A guest pass that
     takes longer than ``pass_timeout`` seconds is stopped and fails the run
-    (negative: :func:`default_pass_timeout`; ``None``: no limit)."""
+    (negative: :func:`default_pass_timeout`; ``None``: no limit).
+    ``on_phase(name)`` is called at every phase boundary, outside the timed
+    part, when the phase ``name`` has ended (``create_vm`` just before
+    populate, ``destroy_vm`` once the VM is closed)."""
     arch = host_arch()
     if arch == "x86_64" and p.granule != 4096:
         raise S2Error(f"guest mode {p.mode.id if p.mode.id >= 0 else p.mode.name} has "
@@ -126,10 +130,12 @@ def run_config(p: HwParams, write: Writer = print, verify: bool = False,
         pass_timeout = default_pass_timeout(layout)
     try:
         with Machine(kvm, p.mode.pa_bits, p.granule, p.x86_map, pass_timeout) as m:
-            _run(m, p, layout, result, write, verify, keep_bitmaps)
+            _run(m, p, layout, result, write, verify, keep_bitmaps, on_phase)
     finally:
         if own:
             kvm.close()
+    if on_phase:
+        on_phase("destroy_vm")
     return result
 
 
@@ -141,7 +147,8 @@ def check_backing_name(p: HwParams) -> None:
 
 
 def _run(m: Machine, p: HwParams, layout: Layout, result: RunResult, write: Writer,
-         verify: bool, keep_bitmaps: bool) -> None:
+         verify: bool, keep_bitmaps: bool,
+         on_phase: Callable[[str], None] | None = None) -> None:
     vm = m.vm
     caps = result.capabilities
     write(f"Testing guest mode: {p.mode.string}")
@@ -172,6 +179,8 @@ def _run(m: Machine, p: HwParams, layout: Layout, result: RunResult, write: Writ
         ns = time.monotonic_ns() - t0
         result.phases.append((phase, ns))
         write(phase_line(phase, ns))
+        if on_phase:
+            on_phase(phase)
 
     def set_flags(flags: int) -> Callable[[], None]:
         def run() -> None:
@@ -191,6 +200,8 @@ def _run(m: Machine, p: HwParams, layout: Layout, result: RunResult, write: Writ
         m.set_control(100, False, G.VALUE_TAG | 0)
         if expected:
             expected.run_pass(0, 100, False)
+        if on_phase:
+            on_phase("create_vm")
         timed("populate", m.run_pass)
         timed("enable_dirty_logging", set_flags(KVM_MEM_LOG_DIRTY_PAGES))
         get_total = clear_total = 0

@@ -1,10 +1,13 @@
 #!/usr/bin/python3
-"""/init of the arm64 emulation test: run ``s2split hw run`` and report.
+"""/init of the arm64 emulation test: run ``s2split hw run`` and
+``s2split fidelity record``, and report.
 
 The kernel passes ``S2SPLIT_ARGS`` (the ``hw run`` arguments as a JSON list,
-urlsafe-base64 encoded, from the kernel command line) in the environment. The outcome -- exit
-status, output, the JSON results -- goes to the console as one base64 line
-between markers, then the VM powers off.
+urlsafe-base64 encoded, from the kernel command line) in the environment, and
+optionally ``S2SPLIT_RECORD`` (a JSON list of ``fidelity record`` argument
+lists, encoded the same way; each writes a fixture). The outcome -- exit
+status, output, the JSON results and fixtures -- goes to the console as one
+base64 line between markers, then the VM powers off.
 """
 
 import base64
@@ -27,6 +30,7 @@ def main():
     mount("proc", "/proc", "proc")
     mount("sysfs", "/sys", "sysfs")
     mount("devtmpfs", "/dev", "devtmpfs")
+    mount("tracefs", "/sys/kernel/tracing", "tracefs")
     args = json.loads(base64.urlsafe_b64decode(os.environ.get("S2SPLIT_ARGS", "W10=")))
     env = dict(os.environ, PYTHONPATH="/opt/s2split", PYTHONDONTWRITEBYTECODE="1")
     out = {"argv": args}
@@ -40,6 +44,23 @@ def main():
         if os.path.exists("/tmp/result.json"):
             with open("/tmp/result.json") as f:
                 out["result"] = json.load(f)
+        records = json.loads(base64.urlsafe_b64decode(os.environ.get("S2SPLIT_RECORD", "W10=")))
+        out["records"] = []
+        for i, rec_args in enumerate(records):
+            path = f"/tmp/fixture{i}.json"
+            proc = subprocess.run([sys.executable, "-m", "s2split.hw.record", *rec_args,
+                                   "--output", path], capture_output=True, text=True,
+                                  env=env, timeout=1500)
+            rec = {"argv": rec_args, "returncode": proc.returncode, "stdout": proc.stdout,
+                   "stderr": proc.stderr}
+            if os.path.exists(path):
+                with open(path) as f:
+                    rec["fixture"] = json.load(f)
+            out["records"].append(rec)
+        if records:  # what the recorder left in tracefs: nothing of its own
+            with open("/sys/kernel/tracing/kprobe_events") as f:
+                out["kprobe_events_after"] = f.read()
+            out["instances_after"] = os.listdir("/sys/kernel/tracing/instances")
         # prove the harness ran without numpy: it is not installed here at all
         probe = subprocess.run([sys.executable, "-c", "import numpy"], capture_output=True)
         out["numpy_importable"] = probe.returncode == 0
