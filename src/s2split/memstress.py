@@ -79,6 +79,24 @@ def memstress_layout(page: int, pa_bits: int, vcpus: int, vcpu_memory_bytes: int
                   regions)
 
 
+def guest_random_skip(state: int, n: int) -> int:
+    """The state after ``n`` calls of :func:`guest_random_u32` (``n >= 0``):
+    the generator multiplies by ``PRNG_MULTIPLIER`` modulo ``PRNG_MODULUS``
+    each call, so ``n`` calls multiply by its ``n``-th power (found by
+    squaring). ``state`` may exceed the modulus (a 32-bit seed); every
+    product stays below 2**63."""
+    if n <= 0:
+        return state
+    power = 1
+    base = PRNG_MULTIPLIER
+    while n:
+        if n & 1:
+            power = power * base % PRNG_MODULUS
+        base = base * base % PRNG_MODULUS
+        n >>= 1
+    return state * power % PRNG_MODULUS
+
+
 def vcpu_seed(p, index: int) -> int:
     """The guest pRNG's initial state on vCPU ``index``: ``guest_random_seed +
     index``, where upstream 6.10+ never copies the test's seed into the guest,

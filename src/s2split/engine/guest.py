@@ -19,16 +19,17 @@ from numba import njit
 
 from .. import counters as C
 from ..bits import ATTR_HI_MASK, ATTR_LO_MASK, S2AP_R, S2AP_W, VALID, XN, Prot
-from ..memstress import PRNG_MODULUS, PRNG_MULTIPLIER
+from ..memstress import PRNG_MODULUS, PRNG_MULTIPLIER, guest_random_skip as _skip
 from . import rules as R
 from .memory import cache_nobjs
-from .mmu import (fault_supports_stage2_huge_mapping, fault_prot, gfn_to_memslot,
+from .mmu import (fault_supports_stage2_huge_mapping, fault_prot, gfn_to_memslot, search_memslots,
                   kvm_handle_guest_abort, slot_logging)
 from .pte import make_leaf, prot_to_attr, table_pfn
 from .state import (BACKING_ANON, BACKING_HUGETLB, COUNTERS, ROOT, S, SlotCol, VcpuReg, NREGS,
                     granule_size, kvm_count, level_shift, slot_index)
 
 ATTR_MASK = ATTR_LO_MASK | ATTR_HI_MASK
+guest_random_skip = njit(cache=True, _nrt=False)(_skip)
 PROT_X = int(Prot.X)
 
 #: The replay table R: R[0] classes recorded, then per class its key
@@ -40,6 +41,26 @@ REPLAY_SIZE = 1 + NCLASS * REPLAY_STRIDE
 CLASS_RELAX, CLASS_MAP = 1, 2
 #: guest_access's result when a fault keeps coming back (the reference's AssertionError).
 KEEPS_FAULTING = -1000
+
+#: After the replay table, the translation cache: a generation, then one row
+#: per vCPU (TC_* fields) holding the table its last lookup ended in and what
+#: its last level-3 fault learnt of that table's memslot. A row is valid only
+#: in the generation it was filled in; memstress_pass starts a new one at the
+#: start of a pass and after every fault taken through the real path, the only
+#: thing in a pass that changes tables above level 3, vCPU caches or the
+#: recorded classes (a replay changes one level-3 entry, its table's reference
+#: count and a dirty bit).
+TC_GEN = REPLAY_SIZE
+TC_BASE = TC_GEN + 1
+TC_VGEN, TC_KEY, TC_SHIFT, TC_LEVEL, TC_PFN, TC_LSHIFT = 0, 1, 2, 3, 4, 5
+TC_INFO_GEN, TC_INFO_KEY, TC_LO, TC_HI, TC_SLOT = 6, 7, 8, 9, 10
+TC_LOGGING, TC_DECISION, TC_NOBJS_OK = 11, 12, 13
+TC_STRIDE = 14
+
+
+def replay_table_size(nvcpus: int) -> int:
+    """The length of ``RT`` for ``nvcpus`` vCPUs."""
+    return TC_BASE + max(nvcpus, 1) * TC_STRIDE
 
 
 @njit(cache=True, _nrt=False)
@@ -60,6 +81,47 @@ def lookup_ptep(T, M, ipa):
 
 
 @njit(cache=True, _nrt=False)
+def _slot_class(M, v, s, gpa):
+    """The part of a level-3 fault's class that holds for every page of one
+    level-3 table in one memslot: (logging, the decision for an empty entry
+    while not logging, or 0, and whether the vCPU's cache can map without a
+    top-up). Constant over the table: the huge-mapping check asks about the
+    PMD block of ``hva``, which is the table's own block whenever guest and
+    host addresses agree modulo PMD size, and fails for all pages otherwise."""
+    logging = slot_logging(M, s)
+    nobjs_ok = cache_nobjs(M, v) >= M[S.LEVELS] - 1
+    decision = 0
+    backing = M[slot_index(M, s, SlotCol.BACKING)]
+    if backing == BACKING_ANON:
+        ps = M[S.PAGE_SHIFT]
+        hva = M[slot_index(M, s, SlotCol.USERSPACE_ADDR)] + \
+            (((gpa >> ps) - M[slot_index(M, s, SlotCol.BASE_GFN)]) << ps)
+        if not fault_supports_stage2_huge_mapping(M, s, hva, granule_size(M, 2)):
+            decision = 2
+    elif backing == BACKING_HUGETLB and \
+            M[slot_index(M, s, SlotCol.HUGETLB_CLASS)] == R.HC_CONT_PTE:
+        decision = 3
+    return logging, decision, nobjs_ok
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _entry_class(entry, write, logging, decision):
+    """The rest of a level-3 fault's class, from the entry and the access:
+    (class, attribute key, decision), class 0 if the fault is not replayable."""
+    if entry & VALID:
+        if write and logging and entry & S2AP_R and not entry & S2AP_W:
+            return CLASS_RELAX, entry & ATTR_MASK, 1
+        return 0, 0, 0
+    if entry != 0:
+        return 0, 0, 0
+    if logging:
+        return CLASS_MAP, 0, 1
+    if decision:
+        return CLASS_MAP, 0, decision
+    return 0, 0, 0
+
+
+@njit(cache=True, _nrt=False)
 def _fault_class(T, M, v, gpa, write, entry, level):
     """(class, slot, attribute key, decision) of a replayable fault, class 0 if none."""
     if level != 3:
@@ -67,31 +129,16 @@ def _fault_class(T, M, v, gpa, write, entry, level):
     s = gfn_to_memslot(M, gpa >> M[S.PAGE_SHIFT])
     if s < 0:
         return 0, -1, 0, 0
-    if cache_nobjs(M, v) < M[S.LEVELS] - 1:
+    logging, decision, nobjs_ok = _slot_class(M, v, s, gpa)
+    if not nobjs_ok:
         return 0, -1, 0, 0
-    logging = slot_logging(M, s)
-    if entry & VALID:
-        if write and logging and entry & S2AP_R and not entry & S2AP_W:
-            return CLASS_RELAX, s, entry & ATTR_MASK, 1
+    cls, akey, decision = _entry_class(entry, write, logging, decision)
+    if cls == 0:
         return 0, -1, 0, 0
-    if entry != 0:
-        return 0, -1, 0, 0
-    if logging:
-        return CLASS_MAP, s, 0, 1
-    backing = M[slot_index(M, s, SlotCol.BACKING)]
-    if backing == BACKING_ANON:
-        ps = M[S.PAGE_SHIFT]
-        hva = M[slot_index(M, s, SlotCol.USERSPACE_ADDR)] + \
-            (((gpa >> ps) - M[slot_index(M, s, SlotCol.BASE_GFN)]) << ps)
-        if not fault_supports_stage2_huge_mapping(M, s, hva, granule_size(M, 2)):
-            return CLASS_MAP, s, 0, 2
-    elif backing == BACKING_HUGETLB and \
-            M[slot_index(M, s, SlotCol.HUGETLB_CLASS)] == R.HC_CONT_PTE:
-        return CLASS_MAP, s, 0, 3
-    return 0, -1, 0, 0
+    return cls, s, akey, decision
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, inline="always", _nrt=False)
 def _replay(T, M, B, cls, s, gpa, write, entry, pfn, idx):
     """The state change of one fault of a recorded class."""
     ps = M[S.PAGE_SHIFT]
@@ -113,6 +160,17 @@ def _replay(T, M, B, cls, s, gpa, write, entry, pfn, idx):
             B[M[slot_index(M, s, SlotCol.BITMAP)] + (rel >> 6)] |= 1 << (rel & 63)
 
 
+@njit(cache=True, inline="always", _nrt=False)
+def _recorded(RT, cls, s, akey, write, decision):
+    """The offset in ``RT`` of the recorded class with this key, or -1."""
+    for c in range(RT[0]):
+        k = 1 + c * REPLAY_STRIDE
+        if RT[k] == cls and RT[k + 1] == s and RT[k + 2] == akey and RT[k + 3] == write \
+                and RT[k + 4] == decision:
+            return k
+    return -1
+
+
 @njit(cache=True, _nrt=False)
 def guest_access(T, M, B, RT, v, gpa, write):
     """``VM.guest_access``: one guest load or store -- translated, replayed as
@@ -125,13 +183,11 @@ def guest_access(T, M, B, RT, v, gpa, write):
         return 0
     cls, s, akey, decision = _fault_class(T, M, v, gpa, write, entry, level)
     if cls:
-        for c in range(RT[0]):
-            k = 1 + c * REPLAY_STRIDE
-            if RT[k] == cls and RT[k + 1] == s and RT[k + 2] == akey and RT[k + 3] == write \
-                    and RT[k + 4] == decision:
-                _replay(T, M, B, cls, s, gpa, write, entry, pfn, idx)
-                RT[k + REPLAY_KEY] += 1
-                return 0
+        k = _recorded(RT, cls, s, akey, write, decision)
+        if k >= 0:
+            _replay(T, M, B, cls, s, gpa, write, entry, pfn, idx)
+            RT[k + REPLAY_KEY] += 1
+            return 0
     # The real path; a first fault of a class records its delta.
     record = cls != 0 and RT[0] < NCLASS
     if record:
@@ -171,6 +227,212 @@ def guest_access(T, M, B, RT, v, gpa, write):
 
 
 @njit(cache=True, _nrt=False)
+def _fill_slot_info(M, RT, c, v, gpa):
+    """Fill translation cache row ``c`` (vCPU ``v``) with the memslot holding
+    ``gpa`` and :func:`_slot_class`'s answer, over the part of the level-3
+    table at ``gpa`` that memslot covers (one page and no slot, outside
+    every memslot). Searches without touching the last-found cache: the
+    caller updates it where guest_access would have searched."""
+    ps = M[S.PAGE_SHIFT]
+    gfn = gpa >> ps
+    shift2 = level_shift(M, 2)
+    s = search_memslots(M, gfn)
+    RT[c + TC_INFO_GEN] = RT[TC_GEN]
+    RT[c + TC_INFO_KEY] = gpa >> shift2
+    RT[c + TC_SLOT] = s
+    if s < 0:
+        RT[c + TC_LO] = gfn
+        RT[c + TC_HI] = gfn + 1
+        RT[c + TC_NOBJS_OK] = 0
+        return
+    logging, decision, nobjs_ok = _slot_class(M, v, s, gpa)
+    base = M[slot_index(M, s, SlotCol.BASE_GFN)]
+    first = (gpa >> shift2) << (shift2 - ps)
+    RT[c + TC_LO] = max(base, first)
+    RT[c + TC_HI] = min(base + M[slot_index(M, s, SlotCol.NPAGES)],
+                        first + (1 << (shift2 - ps)))
+    RT[c + TC_LOGGING] = logging
+    RT[c + TC_DECISION] = decision
+    RT[c + TC_NOBJS_OK] = nobjs_ok
+
+
+@njit(cache=True, _nrt=False)
+def _fast_access(T, M, B, RT, v, gpa, write):
+    """:func:`guest_access` for an access that translates or replays a
+    recorded class, from vCPU ``v``'s translation cache row: True if done
+    (uncounted: the caller counts the access), False for the real path
+    (nothing changed then but ``LAST_SLOT``, as guest_access would leave it).
+
+    Same answers as guest_access: the cached table is the one lookup_ptep
+    would reach (same generation, same address bits above the table), and a
+    table entry met in a cached block-level table sends to a full lookup."""
+    c = TC_BASE + v * TC_STRIDE
+    gen = RT[TC_GEN]
+    hit = RT[c + TC_VGEN] == gen and (gpa >> RT[c + TC_SHIFT]) == RT[c + TC_KEY]
+    if hit:
+        level = RT[c + TC_LEVEL]
+        pfn = RT[c + TC_PFN]
+        idx = (gpa >> RT[c + TC_LSHIFT]) & (M[S.PTRS] - 1)
+        entry = T[pfn, idx]
+        hit = level == 3 or (entry & 3) != 3
+    if not hit:
+        entry, level, pfn, idx = lookup_ptep(T, M, gpa)
+        shift = level_shift(M, level - 1)
+        RT[c + TC_VGEN] = gen
+        RT[c + TC_KEY] = gpa >> shift
+        RT[c + TC_SHIFT] = shift
+        RT[c + TC_LEVEL] = level
+        RT[c + TC_PFN] = pfn
+        RT[c + TC_LSHIFT] = level_shift(M, level)
+    need = S2AP_W if write else S2AP_R
+    if level != 3:
+        return (entry & VALID) != 0 and (entry & need) != 0
+    ps = M[S.PAGE_SHIFT]
+    gfn = gpa >> ps
+    shift2 = level_shift(M, 2)
+    if RT[c + TC_INFO_GEN] != gen or RT[c + TC_INFO_KEY] != gpa >> shift2 or \
+            not RT[c + TC_LO] <= gfn < RT[c + TC_HI]:
+        _fill_slot_info(M, RT, c, v, gpa)
+    if entry & VALID and entry & need:
+        return True
+    s = RT[c + TC_SLOT]
+    if s < 0:
+        return False
+    M[S.LAST_SLOT] = s  # where gfn_to_memslot would leave it
+    logging = RT[c + TC_LOGGING]
+    decision = RT[c + TC_DECISION]
+    nobjs_ok = RT[c + TC_NOBJS_OK]
+    if not nobjs_ok:
+        return False
+    cls, akey, decision = _entry_class(entry, write, logging, decision)
+    if cls == 0:
+        return False
+    k = _recorded(RT, cls, s, akey, write, decision)
+    if k < 0:
+        return False
+    _replay(T, M, B, cls, s, gpa, write, entry, pfn, idx)
+    RT[k + REPLAY_KEY] += 1
+    return True
+
+
+@njit(cache=True, _nrt=False)
+def _run_length(M, RT, v, gpa, left):
+    """How many of vCPU ``v``'s next ``left`` sequential accesses, from
+    ``gpa``, fall in its cached level-3 table and in the memslot part of it
+    its cached class holds for (0 if the row is stale or the vCPU's cache
+    would need a top-up)."""
+    c = TC_BASE + v * TC_STRIDE
+    gen = RT[TC_GEN]
+    if RT[c + TC_VGEN] != gen or RT[c + TC_LEVEL] != 3 or \
+            (gpa >> RT[c + TC_SHIFT]) != RT[c + TC_KEY] or RT[c + TC_INFO_GEN] != gen or \
+            RT[c + TC_INFO_KEY] != RT[c + TC_KEY] or not RT[c + TC_NOBJS_OK]:
+        return 0
+    ps = M[S.PAGE_SHIFT]
+    gfn = gpa >> ps
+    if not RT[c + TC_LO] <= gfn < RT[c + TC_HI]:
+        return 0
+    end = min((RT[c + TC_KEY] + 1) << RT[c + TC_SHIFT], RT[c + TC_HI] << ps)
+    gps = M[S.GUEST_PAGE_SHIFT]
+    return min(left, (end - gpa + (1 << gps) - 1) >> gps)
+
+
+@njit(cache=True, _nrt=False)
+def _table_run(T, M, B, RT, v, gpa, n, rng, write_percent):
+    """:func:`_fast_access` for ``n`` sequential accesses of vCPU ``v`` from
+    ``gpa`` that :func:`_run_length` found in one level-3 table and one
+    memslot: one table, one slot and one class decision for all, no lookup.
+    Stops before the first access that needs the real path. Returns the
+    accesses done and the generator's state after them; at 0 or 100 percent
+    writes the decision does not depend on the draws, which are then skipped
+    over in one step at the end."""
+    c = TC_BASE + v * TC_STRIDE
+    pfn = RT[c + TC_PFN]
+    s = RT[c + TC_SLOT]
+    logging = RT[c + TC_LOGGING]
+    decision = RT[c + TC_DECISION]
+    ps = M[S.PAGE_SHIFT]
+    gps = M[S.GUEST_PAGE_SHIFT]
+    mask = M[S.PTRS] - 1
+    fixed = write_percent <= 0 or write_percent >= 100
+    write = write_percent >= 100
+    # The class of the last replay (k: its offset in RT, or -1), and replays
+    # of it not yet added to RT: most runs replay one class throughout.
+    k = -1
+    kcls = kakey = kdec = kwrite = -1
+    nrep = 0
+    done = 0
+    while done < n:
+        nxt = rng
+        if not fixed:
+            nxt = rng * PRNG_MULTIPLIER % PRNG_MODULUS
+            write = nxt % 100 < write_percent
+        a = gpa + (done << gps)
+        idx = (a >> ps) & mask
+        entry = T[pfn, idx]
+        need = S2AP_W if write else S2AP_R
+        if not (entry & VALID and entry & need):
+            cls, akey, dec = _entry_class(entry, write, logging, decision)
+            if cls == 0:
+                break
+            if cls != kcls or akey != kakey or dec != kdec or write != kwrite:
+                k2 = _recorded(RT, cls, s, akey, write, dec)
+                if k2 < 0:
+                    break
+                if nrep:
+                    RT[k + REPLAY_KEY] += nrep
+                    nrep = 0
+                k, kcls, kakey, kdec, kwrite = k2, cls, akey, dec, write
+            _replay(T, M, B, cls, s, a, write, entry, pfn, idx)
+            nrep += 1
+        rng = nxt
+        done += 1
+    if nrep:
+        RT[k + REPLAY_KEY] += nrep
+    if k >= 0:
+        M[S.LAST_SLOT] = s  # where gfn_to_memslot would have left it
+    if fixed:
+        rng = guest_random_skip(rng, done)
+    return done, rng
+
+
+@njit(cache=True, _nrt=False)
+def _sequential_pass(T, M, B, RT, write_percent):
+    """The pass of a lone vCPU walking its region in order: table runs
+    (:func:`_table_run`) wherever its translation cache covers the next
+    pages, one access at a time elsewhere. Returns (0 or the failing
+    access's result, the accesses done without guest_access)."""
+    r = M[S.VCPU_REGS]
+    pages = M[r + VcpuReg.PAGES]
+    base = M[r + VcpuReg.GPA]
+    gps = M[S.GUEST_PAGE_SHIFT]
+    fast = 0
+    ret = 0
+    i = 0
+    while i < pages:
+        gpa = base + (i << gps)
+        n = _run_length(M, RT, 0, gpa, pages - i)
+        if n > 0:
+            done, rng = _table_run(T, M, B, RT, 0, gpa, n, M[r + VcpuReg.RNG], write_percent)
+            M[r + VcpuReg.RNG] = rng
+            i += done
+            fast += done
+            if done == n:
+                continue
+            gpa = base + (i << gps)
+        M[r + VcpuReg.RNG] = M[r + VcpuReg.RNG] * PRNG_MULTIPLIER % PRNG_MODULUS
+        write = M[r + VcpuReg.RNG] % 100 < write_percent
+        i += 1
+        if _fast_access(T, M, B, RT, 0, gpa, write):
+            fast += 1
+            continue
+        ret = guest_access(T, M, B, RT, 0, gpa, write)
+        RT[TC_GEN] += 1
+        if ret != 0:
+            break
+    return ret, fast
+
+
+@njit(cache=True, _nrt=False)
 def flush_replays(M, RT):
     """Add each recorded class's delta once per replay, and forget the classes."""
     for c in range(RT[0]):
@@ -192,10 +454,15 @@ def memstress_pass(T, M, B, RT, write_percent, random_access):
     gps = M[S.GUEST_PAGE_SHIFT]
     regs = M[S.VCPU_REGS]
     RT[0] = 0
+    RT[TC_GEN] += 1  # tables, caches and slots may have changed since the last pass
+    fast = 0
     longest = 0
     for v in range(nv):
         longest = max(longest, M[regs + v * NREGS + VcpuReg.PAGES])
     ret = 0
+    if nv == 1 and not random_access:
+        ret, fast = _sequential_pass(T, M, B, RT, write_percent)
+        longest = 0
     for i in range(longest):
         for v in range(nv):
             r = regs + v * NREGS
@@ -208,12 +475,18 @@ def memstress_pass(T, M, B, RT, write_percent, random_access):
             else:
                 pg = i
             M[r + VcpuReg.RNG] = M[r + VcpuReg.RNG] * PRNG_MULTIPLIER % PRNG_MODULUS
-            ret = guest_access(T, M, B, RT, v, M[r + VcpuReg.GPA] + (pg << gps),
-                               M[r + VcpuReg.RNG] % 100 < write_percent)
+            gpa = M[r + VcpuReg.GPA] + (pg << gps)
+            write = M[r + VcpuReg.RNG] % 100 < write_percent
+            if _fast_access(T, M, B, RT, v, gpa, write):
+                fast += 1
+                continue
+            ret = guest_access(T, M, B, RT, v, gpa, write)
+            RT[TC_GEN] += 1
             if ret != 0:
                 break
         if ret != 0:
             break
+    kvm_count(M, C.K_GUEST_ACCESSES, fast)
     flush_replays(M, RT)
     if ret != 0:
         return ret

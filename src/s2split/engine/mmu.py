@@ -165,17 +165,27 @@ def _in_slot(M, s, gfn):
 
 
 @njit(cache=True, _nrt=False)
+def search_memslots(M, gfn):
+    """``search_memslots()``: the row of the memslot holding ``gfn``, or -1,
+    leaving the cache of the last one found as it is. Active memslots do not
+    overlap, so at most one holds ``gfn``."""
+    for s in range(M[S.NSLOTS]):
+        if _in_slot(M, s, gfn):
+            return s
+    return -1
+
+
+@njit(cache=True, _nrt=False)
 def gfn_to_memslot(M, gfn):
     """``kvm_vcpu_gfn_to_memslot()``: the row of the memslot holding ``gfn``, or -1
     (the last one found is tried first, as the kernel's cache of it)."""
     last = M[S.LAST_SLOT]
     if last >= 0 and _in_slot(M, last, gfn):
         return last
-    for s in range(M[S.NSLOTS]):
-        if _in_slot(M, s, gfn):
-            M[S.LAST_SLOT] = s
-            return s
-    return -1
+    s = search_memslots(M, gfn)
+    if s >= 0:
+        M[S.LAST_SLOT] = s
+    return s
 
 
 @njit(cache=True, _nrt=False)

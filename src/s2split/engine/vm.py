@@ -33,7 +33,7 @@ from ..rules import HUGETLB_CLASS, oa_format
 from ..versions import DEFAULT_KERNEL
 from . import compile_cache  # noqa: F401  (drops a stale compile cache on import)
 from .dirty_log import kvm_clear_dirty_log_protect, kvm_get_dirty_log_protect
-from .guest import KEEPS_FAULTING, REPLAY_SIZE, memstress_pass
+from .guest import KEEPS_FAULTING, memstress_pass, replay_table_size
 from .memory import cache_free_all
 from .mmu import (kvm_mmu_split_memory_region, kvm_mmu_wp_memory_region, kvm_stage2_destroy)
 from .pte import table_pfn
@@ -86,7 +86,7 @@ class FastVM(VMBase):
         self.set_variant(variant)
         self.T = np.zeros((0, g.ptrs_per_table), dtype=np.int64)
         self.B = np.zeros(0, dtype=np.int64)
-        self._replays = np.zeros(REPLAY_SIZE, dtype=np.int64)
+        self._replays = np.zeros(replay_table_size(0), dtype=np.int64)
         self._slot_row: dict[int, int] = {}
         self._table_bound = g.pgd_pages + 64
         self._grow_tables()
@@ -234,6 +234,7 @@ class FastVM(VMBase):
         regs[row + VcpuReg.PAGES] = vcpu.pages
         regs[row + VcpuReg.RNG] = vcpu.rng
         self.M[S.NVCPUS] = n
+        self._replays = np.zeros(replay_table_size(n), dtype=np.int64)
         self._grow_tables()
 
     def wp_memory_region(self, slot: Memslot) -> None:
