@@ -13,6 +13,8 @@ from s2split.pgtable import walker as ref_walker
 #: Fast-engine functions with no reference function of the same name, and why.
 NO_COUNTERPART = {
     "_leaf_run": "the vectorized rest of a level-3 table loop; counted as _visit counts",
+    "_unmap_leaf_run": "the same for unmap, where its leaves need no TLBI or cache "
+                       "maintenance each; counted as _visit and the unmap visitor count",
     "call_visitor": "dispatch on the operation: the reference passes the visitor as a callable",
     "_fill": "create_unlinked's walk over its new table (numba cannot recurse into the walker)",
     "_fill_leaves": "the map visitor over a whole new table of leaves, inside _fill",

@@ -21,6 +21,7 @@ from .. import counters as C
 from ..bits import S2AP_W, VALID
 from ..errors import ERANGE
 from ..pgtable import walker as WK
+from . import rules as R
 from .pte import is_table, table_pfn
 from .state import (NOLV, ROOT, STACK_IDX, STACK_OLD, STACK_PFN, S, W, count,
                     count_leaf_visit, count_leaf_visits, granule_size, level_shift)
@@ -150,6 +151,48 @@ def _leaf_run(T, M, d, op, attr_clr):
 
 
 @njit(cache=True, _nrt=False)
+def _unmap_leaf_run(T, M, d):
+    """The rest of a level-3 table loop of an unmap walk whose leaves need
+    no TLBI or cache maintenance each (range TLBIs with FWB: one range flush
+    at the end): every entry cleared, and one reference dropped on the table
+    per non-zero entry, with :func:`_visit`'s counts and the unmap visitor's.
+    Returns the index where the loop stopped: where it started (nothing
+    done) if those references would free the table, which the entry-by-entry
+    path then does at the right entry."""
+    pfn = M[STACK_PFN + d]
+    i = M[STACK_IDX + d]
+    ptrs = M[S.PTRS]
+    ps = M[S.PAGE_SHIFT]
+    addr = M[W.ADDR]
+    end = M[W.END]
+    base = (addr >> ps) << ps
+    n = 0
+    if addr < end:
+        n = min(ptrs - i, (end - base + (1 << ps) - 1) >> ps)
+    nvalid = 0
+    nonzero = 0
+    row = np.uint64(pfn)
+    lo = np.uint64(i)
+    hi = np.uint64(i + n)
+    for j in range(lo, hi):
+        old = T[row, j]
+        nvalid += old & VALID
+        nonzero += old != 0
+    refc = M[S.REFCOUNT] + pfn
+    if n == 0 or M[refc] - nonzero < 1:
+        return i
+    for j in range(lo, hi):
+        T[row, j] = 0
+    M[refc] -= nonzero
+    M[W.ADDR] = base + (n << ps)
+    op = M[W.OP]
+    count_leaf_visits(M, op, 3, nvalid, n - nvalid)
+    count(M, op, C.K_PTE_WRITE, 3, nonzero)
+    count(M, op, C.K_PUT_PAGE, 3, nonzero)
+    return i + n
+
+
+@njit(cache=True, _nrt=False)
 def walk_table(T, M, pfn, level):
     """``__kvm_pgtable_walk()`` from one table, iteratively down its subtree."""
     op = M[W.OP]
@@ -162,10 +205,16 @@ def walk_table(T, M, pfn, level):
     run = (op == C.OP_WRPROTECT or op == C.OP_SPLIT) and \
         not flags & (TABLE_PRE | TABLE_POST | SHARED | HANDLE_FAULT | RETURN_HINTS)
     attr_clr = M[W.ATTR_CLR] if op == C.OP_WRPROTECT and M[W.ATTR_SET] == 0 else 0
+    # TABLE_POST is no matter at level 3, where no entry is a table.
+    unmap_run = op == C.OP_UNMAP and flags & LEAF and M[S.FWB] and \
+        not flags & (TABLE_PRE | SHARED | HANDLE_FAULT | RETURN_HINTS) and \
+        R.unmap_defers_tlbi(M[S.TLBIRANGE] != 0, M[S.FWB] != 0)
     while True:
         lv = level + d
         if run and lv == 3 and (op == C.OP_SPLIT or attr_clr == S2AP_W):
             M[STACK_IDX + d] = _leaf_run(T, M, d, op, attr_clr)
+        elif unmap_run and lv == 3:
+            M[STACK_IDX + d] = _unmap_leaf_run(T, M, d)
         if M[STACK_IDX + d] >= ptrs or M[W.ADDR] >= M[W.END]:
             r = 0
         else:
