@@ -144,3 +144,14 @@ def test_guest_pass_edge_cases(case):
 def test_cases_are_valid_and_small():
     for name, p in CASES:
         assert p.vcpus * p.vcpu_memory_bytes <= GIB // 8, name
+
+
+def test_large_table_memory_is_zeroed_writable_and_private():
+    from s2split.engine.vm import HUGE_TABLE_BYTES, zeroed_tables
+    for pages in (3, HUGE_TABLE_BYTES // 4096 + 5):
+        a, b = zeroed_tables(pages, 512), zeroed_tables(pages, 512)
+        assert a.shape == (pages, 512) and a.dtype.name == "int64" and a.flags.c_contiguous
+        assert not a.any()
+        a[-1, -1] = -1
+        a[0, 0] = 7
+        assert not b.any() and a[-1, -1] == -1 and a.sum() == 6

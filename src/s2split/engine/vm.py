@@ -7,13 +7,14 @@ per-word loop in the engine's compiled modules (``stage2``, ``mmu``,
 :mod:`s2split.engine.state`. Table memory is one
 ``(pages, entries)`` int64 array sized up front from the memslots (an upper
 bound on the tables that faults, splits and caches can ever hold), so that
-compiled code never needs to grow it; ``np.zeros`` leaves untouched pages
-unbacked, so only tables in use cost memory.
+compiled code never needs to grow it; untouched pages stay unbacked
+(:func:`zeroed_tables`), so only tables in use cost memory.
 """
 
 from __future__ import annotations
 
 import copy
+import mmap
 import struct
 from typing import Sequence
 
@@ -41,6 +42,27 @@ from .stage2 import stage2_init, stage2_unmap
 from .state import (BACKING, FIXED, MC_SPLIT, NCOL, NREGS, REGIONS, ROOT, VARIANT_FLAGS,
                     COUNTERS, S, SlotCol, VcpuReg, kvm_count)
 from ..bits import LOCKED
+
+
+#: Table memory at least this large comes from :func:`zeroed_tables`' own mapping.
+HUGE_TABLE_BYTES = 4 << 20
+
+
+def zeroed_tables(pages: int, ptrs: int) -> np.ndarray:
+    """Table memory: ``pages`` rows of ``ptrs`` zero entries, backed only
+    where touched. A large one is an anonymous mapping that asks for
+    transparent huge pages: populating a big VM touches gigabytes of table
+    memory row after row, and backing it 2M at a time costs several times
+    less than a fault per 4K page (and fewer TLB misses after)."""
+    nbytes = pages * ptrs * 8
+    if nbytes < HUGE_TABLE_BYTES:
+        return np.zeros((pages, ptrs), dtype=np.int64)
+    buf = mmap.mmap(-1, nbytes)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):
+        pass  # no transparent huge pages here: 4K pages, as np.zeros would give
+    return np.frombuffer(buf, dtype=np.int64).reshape(pages, ptrs)
 
 
 def require_flag_only(variant: Variant) -> None:
@@ -132,7 +154,7 @@ class FastVM(VMBase):
         if need <= cap:
             return
         used = int(self.M[S.NEXT_PAGE])
-        T = np.zeros((need, self.geom.ptrs_per_table), dtype=np.int64)
+        T = zeroed_tables(need, self.geom.ptrs_per_table)
         T[:used] = self.T[:used]
         self.T = T
         rows = dict(self._rows)
