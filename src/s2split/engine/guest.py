@@ -139,25 +139,42 @@ def _fault_class(T, M, v, gpa, write, entry, level):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _replay(T, M, B, cls, s, gpa, write, entry, pfn, idx):
-    """The state change of one fault of a recorded class."""
-    ps = M[S.PAGE_SHIFT]
-    gfn = gpa >> ps
+def _replay_consts(M, cls, s, write):
+    """What one fault of a recorded class changes, for every page of memslot
+    ``s``: (attribute bits to clear on a relaxed entry, attributes of a new
+    leaf, the slot's first gfn, its host address, and the offset of the
+    dirty bitmap to mark, -1 if none)."""
     writable = not (slot_logging(M, s) and not write)
     prot = fault_prot(M, writable)
+    attr_clr = XN if prot & PROT_X else 0
+    attr = prot_to_attr(M, prot) if cls == CLASS_MAP else 0
+    bitmap = -1
+    # Uncounted here: the recorded delta holds the class's dirty_marked.
+    if writable and M[slot_index(M, s, SlotCol.HAS_BITMAP)]:
+        bitmap = M[slot_index(M, s, SlotCol.BITMAP)]
+    return (attr_clr, attr, M[slot_index(M, s, SlotCol.BASE_GFN)],
+            M[slot_index(M, s, SlotCol.HOST_PA)], bitmap)
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _replay_apply(T, M, B, cls, attr_clr, attr, base, host_pa, bitmap, gfn, entry, pfn, idx):
+    """The state change of one fault of a recorded class, from :func:`_replay_consts`."""
     if cls == CLASS_RELAX:
-        attr_clr = XN if prot & PROT_X else 0
         T[pfn, idx] = (entry & ~attr_clr) | S2AP_R | S2AP_W
     else:
-        base = M[slot_index(M, s, SlotCol.BASE_GFN)]
-        pa = M[slot_index(M, s, SlotCol.HOST_PA)] + ((gfn - base) << ps)
-        T[pfn, idx] = make_leaf(M, pa, prot_to_attr(M, prot), 3)
+        T[pfn, idx] = make_leaf(M, host_pa + ((gfn - base) << M[S.PAGE_SHIFT]), attr, 3)
         M[M[S.REFCOUNT] + pfn] += 1
-    if writable:
-        # Uncounted here: the recorded delta holds the class's dirty_marked.
-        rel = gfn - M[slot_index(M, s, SlotCol.BASE_GFN)]
-        if M[slot_index(M, s, SlotCol.HAS_BITMAP)]:
-            B[M[slot_index(M, s, SlotCol.BITMAP)] + (rel >> 6)] |= 1 << (rel & 63)
+    if bitmap >= 0:
+        rel = gfn - base
+        B[bitmap + (rel >> 6)] |= 1 << (rel & 63)
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _replay(T, M, B, cls, s, gpa, write, entry, pfn, idx):
+    """The state change of one fault of a recorded class."""
+    attr_clr, attr, base, host_pa, bitmap = _replay_consts(M, cls, s, write)
+    _replay_apply(T, M, B, cls, attr_clr, attr, base, host_pa, bitmap, gpa >> M[S.PAGE_SHIFT],
+                  entry, pfn, idx)
 
 
 @njit(cache=True, inline="always", _nrt=False)
@@ -359,6 +376,8 @@ def _table_run(T, M, B, RT, v, gpa, n, rng, write_percent):
     # of it not yet added to RT: most runs replay one class throughout.
     k = -1
     kcls = kakey = kdec = kwrite = -1
+    attr_clr = attr = base = host_pa = 0
+    bitmap = -1
     nrep = 0
     done = 0
     while done < n:
@@ -382,7 +401,9 @@ def _table_run(T, M, B, RT, v, gpa, n, rng, write_percent):
                     RT[k + REPLAY_KEY] += nrep
                     nrep = 0
                 k, kcls, kakey, kdec, kwrite = k2, cls, akey, dec, write
-            _replay(T, M, B, cls, s, a, write, entry, pfn, idx)
+                attr_clr, attr, base, host_pa, bitmap = _replay_consts(M, cls, s, write)
+            _replay_apply(T, M, B, cls, attr_clr, attr, base, host_pa, bitmap, a >> ps, entry,
+                          pfn, idx)
             nrep += 1
         rng = nxt
         done += 1
