@@ -286,10 +286,17 @@ def _run_group(p: PerfTestParams, layout: Layout, group: list[Variant], eng: Any
     touched = {v.name: {op for op in VARIANT_OPS if v.flags_for(op) != first.flags_for(op)}
                for v in others}
     tables: dict[str, bytes] = {}
+    # The snapshot the live state was last restored from, while nothing has
+    # run since: the next phase's "before" then (a snapshot of a big VM's
+    # tables costs as much as a phase).
+    restored = None
     for name, step in phase_steps(p, layout):
         predicted = set(phase_ops(name))
         maybe = [v for v in others if touched[v.name] & predicted]
-        before = (vm.snapshot(), dict(ctx)) if maybe else None
+        before = None
+        if maybe:
+            before = (restored if restored is not None else vm.snapshot(), dict(ctx))
+        restored = None
         step(vm, ctx)
         base = vm.take_counts()
         phases[first.name].append((name, base))
@@ -313,6 +320,7 @@ def _run_group(p: PerfTestParams, layout: Layout, group: list[Variant], eng: Any
             vm.restore(after)
             vm.set_variant(first)
             ctx = after_ctx
+            restored = after
         for v in others:
             if v not in rerun:
                 phases[v.name].append((name, base))
