@@ -10,7 +10,17 @@ mapping decision -- and of nothing that changes during the pass. The first
 fault of a class runs the real path and records the counter delta it
 produced; later faults with the same key apply the same state change and
 count one more replay; the deltas are added once per replay at the end of
-the pass. The differential tests pin this to the reference engine.
+the pass.
+
+Finding the entry costs more than the replay: each vCPU keeps the table its
+last lookup ended in, and what a level-3 fault there learns of the memslot
+(the translation cache, ``TC_*``), until a fault takes the real path. A lone
+vCPU walking its region in order then goes through a level-3 table in one
+loop (:func:`_table_run`) and through a block it may access in one step
+(:func:`_block_hits`); at 0 or 100 percent writes the generator's draws,
+whose values decide nothing, are skipped in one step. tests/
+test_differential.py and test_differential_guest.py pin all of this to the
+reference engine.
 """
 
 from __future__ import annotations
