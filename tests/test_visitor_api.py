@@ -288,3 +288,29 @@ def test_readme_visitor_example_runs_on_both_engines(tmp_path):
     r = subprocess.run([sys.executable, "-m", "s2split", "variants", "--check", "bbml2-eager",
                         "--examples", "5"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- the matrix commands and explain -------------------------------------------------------
+def test_reproduce_refuses_bbml2_without_the_feature_before_any_work(tmp_path):
+    db = tmp_path / "r.sqlite"
+    r = subprocess.run([sys.executable, "-m", "s2split", "reproduce", "--size", "64M",
+                        "--granule", "4K", "--backing", "thp", "--variant", "bbml2",
+                        "--db", str(db)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "needs the CPU feature bbml2" in r.stderr and not db.exists()
+
+
+def test_explain_puts_bbml2_saving_in_tlb_maintenance_not_walks():
+    from s2split.cost import load_profile
+    from s2split.explain import sentences
+    p = PerfTestParams(vcpu_memory_bytes=8 * MIB, backing="anonymous_thp", mode=parse_mode(6),
+                       chunk_size=2 * MIB, manual_protect=False, features=BBML2_CPU)
+    phases = {v: dict(run_perf_test(p, get(v), "reference").phases)
+              for v in ("vanilla", "bbml2")}
+    base, other = phases["vanilla"]["enable_dirty_logging"], phases["bbml2"]["enable_dirty_logging"]
+    text = " ".join(sentences("this ioctl", base, other, load_profile("server-vhe"), "bbml2"))
+    # 8M of THP: 4 blocks, one 2M chunk each: 4 by-IPA TLBIs become 4 range TLBIs
+    # (one more range flush is the write-protect's, in both), 4 fewer BBMs.
+    assert "TLB maintenance and barriers" in text and "the walks are unchanged" in text
+    assert "tlbi_ipa 4 -> 0" in text and "tlbi_range 1 -> 5" in text
+    assert "entries" not in text.split("The saving")[0].split("saves")[-1]
