@@ -69,6 +69,18 @@ def bench_variants(size: str, runs: int) -> list[dict]:
     return out
 
 
+def bench_bbml2(size: str, runs: int) -> list[dict]:
+    """5: 64 GiB, 4K, THP, enable-dirty-log: vanilla and bbml2 (--cpu +bbml2)."""
+    out = []
+    for v in ("vanilla", "bbml2"):
+        r = medians(s2split("perf-test", "-m", "6", "-b", size, "-s", "anonymous_thp", "-g",
+                            "--chunk-size", "2M", "--cpu", "+bbml2", "--variant", v,
+                            "--engine", "fast"), runs)
+        r["variant"] = v
+        out.append(r)
+    return out
+
+
 def bench_wrprotect(size: int, runs: int) -> dict:
     """2: the fast engine's write-protect walk over every level-3 entry of a
     populated VM against one numpy pass over the same descriptors."""
@@ -229,6 +241,14 @@ def markdown(res: dict, args: argparse.Namespace) -> str:
             L.append(f"| {r['variant']} | {r['wall_s']:.1f} | {r['rss_mib']:.0f} | "
                      f"`{r['command']}` |")
         L.append("")
+    if "bbml2" in res:
+        L += [f"### 5. {args.size}, 4K, THP, enable-dirty-log (`-g`): vanilla and bbml2", "",
+              f"Median of {args.runs} runs, each a fresh process.", "",
+              "| variant | wall (s) | peak RSS (MiB) | command |", "|---|---:|---:|---|"]
+        for r in res["bbml2"]:
+            L.append(f"| {r['variant']} | {r['wall_s']:.2f} | {r['rss_mib']:.0f} | "
+                     f"`{r['command']}` |")
+        L.append("")
     L.append(END)
     return "\n".join(L)
 
@@ -237,7 +257,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tera-runs", type=int, default=3)
-    ap.add_argument("--only", default="0,1,2,3,4", help="benchmarks to run (0: cold start)")
+    ap.add_argument("--only", default="0,1,2,3,4,5", help="benchmarks to run (0: cold start)")
     ap.add_argument("--quick", action="store_true", help="small sizes, to test the script")
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     ap.add_argument("--json", default=str(ROOT / "bench" / "latest.json"))
@@ -261,6 +281,8 @@ def main() -> int:
     if 4 in only:
         res["terabyte"] = bench_terabyte(args.tera, args.tera_runs)
         res["swap_after_mib"] = swap_used_mib()
+    if 5 in only:
+        res["bbml2"] = bench_bbml2(args.size, args.runs)
     text = markdown(res, args)
     print(text)
     Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

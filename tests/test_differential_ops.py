@@ -437,8 +437,9 @@ def apply(side, op: Op, held: list[tuple[int, int]]):
 def run_case(case: Case) -> None:
     budget = case.geom.pgd_pages + sum(op.pages() for op in case.ops) + 8
     variant = get_variant(case.variant)
-    ref = RefTables(case.geom, case.features, variant, case.kernel, budget)
-    fast = FastTables(case.geom, case.features, variant, case.kernel, budget)
+    cpu = cpu_for(case.features, variant)
+    ref = RefTables(case.geom, cpu, variant, case.kernel, budget)
+    fast = FastTables(case.geom, cpu, variant, case.kernel, budget)
     assert_same_state(ref, fast, "init")
     held: list[tuple[int, int]] = []  # unlinked tables: (pfn, level)
     for i, op in enumerate(case.ops):
@@ -497,7 +498,12 @@ def geometries(draw, kernel: str, granules=(4096, 16384, 65536), min_ipa: int = 
 
 
 features = st.builds(Features, vhe=st.booleans(), fwb=st.booleans(), tlbirange=st.booleans(),
-                     dic=st.booleans())
+                     dic=st.booleans(), bbml2=st.booleans())
+
+
+def cpu_for(features: Features, variant) -> Features:
+    """The drawn CPU, with the features the variant requires (bbml2) switched on."""
+    return replace(features, **{r: True for r in variant.requires})
 
 MAP_PROTS = (Prot.RW, Prot.R, Prot.RWX, Prot.R | Prot.SW0, Prot.RW | Prot.SW1 | Prot.SW3,
              Prot.X, Prot.NONE, Prot.W, Prot.RW | Prot.DEVICE, Prot.R | Prot.NORMAL_NC,
@@ -808,7 +814,8 @@ def vm_view(vm) -> dict:
 
 def run_vm_case(case: VmCase) -> None:
     variant = get_variant(case.variant)
-    ref, fast = (get_engine(name).create_vm(case.geom, case.features, variant, 48, case.kernel)
+    ref, fast = (get_engine(name).create_vm(case.geom, cpu_for(case.features, variant), variant,
+                                            48, case.kernel)
                  for name in ("reference", "fast"))
     assert ref.engine == "reference" and fast.engine == "fast"
     page = case.geom.granule

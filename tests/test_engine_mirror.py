@@ -6,7 +6,7 @@ import inspect
 
 from numba.core.dispatcher import Dispatcher
 
-from s2split.engine import compile_cache, stage2, visitors, walker
+from s2split.engine import compile_cache, entries, stage2, visitors, walker
 from s2split.pgtable import stage2 as ref_stage2
 from s2split.pgtable import walker as ref_walker
 
@@ -19,6 +19,8 @@ NO_COUNTERPART = {
     "_fill": "create_unlinked's walk over its new table (numba cannot recurse into the walker)",
     "_fill_leaves": "the map visitor over a whole new table of leaves, inside _fill",
     "_free_table": "the TABLE_POST half of _free_visitor, shared with free_unlinked's walk",
+    "call_after_walk": "a variant's after-walk hook; the reference calls it in kvm_pgtable_walk",
+    "_walk_cache": "the walk's memory cache for the visitor API (the reference reads w.arg)",
 }
 
 
@@ -53,6 +55,12 @@ def test_visitor_functions_have_reference_counterparts():
     assert len(ref_visitors) >= 5
     for name in ref_visitors - {"_leaf_visitor"}:  # get_leaf: the host lookups, counted whole
         assert name in compiled(visitors), f"no fast twin of {name}"
+
+
+def test_entry_functions_have_reference_counterparts():
+    ref = reference_names(ref_stage2, ref_stage2.Stage2PageTable)
+    for name in compiled(entries):
+        assert name in ref or name in NO_COUNTERPART, f"engine/entries.py: {name}"
 
 
 def test_stage2_operations_have_reference_counterparts():

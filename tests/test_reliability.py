@@ -43,6 +43,9 @@ def s2split_run(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 
+from s2split.pgtable.visitor_api import VisitorRuleError  # noqa: E402
+
+
 # -- 1. every exception class survives pickling (the process boundary) ----------------------
 
 EXAMPLES = {
@@ -51,6 +54,7 @@ EXAMPLES = {
     KvmError: KvmError("KVM_CREATE_VM failed (ENOMEM)", errno.ENOMEM),
     WorkerError: WorkerError("a worker process died (signal SIGKILL)"),
     Terminated: Terminated("SIGTERM"),
+    VisitorRuleError: VisitorRuleError("make at IPA 0x40000000, level 1 over a live entry"),
 }
 
 

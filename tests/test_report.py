@@ -16,7 +16,6 @@ import json
 import os
 import re
 import sqlite3
-from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 
@@ -157,7 +156,7 @@ def test_vanilla_time_is_the_stored_estimate(small):
     try:
         got = {}
         for c in store.cells():
-            if c.variant != "vanilla" or c.config["features"] != asdict(profile.features):
+            if c.variant != "vanilla" or c.config["features"] != profile.features.as_dict():
                 continue
             manual = c.config["manual_protect"]
             names = [n for n, _, _ in c.phases if (re.fullmatch(r"iter\d+_clear_dirty_log", n)
@@ -305,7 +304,7 @@ def test_skip_levels_saving_is_the_split_walk_level3_share(small):
     try:
         vanilla = next(c for c in store.cells() if c.variant == "vanilla" and
                        c.config["backing"] == "anonymous" and not c.config["manual_protect"]
-                       and c.config["features"] == asdict(profile.features))
+                       and c.config["features"] == profile.features.as_dict())
     finally:
         store.close()
     c = vanilla.phase("enable_dirty_logging")

@@ -79,12 +79,19 @@ def cmd_variants(args: argparse.Namespace) -> int:
             for p in problems:
                 print(p)
             return 1
-        print(f"variant {args.check!r}: same tables, TLBIs and cache maintenance as vanilla, "
-              f"never more entries read, on {args.examples} random workloads")
+        v = V.get(args.check)
+        same = ("same tables, TLBIs and cache maintenance as vanilla" if v.same_maintenance
+                else "same tables and cache maintenance as vanilla, and it invalidates in "
+                "every call where vanilla does")
+        print(f"variant {args.check!r}: {same}, never more entries read, on {args.examples} "
+              "random workloads"
+              + ("; the fast engine agrees" if v.fast_capable and not v.flag_only else ""))
         return 0
     for v in V.all_variants():
         flags = ", ".join(f"{op}: {flag_names(f)}" for op, f in v.walk_flags.items()) or "-"
-        print(f"{v.name:28} {v.description}  [{flags}]")
+        more = [f"{op} visitor" for op in v.visitors] + \
+            [f"after {op} walk" for op in v.after_walk] + [f"needs {r}" for r in v.requires]
+        print(f"{v.name:28} {v.description}  [{'; '.join([flags, *more])}]")
     return 0
 
 

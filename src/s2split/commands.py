@@ -53,6 +53,8 @@ def add_matrix_options(p: argparse.ArgumentParser, single: bool = False) -> None
                    help="back hugetlb with 1G pages on 4K (default: the default hugepage size)")
     g.add_argument("--profile", default="server-vhe", metavar="NAME|FILE",
                    help="hardware profile: CPU features and unit costs (default: server-vhe)")
+    g.add_argument("--cpu", default=None, metavar="FEATURES",
+                   help="change the profile's CPU features, e.g. +bbml2 or -tlbirange")
     r = p.add_argument_group("running")
     r.add_argument("--db", default=DEFAULT_DB, metavar="FILE",
                    help=f"results database (default: ./{DEFAULT_DB})")
@@ -76,7 +78,7 @@ def matrix_from(args: argparse.Namespace) -> Any:
     kw: dict[str, Any] = dict(size=args.size, variants=tuple(variants),
                               iterations=args.iterations, ipa_bits=args.ipa_bits,
                               hugetlb_1g=args.hugetlb_1g, profile=args.profile,
-                              chunk=args.chunk_size)
+                              chunk=args.chunk_size, cpu=getattr(args, "cpu", None))
     if args.granule:
         kw["granules"] = tuple(args.granule)
     if args.backing:
@@ -84,7 +86,11 @@ def matrix_from(args: argparse.Namespace) -> Any:
     if args.scenario:
         kw["scenarios"] = tuple(args.scenario)
     matrix = Matrix(**kw)
-    matrix.check_layouts(profile.features)  # and a bad size too
+    features = matrix.features(profile)
+    from .pgtable.variants import get
+    for v in variants:
+        get(v).check_cpu(features)  # a variant the CPU cannot run, before any work
+    matrix.check_layouts(features)  # and a bad size too
     return matrix
 
 

@@ -31,6 +31,18 @@ class Change:
 
 SKIP_KINDS = ("skip_level", "skip_children", "skip_siblings")
 
+#: Where a saving comes from, by counter kind (the rest: other work).
+SAVING_GROUPS = (
+    ("TLB maintenance and barriers",
+     ("tlbi_ipa", "tlbi_ipa_nsh", "tlbi_range", "tlbi_range_pages", "tlbi_range_ops", "tlbi_vmid",
+      "tlbi_s1", "flush_range", "flush_range_bytes", "hyp_call", "dsb_ishst", "dsb_ish",
+      "dsb_nshst", "dsb_nsh", "isb")),
+    ("entry writes and break-before-make", ("pte_write", "pte_cas", "bbm", "get_page",
+                                            "put_page")),
+    ("walks", (*READ_KINDS, "reload", "visit_leaf", "visit_pre", "visit_post", "descent",
+               "loops", "walks", "walk_bytes", *SKIP_KINDS)),
+)
+
 
 def same_work(a: Counts, b: Counts) -> bool:
     """Equal counts, except for *why* the walker did not descend somewhere
@@ -105,11 +117,37 @@ def sentences(phase_label: str, base: Counts, other: Counts, profile: Profile,
     vb, va = base.visitor_calls(), other.visitor_calls()
     if vb != va:
         out.append(f"Visitor calls fall from {vb:,} to {va:,}.")
+    out += _maintenance_sentences(phase_label, base, other, profile, est)
     same = [k for k in ("tlbi_ipa", "page_taken", "pte_write") if base.total(k) ==
             other.total(k)]
     if len(same) == 3:
         out.append("TLB invalidations, table pages and PTE writes are unchanged: the same "
                    "tables are built, only less walking is done.")
+    return out
+
+
+def _maintenance_sentences(phase_label: str, base: Counts, other: Counts, profile: Profile,
+                           est: float) -> list[str]:
+    """Where a variant that changes TLB maintenance (bbml2) saves: the share
+    of the saving per group of counters, and the TLBIs before and after."""
+    tlbi = ("tlbi_ipa", "tlbi_range", "tlbi_vmid")
+    if all(base.total(k) == other.total(k) for k in (*tlbi, "bbm")) or not est:
+        return []
+    groups: dict[str, float] = {}
+    for op, kind, level, before, after in base.diff(other):
+        name = next((g for g, kinds in SAVING_GROUPS if kind in kinds), "other work")
+        groups[name] = groups.get(name, 0.0) + (before - after) * profile.unit_cost(op, kind,
+                                                                                    level)
+    parts = [f"{name} {100 * ns / est:+.1f} points" for name, ns in
+             sorted(groups.items(), key=lambda kv: -abs(kv[1])) if ns]
+    walks_same = "walks" not in groups or groups["walks"] == 0
+    out = [f"The saving is in {', '.join(parts)}"
+           + ("; the walks are unchanged." if walks_same else ".")]
+    counts = ", ".join(f"{k} {base.total(k):,} -> {other.total(k):,}" for k in (*tlbi, "bbm")
+                       if base.total(k) != other.total(k))
+    out.append(f"In {phase_label}: {counts} (split without break-before-make: one range "
+               "TLBI per split call instead of one TLBI per block)."
+               if other.total("bbm") < base.total("bbm") else f"In {phase_label}: {counts}.")
     return out
 
 

@@ -24,6 +24,12 @@ class Features:
     * ``tlbirange``: FEAT_TLBIRANGE; range TLBIs instead of whole-VMID ones, and
       (with FWB) unmap defers its per-entry TLBIs to one range flush.
     * ``dic``: CTR_EL0.DIC; KVM then maps guest memory executable by default.
+    * ``bbml2``: FEAT_BBM level 2 with the NOABORT property
+      (``ARM64_HAS_BBML2_NOABORT``): a block may be replaced by a table of the
+      same translation without a break. Linux 6.12's stage-2 code does not use
+      it; the ``bbml2`` variants need it. Off unless a profile or ``--cpu
+      +bbml2`` says so, and then left out of :meth:`as_dict`, :meth:`spec` and
+      :meth:`describe`, so that runs without it keep their keys and texts.
 
     The defaults are the features of the default profile (``server-vhe``).
     """
@@ -32,23 +38,31 @@ class Features:
     fwb: bool = True
     tlbirange: bool = True
     dic: bool = True
+    bbml2: bool = False
+
+    def as_dict(self) -> dict[str, bool]:
+        """The features by name (``bbml2`` only when on)."""
+        d = asdict(self)
+        if not d["bbml2"]:
+            del d["bbml2"]
+        return d
 
     def describe(self) -> str:
-        return ", ".join(f"{k}={'on' if v else 'off'}" for k, v in asdict(self).items())
+        return ", ".join(f"{k}={'on' if v else 'off'}" for k, v in self.as_dict().items())
 
     def spec(self) -> str:
         """The ``--cpu`` text naming every feature: ``"vhe,-fwb,..."``."""
-        return ",".join(("" if v else "-") + k for k, v in asdict(self).items())
+        return ",".join(("" if v else "-") + k for k, v in self.as_dict().items())
 
     @classmethod
     def parse(cls, text: str, base: "Features | None" = None) -> "Features":
-        """``"vhe,fwb,-tlbirange"``: names switch a feature on, a leading ``-``
-        off; features not named keep their value in ``base`` (default: the
-        defaults)."""
+        """``"vhe,fwb,-tlbirange,+bbml2"``: a name or ``+name`` switches a
+        feature on, ``-name`` off; features not named keep their value in
+        ``base`` (default: the defaults)."""
         values = asdict(base or cls())
         for token in filter(None, (t.strip() for t in text.split(","))):
             on = not token.startswith(("-", "no-"))
-            name = token.lstrip("-").removeprefix("no-")
+            name = token.removeprefix("+") if on else token.lstrip("-").removeprefix("no-")
             if name not in values:
                 raise S2Error(f"unknown CPU feature {name!r}: choose from {', '.join(values)}")
             values[name] = on

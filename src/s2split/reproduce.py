@@ -57,6 +57,11 @@ class Matrix:
     ipa_bits: int = 40
     hugetlb_1g: bool = False
     profile: str = "server-vhe"
+    cpu: str | None = None  # --cpu: changes to the profile's CPU features
+
+    def features(self, profile: Profile) -> "Features":
+        """The CPU features of the runs: the profile's, changed by ``cpu``."""
+        return Features.parse(self.cpu, base=profile.features) if self.cpu else profile.features
 
     def __post_init__(self) -> None:
         for b in self.backings:
@@ -260,7 +265,7 @@ def reproduce(matrix: Matrix, store: Any, engine: str = "auto", executor: Any = 
     """Run every group with a missing cell, store each cell, and return all cells."""
     profile = load_profile(matrix.profile)
     outcome = Outcome(matrix, profile)
-    groups = matrix.groups(profile.features)
+    groups = matrix.groups(matrix.features(profile))
     todo = []
     for g in groups:
         outcome.params[(g.granule, g.backing, g.scenario)] = g.params

@@ -5,19 +5,32 @@ sequence of stage-2 operations (and a few small perf-test runs) this checks
 that the variant ends with bit-identical tables, issues exactly the same TLB
 invalidations (kind and level) and cache maintenance, returns the same
 results, and never reads more entries than vanilla.
+
+A variant that says it changes the maintenance (``same_maintenance=False``:
+``bbml2``) is held to the same tables, results, page allocations and cache
+maintenance, and instead of the same TLBIs to this: every operation call in
+which vanilla invalidated anything invalidates too (the variant's deferred
+flush included), and no entry is left locked. Visitors written with the
+visitor API are checked as they run: a make without a break, or a replace of
+a block by a table that translates differently, stops the check with the
+address and level (:class:`~s2split.pgtable.visitor_api.VisitorRuleError`).
+A variant the fast engine can run is then run on both engines, which must
+agree on every table and count.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .arch import Geometry
 from .counts import Counts
+from .features import Features
 from .modes import parse_mode
 from .pgtable.memory import MemoryCache
 from .pgtable.stage2 import Stage2PageTable
 from .pgtable.variants import VANILLA, Variant
+from .pgtable.visitor_api import VisitorRuleError
 from .pte import Prot
 from .workload import PerfTestParams, run_perf_test
 
@@ -26,6 +39,16 @@ INVARIANT_KINDS = ("tlbi_ipa", "tlbi_ipa_nsh", "tlbi_range", "tlbi_range_pages",
                    "tlbi_range_ops", "tlbi_vmid", "flush_range", "flush_range_bytes",
                    "dcache_ops", "dcache_bytes", "icache_ops", "icache_bytes", "page_taken",
                    "page_freed", "bbm")
+#: Of those, the ones a variant with ``same_maintenance=False`` may change.
+MAINTENANCE_KINDS = ("tlbi_ipa", "tlbi_ipa_nsh", "tlbi_range", "tlbi_range_pages",
+                     "tlbi_range_ops", "tlbi_vmid", "flush_range", "flush_range_bytes", "bbm")
+#: Any of these is a TLB invalidation.
+TLBI_KINDS = ("tlbi_ipa", "tlbi_ipa_nsh", "tlbi_range", "tlbi_vmid")
+
+
+def cpu_for(variant: Variant, base: Features | None = None) -> Features:
+    """The CPU both runs use: ``base`` with the features the variant requires."""
+    return replace(base or Features(), **{r: True for r in variant.requires})
 
 GEOMETRIES = ((4096, 32), (4096, 40), (4096, 48), (16384, 36), (16384, 40), (16384, 47),
               (65536, 40), (65536, 42))
@@ -75,11 +98,14 @@ def random_ops(rng: random.Random, geom: Geometry, n: int) -> list[Op]:
     return ops
 
 
-def apply_ops(geom: Geometry, variant: Variant, ops: list[Op]) -> tuple[Stage2PageTable,
-                                                                         list[int], Counts]:
-    pgt = Stage2PageTable(geom, variant=variant)
+def apply_ops(geom: Geometry, variant: Variant, ops: list[Op],
+              features: Features | None = None) -> tuple[Stage2PageTable, list[int],
+                                                         list[Counts]]:
+    """Run ``ops``: the page table, each op's result and each op's counts."""
+    pgt = Stage2PageTable(geom, features or cpu_for(variant), variant=variant)
     mc = MemoryCache(pgt.mem)
     results = []
+    counts = []
     for op in ops:
         if op.name == "map":
             mc.topup(40, geom.levels)
@@ -95,24 +121,81 @@ def apply_ops(geom: Geometry, variant: Variant, ops: list[Op]) -> tuple[Stage2Pa
             cache.topup(max(op.arg, 1), op.arg) if op.arg else None
             results.append(pgt.split(op.addr, op.size, cache))
             cache.free_all()
-    return pgt, results, pgt.tally.take()
+        counts.append(pgt.tally.take())
+    return pgt, results, counts
 
 
-def compare_runs(label: str, base: tuple, other: tuple, variant: Variant) -> list[str]:
+def _describe_leaf(leaf: tuple[int, int, int] | None, page: int) -> str:
+    if leaf is None:
+        return "nothing"
+    _, level, entry = leaf
+    what = "page" if level == 3 else "block"
+    return f"a level-{level} {what} ({'writable' if entry & 0x80 else 'read-only'})"
+
+
+def first_difference(p0: Stage2PageTable, p1: Stage2PageTable) -> str:
+    """Where two page tables first translate differently: address, levels,
+    and what the second left (unsplit, writable), in one phrase."""
+    page = p0.geom.granule
+    l0 = {ipa: (ipa, lv, e) for ipa, lv, e in p0.leaves()}
+    l1 = {ipa: (ipa, lv, e) for ipa, lv, e in p1.leaves()}
+    for ipa in sorted(set(l0) | set(l1)):
+        a, b = l0.get(ipa), l1.get(ipa)
+        if a == b:
+            continue
+        why = ""
+        if a and b and b[1] < a[1]:
+            why = ": left unsplit"
+        elif a and b and b[2] & 0x80 and not a[2] & 0x80:
+            why = ": left writable"
+        return (f"at IPA {ipa:#x}, level {(b or a)[1]}: vanilla has {_describe_leaf(a, page)}, "
+                f"the variant {_describe_leaf(b, page)}{why}")
+    return "the tables are laid out differently (same translations)"
+
+
+def _tlb_problems(label: str, c0: list[Counts], c1: list[Counts], ops: list[Op],
+                  variant: Variant) -> list[str]:
+    for op, a, b in zip(ops, c0, c1):
+        if any(a.total(k) for k in TLBI_KINDS) and not any(b.total(k) for k in TLBI_KINDS):
+            return [f"{label}: {op} invalidates nothing under {variant.name}, but vanilla "
+                    "invalidates: stale translations stay in the TLBs"]
+    return []
+
+
+def compare_runs(label: str, base: tuple, other: tuple, variant: Variant,
+                 ops: list[Op] | None = None) -> list[str]:
     (p0, r0, c0), (p1, r1, c1) = base, other
+    c0s, c1s = (c0, c1) if isinstance(c0, list) else ([c0], [c1])
+    t0, t1 = sum(c0s[1:], c0s[0]), sum(c1s[1:], c1s[0])
     problems = []
+    if p0.dump() != p1.dump():
+        problems.append(f"{label}: final tables differ {first_difference(p0, p1)}")
     if r0 != r1:
         problems.append(f"{label}: results differ: vanilla {r0} vs {variant.name} {r1}")
-    if p0.dump() != p1.dump():
-        problems.append(f"{label}: final tables differ")
+    problems += [f"{label}: {variant.name}: {p}" for p in p1.check_invariants()[:1]]
+    skip = () if variant.same_maintenance else MAINTENANCE_KINDS
     for kind in INVARIANT_KINDS:
-        if c0.by_level(None, kind) != c1.by_level(None, kind):
-            problems.append(f"{label}: {kind} differs: vanilla {c0.by_level(None, kind)} vs "
-                            f"{variant.name} {c1.by_level(None, kind)}")
-    if c1.entries_read() > c0.entries_read():
-        problems.append(f"{label}: {variant.name} reads more entries ({c1.entries_read()}) than "
-                        f"vanilla ({c0.entries_read()})")
+        if kind in skip:
+            continue
+        if t0.by_level(None, kind) != t1.by_level(None, kind):
+            problems.append(f"{label}: {kind} differs: vanilla {t0.by_level(None, kind)} vs "
+                            f"{variant.name} {t1.by_level(None, kind)}")
+    if not variant.same_maintenance and ops is not None:
+        problems += _tlb_problems(label, c0s, c1s, ops, variant)
+    if t1.entries_read() > t0.entries_read():
+        problems.append(f"{label}: {variant.name} reads more entries ({t1.entries_read()}) than "
+                        f"vanilla ({t0.entries_read()})")
     return problems
+
+
+_GIB = 1 << 30
+#: Examples every check runs first: a level-1 block (rare in random ops),
+#: split in part from a two-page cache (a page of level-2 blocks, then one of
+#: them to pages), then whole from a full cache (force_pte).
+FIXED_EXAMPLES = (((4096, 40), (Op("map", _GIB, _GIB, (1 << 44) + _GIB),
+                                Op("wrprotect", _GIB, _GIB),
+                                Op("split", _GIB, 2 << 20, 2),
+                                Op("split", _GIB, _GIB, 513))),)
 
 
 def check_variant(variant: Variant, examples: int = 25, seed: int = 0,
@@ -120,18 +203,44 @@ def check_variant(variant: Variant, examples: int = 25, seed: int = 0,
     """Problems found (empty when the variant is safe on these workloads)."""
     rng = random.Random(seed)
     problems: list[str] = []
-    for i in range(examples):
-        granule, ipa = rng.choice(GEOMETRIES)
-        geom = Geometry(granule, ipa)
-        ops = random_ops(rng, geom, ops_per_example)
+    cpu = cpu_for(variant)
+    fixed = [(Geometry(*g), list(ops)) for g, ops in FIXED_EXAMPLES]
+    for i in range(len(fixed) + examples):
+        if i < len(fixed):
+            geom, ops = fixed[i]
+        else:
+            granule, ipa = rng.choice(GEOMETRIES)
+            geom = Geometry(granule, ipa)
+            ops = random_ops(rng, geom, ops_per_example)
         label = f"example {i} ({geom.name}: {', '.join(map(str, ops))})"
-        problems += compare_runs(label, apply_ops(geom, VANILLA, ops),
-                                 apply_ops(geom, variant, ops), variant)
+        try:
+            other = apply_ops(geom, variant, ops, cpu)
+        except VisitorRuleError as e:
+            return [f"example {i} ({geom.name}): {variant.name}: {e}"]
+        problems += compare_runs(label, apply_ops(geom, VANILLA, ops, cpu), other, variant, ops)
         if problems:
             break
     if not problems:
         problems += _check_workloads(variant)
+    if not problems and not variant.flag_only and variant.fast_capable:
+        problems += _check_engines(variant)
     return problems
+
+
+def _check_engines(variant: Variant) -> list[str]:
+    """One small perf-test run on both engines: same tables, same counts."""
+    p = PerfTestParams(vcpu_memory_bytes=8 << 20, backing="anonymous_thp", mode=parse_mode(6),
+                       chunk_size=2 << 20, manual_protect=True, features=cpu_for(variant))
+    a = run_perf_test(p, variant, "reference", keep_tables=True)
+    b = run_perf_test(p, variant, "fast", keep_tables=True)
+    label = f"perf-test {' '.join(p.argv())} --variant {variant.name}"
+    if a.tables != b.tables:
+        return [f"{label}: the fast engine's tables differ from the reference engine's"]
+    for (name, c0), (_, c1) in zip(a.phases, b.phases):
+        if c0.to_dict() != c1.to_dict():
+            kind = next(d for d in c0.diff(c1))
+            return [f"{label}: phase {name}: the engines count differently ({kind})"]
+    return []
 
 
 def _check_workloads(variant: Variant) -> list[str]:
@@ -140,15 +249,21 @@ def _check_workloads(variant: Variant) -> list[str]:
     for backing, mode, chunk, manual in (("anonymous_thp", 6, 2 << 20, True),
                                          ("anonymous_hugetlb", 6, 1 << 30, False),
                                          ("anonymous_hugetlb", 7, 32 << 20, True)):
-        p = PerfTestParams(vcpu_memory_bytes=32 << 20 if mode == 6 else 128 << 20, backing=backing, mode=parse_mode(mode),
-                           chunk_size=chunk, manual_protect=manual)
+        p = PerfTestParams(vcpu_memory_bytes=32 << 20 if mode == 6 else 128 << 20,
+                           backing=backing, mode=parse_mode(mode), chunk_size=chunk,
+                           manual_protect=manual, features=cpu_for(variant))
         a = run_perf_test(p, VANILLA, "reference", keep_tables=True)
-        b = run_perf_test(p, variant, "reference", keep_tables=True)
+        try:
+            b = run_perf_test(p, variant, "reference", keep_tables=True)
+        except VisitorRuleError as e:
+            return [f"perf-test {' '.join(p.argv())}: {variant.name}: {e}"]
         label = f"perf-test {' '.join(p.argv())}"
         if a.tables != b.tables:
             problems.append(f"{label}: final tables differ")
         for (name, c0), (_, c1) in zip(a.phases, b.phases):
             for kind in INVARIANT_KINDS:
+                if not variant.same_maintenance and kind in MAINTENANCE_KINDS:
+                    continue
                 if c0.by_level(None, kind) != c1.by_level(None, kind):
                     problems.append(f"{label}: phase {name}: {kind} differs")
             if c1.entries_read() > c0.entries_read():

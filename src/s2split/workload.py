@@ -129,7 +129,7 @@ class PerfTestParams:
         d["pa_bits"] = self.mode.pa_bits
         d["granule"] = self.granule
         d["guest_page_size"] = self.guest_page_size
-        d["features"] = asdict(self.features)
+        d["features"] = self.features.as_dict()
         return d
 
 
@@ -265,13 +265,19 @@ def run_variants(p: PerfTestParams, variants: list[Variant], engine: Any = None,
     layout = memstress_layout(p)
     eng = get_engine(engine, p, variants)
     shared = len(variants) > 1 and getattr(eng, "snapshots", False) and \
-        all(v.flag_only for v in variants)
+        all(v.fast_capable for v in variants)
     groups = [variants] if shared else [[v] for v in variants]
     results: list[RunResult] = []
     for group in groups:
         results += _run_group(p, layout, group, eng, keep_tables, on_phase)
     order = {v.name: i for i, v in enumerate(variants)}
     return sorted(results, key=lambda r: order[r.variant])
+
+
+def _walks_differ(a: Variant, b: Variant, op: str) -> bool:
+    """Whether two variants may walk ``op`` differently (flags, visitor, hook)."""
+    return a.flags_for(op) != b.flags_for(op) or a.visitors.get(op) is not b.visitors.get(op) \
+        or a.after_walk.get(op) is not b.after_walk.get(op)
 
 
 def _run_group(p: PerfTestParams, layout: Layout, group: list[Variant], eng: Any,
@@ -283,8 +289,7 @@ def _run_group(p: PerfTestParams, layout: Layout, group: list[Variant], eng: Any
     ctx: dict = {"keep_tables": keep_tables}
     # The operations whose walks differ between a variant and the first one (in
     # either direction: the first may be the one with flags).
-    touched = {v.name: {op for op in VARIANT_OPS if v.flags_for(op) != first.flags_for(op)}
-               for v in others}
+    touched = {v.name: {op for op in VARIANT_OPS if _walks_differ(v, first, op)} for v in others}
     tables: dict[str, bytes] = {}
     # The snapshot the live state was last restored from, while nothing has
     # run since: the next phase's "before" then (a snapshot of a big VM's

@@ -48,13 +48,14 @@ def _as_list(variants: Any) -> list:
 
 def engine_name(engine: str, params: Any = None, variants: Any = None) -> str:
     """What ``engine`` means for this run: ``auto`` is the fast engine for
-    large runs when every variant is flag-only, else the reference engine."""
+    large runs when the fast engine can run every variant (walk flags, and
+    visitors written with the visitor API), else the reference engine."""
     if engine not in ENGINES:
         raise S2Error(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
     if engine != "auto":
         return engine
-    flag_only = all(v.flag_only for v in _as_list(variants))
-    return "fast" if _big(params) and flag_only else "reference"
+    fast_capable = all(v.fast_capable for v in _as_list(variants))
+    return "fast" if _big(params) and fast_capable else "reference"
 
 
 def get_engine(engine: Any, params: Any = None, variants: Any = None) -> Any:

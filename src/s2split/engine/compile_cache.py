@@ -20,11 +20,12 @@ from pathlib import Path
 from numba import njit
 from numba.core.dispatcher import Dispatcher
 
-from . import dirty_log, guest, memory, mmu, pte, rules, stage2, state, tlb, visitors, walker
+from . import (dirty_log, entries, guest, memory, mmu, pte, rules, stage2, state, tlb,
+               visitor_api, visitors, walker)
 
 #: The modules holding compiled functions.
-KERNEL_MODULES = (state, rules, pte, memory, tlb, visitors, walker, stage2, mmu, dirty_log,
-                  guest)
+KERNEL_MODULES = (state, rules, pte, memory, tlb, entries, visitor_api, visitors, walker, stage2,
+                  mmu, dirty_log, guest)
 
 
 def _imports(path: Path, package: str) -> set[str]:

@@ -11,7 +11,8 @@ The layout of ``M`` is declared here once, as enums whose members are the
 offsets (numba compiles an ``IntEnum`` member as a constant):
 
 * :class:`S`: the fixed scalars, and the offsets of the variable regions;
-* the variant's walk flags per operation at ``VARIANT_FLAGS + op``;
+* the variant's walk flags per operation at ``VARIANT_FLAGS + op``, its
+  visitors at ``VARIANT_VISITORS + op`` and hooks at ``VARIANT_AFTER + op``;
 * the counters at ``COUNTERS + index`` (indices from :mod:`s2split.counters`);
 * :class:`W`: the state of the walk in progress, with one named field per
   walk argument (``struct stage2_map_data``, ``struct stage2_attr_data``);
@@ -76,7 +77,13 @@ class S(enum.IntEnum):
 
 
 VARIANT_FLAGS = len(S)
-COUNTERS = VARIANT_FLAGS + C.NOPS
+#: A variant's visitor per operation: 0 the built-in one, a small id a
+#: built-in visitor written with the visitor API (engine/visitors.py), else
+#: the address of a compiled user visitor (engine/fnptr.py). Its after-walk
+#: hook per operation, likewise (0: none). Set per process, never compared.
+VARIANT_VISITORS = VARIANT_FLAGS + C.NOPS
+VARIANT_AFTER = VARIANT_VISITORS + C.NOPS
+COUNTERS = VARIANT_AFTER + C.NOPS
 _WALK = COUNTERS + C.SIZE
 
 
@@ -96,11 +103,13 @@ class W(enum.IntEnum):
     ATTR_SET = enum.auto()        # struct stage2_attr_data
     ATTR_CLR = enum.auto()
     ATTR_LEVEL = enum.auto()      # the level the attr visitor last saw
+    SCRATCH = enum.auto()         # visitor_api.scratch(): NSCRATCH (4) integers,
+    SCRATCH_LAST = SCRATCH + 3    # up to this one
 
 
 #: Deepest table nesting: levels -1..3.
 MAX_DEPTH = 8
-STACK_PFN = _WALK + len(W)          # the walker's stack: table page,
+STACK_PFN = max(W) + 1          # the walker's stack: table page,
 STACK_IDX = STACK_PFN + MAX_DEPTH   # entry index,
 STACK_OLD = STACK_IDX + MAX_DEPTH   # and the table entry walked into, per depth
 FREE_STACK_PFN = STACK_OLD + MAX_DEPTH  # the same for free_unlinked's walk

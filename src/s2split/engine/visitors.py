@@ -4,13 +4,12 @@
 The reference passes a visitor to the walker as a callable; compiled code
 dispatches on the walk's operation instead (:func:`call_visitor`), so the
 visitors sit below the walker in this module and the operations that start
-walks above it (:mod:`s2split.engine.stage2`). numba cannot cache recursive
-functions, so the two walks a visitor starts itself -- ``create_unlinked``
-filling a fresh table and ``free_unlinked`` dropping a detached one -- are
-loops of their own here, counted with the walker's own rule
-(:func:`~s2split.engine.state.count_leaf_visit`); ``create_unlinked`` fills
-at most two levels, all that splitting a block needs. The differential tests
-pin every line to the reference.
+walks above it (:mod:`s2split.engine.stage2`). The entry primitives and the
+walks a visitor starts itself (``create_unlinked``, ``free_unlinked``) are in
+:mod:`s2split.engine.entries`. A variant's visitor written with the visitor
+API is either built in (compiled here, cached) or a user's, called through
+its address (:mod:`s2split.engine.fnptr`). The differential tests pin every
+line to the reference.
 """
 
 from __future__ import annotations
@@ -18,200 +17,25 @@ from __future__ import annotations
 from numba import njit
 
 from .. import counters as C
-from ..bits import LOCKED, SW_MASK, VALID
+from ..bits import SW_MASK, VALID
 from ..errors import E2BIG, EAGAIN, EINVAL, ENOMEM
+from ..pgtable import api_visitors as AV
 from ..pgtable import walker as WK
+from ..pgtable.visitor_api import AFTER_WALK
 from . import rules as R
+from .entries import (_free_table, _make, _result, _set, _try_break,  # noqa: F401
+                      create_unlinked, free_unlinked)
+from .fnptr import call_visitor_ptr
 from .memory import cache_alloc, get_page, mem_put, put_page
-from .pte import (is_cacheable, is_executable, is_table, make_leaf, make_table, prot_to_attr,
-                  pte_to_phys, table_pfn)
-from .state import (FREE_STACK_IDX, FREE_STACK_OLD, FREE_STACK_PFN, MC_NONE, MC_SPLIT, NOLV, S, W,
-                    count, count_leaf_visit, count_leaf_visits, granule_size)
-from .tlb import dcache_clean_inval_poc, flush_vmid_ipa, flush_vmid_range, icache_inval_pou
+from .pte import is_cacheable, is_executable, is_table, make_leaf, make_table, table_pfn
+from .state import MC_NONE, NOLV, VARIANT_AFTER, VARIANT_VISITORS, S, W, count, granule_size
+from .tlb import dcache_clean_inval_poc, flush_vmid_ipa, icache_inval_pou
+from .visitor_api import FastCtx, compile_visitor
 
 LEAF, TABLE_PRE, TABLE_POST, SHARED = WK.LEAF, WK.TABLE_PRE, WK.TABLE_POST, WK.SHARED
 SKIP_BBM_TLBI, SKIP_CMO = WK.SKIP_BBM_TLBI, WK.SKIP_CMO
 SKIP_NEW_CHILDREN, RETURN_HINTS = WK.SKIP_NEW_CHILDREN, WK.RETURN_HINTS
 HINT_SKIP_SIBLINGS, HINT_SKIP_CHILDREN = WK.HINT_SKIP_SIBLINGS, WK.HINT_SKIP_CHILDREN
-
-
-# --- entries: set, break, make --------------------------------------------------------
-@njit(cache=True, _nrt=False)
-def _set(T, M, op, flags, pfn, idx, new, level):
-    """``stage2_try_set_pte()``: a plain store, or a CAS for shared walks."""
-    T[pfn, idx] = new
-    count(M, op, C.K_PTE_CAS if flags & SHARED else C.K_PTE_WRITE, level, 1)
-
-
-@njit(cache=True, _nrt=False)
-def _try_break(T, M, op, flags, addr, pfn, idx, old, level):
-    """``stage2_try_break_pte()``: lock, invalidate the old translation, drop its reference."""
-    if not old & VALID and old & LOCKED:
-        return False
-    _set(T, M, op, flags, pfn, idx, LOCKED, level)
-    count(M, op, C.K_BBM, level, 1)
-    if not flags & SKIP_BBM_TLBI:
-        if is_table(old, level):
-            size = granule_size(M, level)
-            flush_vmid_range(M, op, addr & ~(size - 1), size)
-        elif old & VALID:
-            flush_vmid_ipa(M, op, level)
-    if old != 0:
-        put_page(M, op, pfn, level)
-    return True
-
-
-@njit(cache=True, _nrt=False)
-def _make(T, M, op, pfn, idx, new, level):
-    """``stage2_make_pte()``: take a reference, then a release store."""
-    if new != 0:
-        get_page(M, op, pfn, level)
-    T[pfn, idx] = new
-    count(M, op, C.K_PTE_WRITE, level, 1)
-
-
-# --- free_unlinked: the free walker over a detached subtree ------------------------------
-@njit(cache=True, _nrt=False)
-def _free_table(T, M, op, pfn, idx, old, level):
-    """The TABLE_POST half of ``stage2_free_walker()``: drop a table entry's
-    references (6.12 always; 6.19+ only once the child is empty, clearing
-    the entry), by :func:`s2split.rules.free_drops_table`."""
-    clears = M[S.FREE_CLEARS] != 0
-    child = table_pfn(M, old)
-    if not R.free_drops_table(clears, M[M[S.REFCOUNT] + child]):
-        return
-    put_page(M, op, pfn, level)
-    put_page(M, op, child, level + 1)
-    if R.free_clears_entry(clears):
-        T[pfn, idx] = 0
-        count(M, op, C.K_PTE_WRITE, level, 1)
-
-
-@njit(cache=True, _nrt=False)
-def free_unlinked(T, M, pfn, level):
-    """``kvm_pgtable_stage2_free_unlinked()``: the free walker (LEAF |
-    TABLE_POST) over every entry of a detached table at ``level + 1`` and
-    below, then the table itself."""
-    op = C.OP_FREE_UNLINKED
-    ptrs = M[S.PTRS]
-    count(M, op, C.K_CALLS, level, 1)
-    d = 0
-    top = level + 1
-    M[FREE_STACK_PFN] = pfn
-    M[FREE_STACK_IDX] = 0
-    if top <= 3:  # below level 3 the walker refuses at once
-        count(M, op, C.K_LOOPS, top, 1)
-    while top <= 3:
-        lv = top + d
-        i = M[FREE_STACK_IDX + d]
-        if i >= ptrs:
-            if d == 0:
-                break
-            # This table is done: TABLE_POST on its parent entry.
-            d -= 1
-            lv = top + d
-            count(M, op, C.K_VISIT_POST, lv, 1)
-            _free_table(T, M, op, M[FREE_STACK_PFN + d], M[FREE_STACK_IDX + d], M[FREE_STACK_OLD + d], lv)
-            M[FREE_STACK_IDX + d] += 1
-            continue
-        old = T[M[FREE_STACK_PFN + d], i]
-        if is_table(old, lv):
-            count(M, op, C.K_READ_TABLE, lv, 1)
-            count(M, op, C.K_DESCENT, lv, 1)
-            M[FREE_STACK_OLD + d] = old
-            d += 1
-            M[FREE_STACK_PFN + d] = table_pfn(M, old)
-            M[FREE_STACK_IDX + d] = 0
-            count(M, op, C.K_LOOPS, lv + 1, 1)
-            continue
-        count_leaf_visit(M, op, lv, old & VALID)
-        if old != 0:
-            put_page(M, op, M[FREE_STACK_PFN + d], lv)
-        M[FREE_STACK_IDX + d] = i + 1
-    put_page(M, op, pfn, level + 1)
-
-
-# --- create_unlinked: the map walker over a fresh table -----------------------------------
-@njit(cache=True, _nrt=False)
-def _fill_leaves(T, M, op, pfn, pa, attr, level):
-    """The map visitor installing a leaf in every (zeroed) entry of an unlinked
-    table: per entry an invalid read, a LEAF visit, the lock write, the
-    reference and the publishing write, the re-read -- counted per table."""
-    ptrs = M[S.PTRS]
-    g = granule_size(M, level)
-    for i in range(ptrs):
-        T[pfn, i] = make_leaf(M, pa + i * g, attr, level)
-    M[M[S.REFCOUNT] + pfn] += ptrs
-    count_leaf_visits(M, op, level, 0, ptrs)
-    count(M, op, C.K_BBM, level, ptrs)
-    count(M, op, C.K_GET_PAGE, level, ptrs)
-    count(M, op, C.K_PTE_WRITE, level, 2 * ptrs)
-
-
-@njit(cache=True, _nrt=False)
-def _fill(T, M, pfn, level, phys, attr, force_pte, mc):
-    """The map walker (LEAF | SKIP_BBM_TLBI | SKIP_CMO) over every entry of a
-    zeroed table at ``level``: a leaf where a block of this level is allowed,
-    otherwise a new table from the cache, filled one level down. Returns 0 or
-    a negative errno."""
-    op = C.OP_CREATE_UNLINKED
-    if level > 3:
-        return -EINVAL  # a level-3 "block" has no table below it: the walker refuses
-    ptrs = M[S.PTRS]
-    g = granule_size(M, level)
-    count(M, op, C.K_LOOPS, level, 1)
-    if not (force_pte and level < 3) and level >= M[S.MIN_BLOCK_LEVEL]:
-        _fill_leaves(T, M, op, pfn, phys, attr, level)
-        return 0
-    for i in range(ptrs):
-        count_leaf_visits(M, op, level, 0, 1)
-        if level == 3:
-            return -EINVAL
-        child = cache_alloc(M, mc)
-        if child < 0:
-            return -ENOMEM
-        count(M, op, C.K_PAGE_TAKEN, level, 1)
-        _set(T, M, op, 0, pfn, i, LOCKED, level)
-        count(M, op, C.K_BBM, level, 1)
-        _make(T, M, op, pfn, i, make_table(M, child), level)
-        count(M, op, C.K_DESCENT, level, 1)
-        # One level down is level 3 here: every entry becomes a page.
-        count(M, op, C.K_LOOPS, level + 1, 1)
-        _fill_leaves(T, M, op, child, phys + i * g, attr, level + 1)
-    return 0
-
-
-@njit(cache=True, _nrt=False)
-def _result(M, op, ret):
-    """``Stage2PageTable._result``: count an error or -EAGAIN, pass ``ret`` on."""
-    if ret == -EAGAIN:
-        count(M, op, C.K_EAGAIN, NOLV, 1)
-    elif ret != 0:
-        count(M, op, C.K_ERRORS, NOLV, 1)
-    return ret
-
-
-@njit(cache=True, _nrt=False)
-def create_unlinked(T, M, phys, level, prot, mc, force_pte):
-    """``kvm_pgtable_stage2_create_unlinked()``: a table page or a negative errno."""
-    op = C.OP_CREATE_UNLINKED
-    count(M, op, C.K_CALLS, level, 1)
-    if force_pte:
-        count(M, op, C.K_CALLS_FORCE_PTE, level, 1)
-    if phys & (granule_size(M, level) - 1):
-        return _result(M, op, -EINVAL)
-    attr = prot_to_attr(M, prot)
-    if attr < 0:
-        return _result(M, op, attr)
-    pgtable = cache_alloc(M, mc)
-    if pgtable < 0:
-        return _result(M, op, -ENOMEM)
-    count(M, op, C.K_PAGE_TAKEN, level, 1)
-    ret = _fill(T, M, pgtable, level + 1, phys, attr, force_pte, mc)
-    if ret != 0:
-        free_unlinked(T, M, pgtable, level)
-        return _result(M, op, ret)
-    return pgtable
 
 
 # --- map ---------------------------------------------------------------------------------
@@ -373,33 +197,37 @@ def _attr_visitor(T, M, pfn, idx, old, level, visit):
 
 
 # --- split ---------------------------------------------------------------------------------
+#: The visitors written once with the visitor API (pgtable/api_visitors.py),
+#: compiled and cached here.
+_stage2_split_walker = njit(cache=True, _nrt=False)(AV.stage2_split_walker)
+_bbml2_split_walker = njit(cache=True, _nrt=False)(AV.bbml2_split_walker)
+_bbml2_flush_split = njit(cache=True, _nrt=False)(AV.bbml2_flush_split)
+
+#: Ids of built-in API visitors and hooks at ``VARIANT_VISITORS + op`` /
+#: ``VARIANT_AFTER + op`` (any larger value is a compiled user visitor's address).
+BUILTIN_VISITORS = {AV.bbml2_split_walker: 1}
+BUILTIN_HOOKS = {AV.bbml2_flush_split: 1}
+
+
+def variant_visitor_id(fn) -> int:
+    """What ``VARIANT_VISITORS + op`` holds for a variant's visitor ``fn``."""
+    if fn is None:
+        return 0
+    return BUILTIN_VISITORS.get(fn) or compile_visitor(fn)
+
+
+def variant_hook_id(fn) -> int:
+    """What ``VARIANT_AFTER + op`` holds for a variant's after-walk hook ``fn``."""
+    if fn is None:
+        return 0
+    return BUILTIN_HOOKS.get(fn) or compile_visitor(fn)
+
+
 @njit(cache=True, _nrt=False)
 def _split_visitor(T, M, pfn, idx, old, level, visit):
-    """``stage2_split_walker()``: replace a block by a subtree of pages."""
-    flags = M[W.FLAGS]
-    if level == 3:
-        return HINT_SKIP_SIBLINGS if flags & RETURN_HINTS else 0  # no huge pages here
-    if not old & VALID:
-        return 0
-    # Enough pages for the whole tree down to pages (force_pte), else one
-    # page of next-level blocks that the walker splits as it descends.
-    force_pte = R.split_force_pte(level, M[S.PTRS], M[S.SPLIT_NOBJS])
-    if force_pte < 0:
-        return force_pte
-    child = create_unlinked(T, M, pte_to_phys(M, old), level, R.pte_prot(old), MC_SPLIT,
-                            force_pte != 0)
-    if child < 0:
-        return child
-    if not _try_break(T, M, C.OP_SPLIT, flags, M[W.ADDR], pfn, idx, old, level):
-        free_unlinked(T, M, child, level)
-        return -EAGAIN
-    _make(T, M, C.OP_SPLIT, pfn, idx, make_table(M, child), level)
-    if force_pte:
-        if flags & SKIP_NEW_CHILDREN:
-            M[W.BUILT_COMPLETE] = 1
-        if flags & RETURN_HINTS:
-            return HINT_SKIP_CHILDREN
-    return 0
+    """``stage2_split_walker()``: replace a block by a subtree of pages
+    (the API form, :func:`s2split.pgtable.api_visitors.stage2_split_walker`)."""
+    return _stage2_split_walker(FastCtx(T, M, pfn, idx, old, level, visit))
 
 
 # --- free ----------------------------------------------------------------------------------
@@ -420,8 +248,14 @@ def _free_visitor(T, M, pfn, idx, old, level, visit):
 
 @njit(cache=True, _nrt=False)
 def call_visitor(T, M, pfn, idx, old, level, visit):
-    """``kvm_pgtable_visitor_cb()``: the walk's visitor, chosen by its operation."""
+    """``kvm_pgtable_visitor_cb()``: the walk's visitor, chosen by its operation
+    (or the variant's, :data:`~s2split.engine.state.VARIANT_VISITORS`)."""
     op = M[W.OP]
+    vid = M[VARIANT_VISITORS + op]
+    if vid != 0:
+        if vid == 1:
+            return _bbml2_split_walker(FastCtx(T, M, pfn, idx, old, level, visit))
+        return call_visitor_ptr(vid, T, M, pfn, idx, old, level, visit)
     if op == C.OP_MAP:
         return _map_visitor(T, M, pfn, idx, old, level, visit)
     if op == C.OP_SPLIT:
@@ -432,3 +266,15 @@ def call_visitor(T, M, pfn, idx, old, level, visit):
         return _unmap_visitor(T, M, pfn, idx, old, level, visit)
     return _free_visitor(T, M, pfn, idx, old, level, visit)
 
+
+
+@njit(cache=True, _nrt=False)
+def call_after_walk(T, M, op):
+    """A variant's after-walk hook of ``op``, if any (``kvm_pgtable_walk``'s
+    last step in the reference, :func:`s2split.pgtable.walker.kvm_pgtable_walk`)."""
+    hid = M[VARIANT_AFTER + op]
+    if hid == 0:
+        return 0
+    if hid == 1:
+        return _bbml2_flush_split(FastCtx(T, M, -1, -1, 0, NOLV, AFTER_WALK))
+    return call_visitor_ptr(hid, T, M, -1, -1, 0, NOLV, AFTER_WALK)

@@ -39,8 +39,9 @@ from .memory import cache_free_all
 from .mmu import (kvm_mmu_split_memory_region, kvm_mmu_wp_memory_region, kvm_stage2_destroy)
 from .pte import table_pfn
 from .stage2 import stage2_init, stage2_unmap
-from .state import (BACKING, FIXED, MC_SPLIT, NCOL, NREGS, REGIONS, ROOT, VARIANT_FLAGS,
-                    COUNTERS, S, SlotCol, VcpuReg, kvm_count)
+from .state import (BACKING, FIXED, MC_SPLIT, NCOL, NREGS, REGIONS, ROOT, VARIANT_AFTER,
+                    VARIANT_FLAGS, VARIANT_VISITORS, COUNTERS, S, SlotCol, VcpuReg, kvm_count)
+from .visitors import variant_hook_id, variant_visitor_id
 from ..bits import LOCKED
 
 
@@ -66,10 +67,12 @@ def zeroed_tables(pages: int, ptrs: int) -> np.ndarray:
 
 
 def require_flag_only(variant: Variant) -> None:
-    """Refuse a variant that replaces a visitor: only the reference engine runs those."""
-    if not variant.flag_only:
-        raise S2Error(f"variant {variant.name!r} replaces a visitor; only the reference "
-                      "engine can run it")
+    """Refuse a variant whose visitor is not written with the visitor API:
+    only the reference engine runs those."""
+    if not variant.fast_capable:
+        raise S2Error(f"variant {variant.name!r} replaces a visitor not written with the "
+                      "visitor API (s2split.pgtable.visitor_api); only the reference engine "
+                      "can run it")
 
 
 class FastVM(VMBase):
@@ -270,11 +273,14 @@ class FastVM(VMBase):
 
     # -- snapshots (for running several variants off one run) ------------------
     def set_variant(self, variant: Variant) -> None:
-        """Switch the walk flags to another (flag-only) variant."""
+        """Switch the walk flags, visitors and hooks to another variant's."""
         require_flag_only(variant)
+        variant.check_cpu(self.features)
         self.variant = variant
         for op in VARIANT_OPS:
             self.M[VARIANT_FLAGS + OP[op]] = variant.flags_for(op)
+            self.M[VARIANT_VISITORS + OP[op]] = variant_visitor_id(variant.visitors.get(op))
+            self.M[VARIANT_AFTER + OP[op]] = variant_hook_id(variant.after_walk.get(op))
 
     def snapshot(self) -> tuple:
         used = int(self.M[S.NEXT_PAGE])

@@ -23,9 +23,9 @@ from ..errors import ERANGE
 from ..pgtable import walker as WK
 from . import rules as R
 from .pte import is_table, table_pfn
-from .state import (NOLV, ROOT, STACK_IDX, STACK_OLD, STACK_PFN, S, W, count,
+from .state import (NOLV, ROOT, STACK_IDX, STACK_OLD, STACK_PFN, VARIANT_VISITORS, S, W, count,
                     count_leaf_visit, count_leaf_visits, granule_size, level_shift)
-from .visitors import call_visitor
+from .visitors import call_after_walk, call_visitor
 
 LEAF, TABLE_PRE, TABLE_POST, SHARED = WK.LEAF, WK.TABLE_PRE, WK.TABLE_POST, WK.SHARED
 HANDLE_FAULT, RETURN_HINTS, SKIP_LEVEL_BASE = WK.HANDLE_FAULT, WK.RETURN_HINTS, WK.SKIP_LEVEL_BASE
@@ -202,8 +202,11 @@ def walk_table(T, M, pfn, level):
     M[STACK_PFN] = pfn
     M[STACK_IDX] = (M[W.ADDR] >> level_shift(M, level)) & (ptrs - 1)
     count(M, op, C.K_LOOPS, level, 1)
+    # The run restates the built-in visitors at level 3 (the built-in API split
+    # visitors too: they do nothing there); a user's visitor is called.
     run = (op == C.OP_WRPROTECT or op == C.OP_SPLIT) and \
-        not flags & (TABLE_PRE | TABLE_POST | SHARED | HANDLE_FAULT | RETURN_HINTS)
+        not flags & (TABLE_PRE | TABLE_POST | SHARED | HANDLE_FAULT | RETURN_HINTS) and \
+        (M[VARIANT_VISITORS + op] == 0 or (op == C.OP_SPLIT and M[VARIANT_VISITORS + op] == 1))
     attr_clr = M[W.ATTR_CLR] if op == C.OP_WRPROTECT and M[W.ATTR_SET] == 0 else 0
     # TABLE_POST is no matter at level 3, where no entry is a table.
     unmap_run = op == C.OP_UNMAP and flags & LEAF and M[S.FWB] and \
@@ -258,6 +261,8 @@ def kvm_pgtable_walk(T, M, op, addr, size, flags):
     M[W.FLAGS] = flags
     M[W.OP] = op
     M[W.BUILT_COMPLETE] = 0
+    for i in range(W.SCRATCH, W.SCRATCH_LAST + 1):
+        M[i] = 0
     limit = 1 << M[S.IPA_BITS]
     if start > limit or end > limit:
         return -ERANGE
@@ -268,4 +273,6 @@ def kvm_pgtable_walk(T, M, op, addr, size, flags):
         if ret != 0:
             break
         ridx += 1
+    # A variant's hook: what it deferred to the end of the call (whatever ret).
+    call_after_walk(T, M, op)
     return ret

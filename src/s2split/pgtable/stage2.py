@@ -26,7 +26,7 @@ from typing import Iterator
 from .. import pte as P
 from .. import rules as R
 from ..arch import LAST_LEVEL, Geometry
-from ..counters import (K_BBM, K_CALLS, K_CALLS_FORCE_PTE, K_EAGAIN, K_ERRORS, K_GET_PAGE,
+from ..counters import (OP, K_BBM, K_CALLS, K_CALLS_FORCE_PTE, K_EAGAIN, K_ERRORS, K_GET_PAGE,
                         K_PAGE_FREED, K_PAGE_TAKEN, K_PTE_CAS, K_PTE_WRITE, K_PUT_PAGE, NOLEVEL,
                         OP_CREATE_UNLINKED, OP_DESTROY, OP_FREE_UNLINKED, OP_GET_LEAF, OP_INIT,
                         OP_MAP, OP_RELAX, OP_SPLIT, OP_UNMAP, OP_WRPROTECT, OPS, SLOTS)
@@ -36,7 +36,10 @@ from ..features import Features
 from ..versions import DEFAULT_KERNEL, kernel_rules
 from . import tlb
 from .memory import MemoryCache, TableMemory
+from .api_visitors import stage2_split_walker
 from .variants import VANILLA, Variant
+from .variants import is_api_visitor as _takes_context
+from .visitor_api import AFTER_WALK, TTL_UNKNOWN, VisitCtx
 from .walker import (HANDLE_FAULT, LEAF, RETURN_HINTS, SHARED, SKIP_BBM_TLBI, SKIP_CMO,
                      SKIP_NEW_CHILDREN, TABLE_POST, TABLE_PRE, HINT_SKIP_CHILDREN,
                      HINT_SKIP_SIBLINGS, Walk, kvm_pgtable_walk, walk_table)
@@ -85,7 +88,13 @@ class Stage2PageTable:
         self.geom = geom
         self.rules = kernel_rules(kernel)
         self.features = features or Features()
+        variant.check_cpu(self.features)
         self.variant = variant
+        # Visitors written with the API take a context (visitor_api.VisitCtx).
+        self._visitors = {op: (_from_api(fn) if _takes_context(fn) else fn)
+                          for op, fn in variant.visitors.items()}
+        #: A variant's after-walk hooks by operation id (kvm_pgtable_walk calls them).
+        self.after_walk = {OP[op]: _hook_from_api(fn) for op, fn in variant.after_walk.items()}
         self.tally = tally or Tally()
         self.mem = mem or TableMemory(geom)
         self.ptrs = geom.ptrs_per_table
@@ -111,7 +120,7 @@ class Stage2PageTable:
         return flags | self.variant.flags_for(op_name)
 
     def _visitor(self, op_name: str, default):
-        return self.variant.visitors.get(op_name, default)
+        return self._visitors.get(op_name, default)
 
     @staticmethod
     def _result(c: list[int], ret: int) -> int:
@@ -522,6 +531,21 @@ class Stage2PageTable:
 # -- visitors ----------------------------------------------------------------
 # Small and single-purpose, like the kernel's; ``w.pgt`` is the page table.
 
+def _from_api(fn):
+    """A visitor written with :mod:`~s2split.pgtable.visitor_api`, as the walker calls it."""
+    def visitor(w: Walk, pfn: int, table: list, idx: int, old: int, level: int,
+                visit: int) -> int:
+        return fn(VisitCtx(w, pfn, table, idx, old, level, visit))
+    return visitor
+
+
+def _hook_from_api(fn):
+    """An after-walk hook, as :func:`~s2split.pgtable.walker.kvm_pgtable_walk` calls it."""
+    def hook(w: Walk) -> int:
+        return fn(VisitCtx(w, -1, None, -1, 0, TTL_UNKNOWN, AFTER_WALK))
+    return hook
+
+
 def _map_visitor(w: Walk, pfn: int, table: list, idx: int, old: int, level: int,
                  visit: int) -> int:
     """``stage2_map_walker()``."""
@@ -578,33 +602,10 @@ def _attr_visitor(w: Walk, pfn: int, table: list, idx: int, old: int, level: int
 
 def _split_visitor(w: Walk, pfn: int, table: list, idx: int, old: int, level: int,
                    visit: int) -> int:
-    """``stage2_split_walker()``: replace a block by a subtree of pages."""
-    if level == LAST_LEVEL:
-        # No huge pages at the last level.
-        return HINT_SKIP_SIBLINGS if w.flags & RETURN_HINTS else 0
-    if not old & P.VALID:
-        return 0
-    pgt: Stage2PageTable = w.pgt
-    mc: MemoryCache = w.arg
-    # Enough pages for the whole tree down to pages (force_pte), else one
-    # page of next-level blocks that the walker splits as it descends.
-    force_pte = R.split_force_pte(level, pgt.ptrs, mc.nobjs)
-    if force_pte < 0:
-        return force_pte
-    child = pgt.create_unlinked(pgt.pte_to_phys(old), level, P.pte_prot(old), mc,
-                                bool(force_pte))
-    if child < 0:
-        return child
-    if not pgt._try_break(w, pfn, table, idx, old, level):  # pragma: no cover
-        pgt.free_unlinked(child, level)
-        return -EAGAIN
-    pgt._make(w, pfn, table, idx, P.make_table(pgt.mem.pa(child), pgt.geom), level)
-    if force_pte:
-        if w.flags & SKIP_NEW_CHILDREN:
-            w.built_complete = True
-        if w.flags & RETURN_HINTS:
-            return HINT_SKIP_CHILDREN
-    return 0
+    """``stage2_split_walker()``: replace a block by a subtree of pages
+    (:func:`s2split.pgtable.api_visitors.stage2_split_walker`, written once
+    for both engines)."""
+    return stage2_split_walker(VisitCtx(w, pfn, table, idx, old, level, visit))
 
 
 def _free_visitor(w: Walk, pfn: int, table: list, idx: int, old: int, level: int,

@@ -24,6 +24,14 @@ Built-in variants (the 2026 "Optimize S2 page splitting" series and its RFC):
 ``return-hints``
     The RFC: the split visitor returns positive hints, "skip my siblings" at
     level 3 and "skip my children" after a complete split.
+``bbml2``
+    On a CPU with FEAT_BBM level 2 and NOABORT (``--cpu +bbml2``): the split
+    replaces each block by its new table in one store, with no break and no
+    per-block TLBI, and invalidates once per ``kvm_pgtable_stage2_split()``
+    call (one range TLBI over what it split). Changes the TLB maintenance, so
+    ``same_maintenance=False`` (``docs/design-notes.md``).
+``skip-levels+bbml2``
+    Both.
 
 Defining a variant takes a few lines::
 
@@ -34,8 +42,10 @@ Defining a variant takes a few lines::
                      walk_flags={"split": skip_level(3), "wrprotect": skip_level(3)}))
 
 (that one is wrong on purpose: ``check_variant`` reports that it leaves pages
-writable). Flag-only variants run on both engines; a variant that replaces a
-visitor (``visitors={"split": my_split_walker}``) runs on the reference engine.
+writable). A variant may also bring a visitor (``visitors={"split": fn}``)
+and an after-walk hook, written once with :mod:`s2split.pgtable.visitor_api`:
+both engines run them (see ``pgtable/api_visitors.py`` and the README).
+Visitors in the older seven-argument form run on the reference engine only.
 
 To use such variants from the command line, put the ``register`` calls in a
 Python file and name it in ``S2SPLIT_VARIANTS`` (several files separated by
@@ -45,14 +55,17 @@ processes inherit the variable, so ``reproduce`` sees the same variants.
 
 from __future__ import annotations
 
+import inspect
 import os
 import runpy
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 
 from .. import counters
 from ..errors import S2Error
+from ..features import Features
+from . import api_visitors as AV
 from .walker import RETURN_HINTS, SKIP_NEW_CHILDREN, WalkFlags, skip_level
 
 _ALL_FLAGS = 0
@@ -64,12 +77,47 @@ for _flag in WalkFlags:
 VARIANT_OPS = tuple(op for op in counters.WALK_OPS if op != "get_leaf")
 
 
+def is_api_visitor(fn: Callable) -> bool:
+    """A visitor of one argument, the context: written with
+    :mod:`s2split.pgtable.visitor_api`, it runs on both engines. (The older
+    form, ``(walk, pfn, table, idx, old, level, visit)``, runs on the
+    reference engine only.)"""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return len([p for p in params if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) == 1
+
+
+_FEATURES = tuple(f.name for f in fields(Features))
+
+
 @dataclass(frozen=True)
 class Variant:
+    """A named change to the walks.
+
+    * ``walk_flags``: flags added to the walks of each named operation;
+    * ``visitors``: a visitor replacing the operation's (see
+      :mod:`s2split.pgtable.visitor_api`);
+    * ``after_walk``: a hook run once per call of the operation, after its
+      walk (the same API; where maintenance deferred to the end of a call
+      goes);
+    * ``requires``: CPU features (:class:`~s2split.features.Features` names)
+      without which the variant is refused;
+    * ``same_maintenance``: whether the variant claims vanilla's TLB
+      maintenance, barriers and break-before-make exactly (the check holds
+      it to that); a variant that changes them (``bbml2``) says False and is
+      held to the same tables, with every split block invalidated.
+    """
+
     name: str
     description: str
     walk_flags: Mapping[str, int] = field(default_factory=dict)
     visitors: Mapping[str, Callable] = field(default_factory=dict)
+    after_walk: Mapping[str, Callable] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
+    same_maintenance: bool = True
 
     def __post_init__(self) -> None:
         # A variant may come from a user's file: check every type here, so
@@ -80,7 +128,8 @@ class Variant:
         if not isinstance(self.description, str):
             raise S2Error(f"variant {self.name!r}: description must be a string, got "
                           f"{type(self.description).__name__}")
-        for what, value in (("walk_flags", self.walk_flags), ("visitors", self.visitors)):
+        for what, value in (("walk_flags", self.walk_flags), ("visitors", self.visitors),
+                            ("after_walk", self.after_walk)):
             if not isinstance(value, Mapping):
                 raise S2Error(f"variant {self.name!r}: {what} must map operation names to "
                               f"{'walk flags' if what == 'walk_flags' else 'functions'}, got "
@@ -92,31 +141,62 @@ class Variant:
             if flags < 0 or flags & ~_ALL_FLAGS:
                 raise S2Error(f"variant {self.name!r}: walk_flags[{op!r}] = {flags:#x} has "
                               f"bits that are no WalkFlags (known: {_ALL_FLAGS:#x})")
-        for op, fn in self.visitors.items():
-            if not callable(fn):
-                raise S2Error(f"variant {self.name!r}: visitors[{op!r}] must be a function, "
-                              f"got {type(fn).__name__}")
-        for op in (*self.walk_flags, *self.visitors):
+        for what, table in (("visitors", self.visitors), ("after_walk", self.after_walk)):
+            for op, fn in table.items():
+                if not callable(fn):
+                    raise S2Error(f"variant {self.name!r}: {what}[{op!r}] must be a function, "
+                                  f"got {type(fn).__name__}")
+        for op, fn in self.after_walk.items():
+            if not is_api_visitor(fn):
+                raise S2Error(f"variant {self.name!r}: after_walk[{op!r}] must be a function "
+                              "of one argument, the context (s2split.pgtable.visitor_api)")
+        for op in (*self.walk_flags, *self.visitors, *self.after_walk):
             if op not in VARIANT_OPS:
                 raise S2Error(f"variant {self.name!r}: unknown operation {op!r}; "
                               f"choose from {', '.join(VARIANT_OPS)}")
+        if isinstance(self.requires, str) or not all(isinstance(r, str) for r in self.requires):
+            raise S2Error(f"variant {self.name!r}: requires must be a tuple of CPU feature "
+                          f"names, got {self.requires!r}")
+        for r in self.requires:
+            if r not in _FEATURES:
+                raise S2Error(f"variant {self.name!r}: requires unknown CPU feature {r!r}; "
+                              f"choose from {', '.join(_FEATURES)}")
+        object.__setattr__(self, "requires", tuple(dict.fromkeys(self.requires)))
         object.__setattr__(self, "walk_flags", MappingProxyType(dict(self.walk_flags)))
         object.__setattr__(self, "visitors", MappingProxyType(dict(self.visitors)))
+        object.__setattr__(self, "after_walk", MappingProxyType(dict(self.after_walk)))
 
     def flags_for(self, op: str) -> int:
         return self.walk_flags.get(op, 0)
 
     @property
     def flag_only(self) -> bool:
-        """True when the fast engine can run it (no replaced visitors)."""
-        return not self.visitors
+        """True when it only adds walk flags (no visitors, no hooks)."""
+        return not self.visitors and not self.after_walk
+
+    @property
+    def fast_capable(self) -> bool:
+        """True when the fast engine can run it: its visitors and hooks are
+        written with :mod:`s2split.pgtable.visitor_api`."""
+        return all(is_api_visitor(fn) for fn in self.visitors.values())
+
+    def check_cpu(self, features: Features) -> None:
+        """Refuse a CPU without a feature the variant requires."""
+        for r in self.requires:
+            if not getattr(features, r):
+                raise S2Error(f"variant {self.name!r} needs the CPU feature {r}, which this "
+                              f"profile's CPU does not have (add --cpu +{r}, or use a profile "
+                              "that has it)")
 
     def __add__(self, other: "Variant") -> "Variant":
         flags = dict(self.walk_flags)
         for op, f in other.walk_flags.items():
             flags[op] = flags.get(op, 0) | f
         return Variant(f"{self.name}+{other.name}", f"{self.description}; {other.description}",
-                       flags, {**self.visitors, **other.visitors})
+                       flags, {**self.visitors, **other.visitors},
+                       {**self.after_walk, **other.after_walk},
+                       (*self.requires, *other.requires),
+                       self.same_maintenance and other.same_maintenance)
 
 
 VANILLA = Variant("vanilla", "Linux 6.12: the split walk visits every entry of its range")
@@ -131,6 +211,15 @@ RETURN_HINTS_VARIANT = Variant("return-hints",
                                "skip-children after a complete split",
                                {"split": RETURN_HINTS})
 
+BBML2 = Variant("bbml2",
+                "with FEAT_BBM level 2 (NOABORT) the split replaces each block by its table "
+                "without a break, and invalidates once per kvm_pgtable_stage2_split() call "
+                "with one range TLBI over what it split",
+                visitors={"split": AV.bbml2_split_walker},
+                after_walk={"split": AV.bbml2_flush_split}, requires=("bbml2",),
+                same_maintenance=False)
+SKIP_LEVELS_BBML2 = SKIP_LEVELS + BBML2
+
 _REGISTRY: dict[str, Variant] = {}
 
 
@@ -143,7 +232,8 @@ def register(variant: Variant, *, replace: bool = False) -> Variant:
     return variant
 
 
-for _v in (VANILLA, SKIP_LEVELS, SKIP_CHILDREN, SKIP_BOTH, RETURN_HINTS_VARIANT):
+for _v in (VANILLA, SKIP_LEVELS, SKIP_CHILDREN, SKIP_BOTH, RETURN_HINTS_VARIANT, BBML2,
+           SKIP_LEVELS_BBML2):
     register(_v)
 
 DEFAULT_VARIANTS = ("vanilla", "skip-levels", "skip-levels+skip-children")
@@ -188,9 +278,28 @@ def all_variants() -> list[Variant]:
     return list(_REGISTRY.values())
 
 
+def _name(fn: Callable) -> str:
+    """A visitor's name, and for one written with the API a hash of its
+    source: a user's edited visitor must not reuse stored results."""
+    name = f"{fn.__module__}.{fn.__qualname__}"
+    if is_api_visitor(fn):
+        import hashlib
+        try:
+            src = inspect.getsource(fn)
+        except (OSError, TypeError):
+            return name
+        name += "@" + hashlib.sha256(src.encode()).hexdigest()[:12]
+    return name
+
+
 def definition(variant: Variant) -> dict:
     """What a variant does, for result keys: same name, different flags or
     visitors, must not reuse stored results."""
-    return {"flags": {op: int(f) for op, f in sorted(variant.walk_flags.items())},
-            "visitors": {op: f"{v.__module__}.{v.__qualname__}"
-                         for op, v in sorted(variant.visitors.items())}}
+    d = {"flags": {op: int(f) for op, f in sorted(variant.walk_flags.items())},
+         "visitors": {op: _name(v) for op, v in sorted(variant.visitors.items())}}
+    # Only when present, so that the keys of flag-only variants stay as they were.
+    if variant.after_walk:
+        d["after_walk"] = {op: _name(v) for op, v in sorted(variant.after_walk.items())}
+    if variant.requires:
+        d["requires"] = list(variant.requires)
+    return d

@@ -103,7 +103,8 @@ Visitor = Callable[["Walk", int, list, int, int, int, int], int]
 class Walk:
     """``struct kvm_pgtable_walk_data`` + walker: the state of one walk."""
 
-    __slots__ = ("pgt", "cb", "flags", "arg", "start", "addr", "end", "c", "built_complete")
+    __slots__ = ("pgt", "cb", "flags", "arg", "start", "addr", "end", "c", "built_complete",
+                 "scratch")
 
     def __init__(self, pgt: Any, cb: Visitor, flags: int, arg: Any, start: int, end: int,
                  c: list[int]):
@@ -116,6 +117,7 @@ class Walk:
         self.end = end
         self.c = c  # the operation's counters in the tally
         self.built_complete = False  # set by a visitor under SKIP_NEW_CHILDREN
+        self.scratch = [0, 0, 0, 0]  # a variant's per-walk state (visitor_api.NSCRATCH)
 
 
 def walk_table(w: Walk, pfn: int, level: int) -> int:
@@ -238,4 +240,8 @@ def kvm_pgtable_walk(pgt: Any, addr: int, size: int, cb: Visitor, flags: int, ar
         if ret:
             break
         idx += 1
+    after = pgt.after_walk.get(op)
+    if after is not None:
+        # A variant's hook: what it deferred to the end of the call (whatever ret).
+        after(w)
     return ret

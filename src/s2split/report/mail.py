@@ -600,7 +600,7 @@ def report_json(data: ReportData) -> dict[str, Any]:
         "times_are": f"estimates under profile {p.name}, not measurements (except "
                      "'measured')",
         "setup": {"profile": p.name, "profile_description": p.description,
-                  "profile_source": profile_option(p), "features": asdict(p.features),
+                  "profile_source": profile_option(p), "features": p.features.as_dict(),
                   "kernel": DEFAULT_KERNEL, "size": m.size, "granules": list(m.granules),
                   "backings": list(m.backings), "scenarios": list(m.scenarios),
                   "variants": list(m.variants),

@@ -1,0 +1,94 @@
+"""Built-in visitors written once with :mod:`s2split.pgtable.visitor_api`.
+
+Both engines run these very functions: the reference engine as Python, the
+fast engine compiled (and cached) into its walker. ``stage2_split_walker`` is
+the kernel's split visitor (Linux 6.12); the ``bbml2_*`` pair is the
+``bbml2`` variant: a split without break-before-make and one range TLBI per
+``kvm_pgtable_stage2_split()`` call (``docs/design-notes.md``).
+"""
+
+from __future__ import annotations
+
+from ..errors import EAGAIN
+from . import visitor_api as api
+
+#: Scratch slots of the bbml2 split: anything split in this walk, and the
+#: span [lo, hi) of the blocks split.
+_SPLIT_ANY, _SPLIT_LO, _SPLIT_HI = 0, 1, 2
+
+
+def stage2_split_walker(ctx):
+    """``stage2_split_walker()``: replace a block by a subtree of pages."""
+    lv = api.level(ctx)
+    fl = api.flags(ctx)
+    if lv == api.LAST_LEVEL:
+        # No huge pages at the last level.
+        return api.SKIP_SIBLINGS if fl & api.RETURN_HINTS else 0
+    old = api.old(ctx)
+    if not api.is_valid(old):
+        return 0
+    # Enough pages for the whole tree down to pages (force_pte), else one
+    # page of next-level blocks that the walker splits as it descends.
+    force_pte = api.split_force_pte(ctx, lv)
+    if force_pte < 0:
+        return force_pte
+    child = api.create_unlinked(ctx, api.pte_to_phys(ctx, old), lv, api.pte_prot(old),
+                                force_pte != 0)
+    if child < 0:
+        return child
+    if not api.try_break(ctx):
+        api.free_unlinked(ctx, child, lv)
+        return -EAGAIN
+    api.make(ctx, api.make_table(ctx, child))
+    if force_pte:
+        if fl & api.SKIP_NEW_CHILDREN:
+            api.built_complete(ctx)
+        if fl & api.RETURN_HINTS:
+            return api.SKIP_CHILDREN
+    return 0
+
+
+def bbml2_split_walker(ctx):
+    """The split visitor on a CPU with FEAT_BBM level 2 and NOABORT: the new
+    subtree replaces the block in one store, with no break (no invalid
+    window, no locked entry, no per-block TLBI); the span split is recorded
+    for one range TLBI after the walk (:func:`bbml2_flush_split`)."""
+    lv = api.level(ctx)
+    fl = api.flags(ctx)
+    if lv == api.LAST_LEVEL:
+        return api.SKIP_SIBLINGS if fl & api.RETURN_HINTS else 0
+    old = api.old(ctx)
+    if not api.is_valid(old):
+        return 0
+    force_pte = api.split_force_pte(ctx, lv)
+    if force_pte < 0:
+        return force_pte
+    child = api.create_unlinked(ctx, api.pte_to_phys(ctx, old), lv, api.pte_prot(old),
+                                force_pte != 0)
+    if child < 0:
+        return child
+    api.replace(ctx, api.make_table(ctx, child))
+    # The whole block may sit in TLBs, also outside the walk's range.
+    g = api.granule_size(ctx, lv)
+    start = api.addr(ctx) & ~(g - 1)
+    if api.scratch(ctx, _SPLIT_ANY) == 0:
+        api.set_scratch(ctx, _SPLIT_ANY, 1)
+        api.set_scratch(ctx, _SPLIT_LO, start)
+        api.set_scratch(ctx, _SPLIT_HI, start + g)
+    elif start + g > api.scratch(ctx, _SPLIT_HI):
+        api.set_scratch(ctx, _SPLIT_HI, start + g)
+    if force_pte:
+        if fl & api.SKIP_NEW_CHILDREN:
+            api.built_complete(ctx)
+        if fl & api.RETURN_HINTS:
+            return api.SKIP_CHILDREN
+    return 0
+
+
+def bbml2_flush_split(ctx):
+    """After the split walk of one ``kvm_pgtable_stage2_split()`` call: one
+    ``kvm_tlb_flush_vmid_range()`` over the blocks it split, if any."""
+    if api.scratch(ctx, _SPLIT_ANY) != 0:
+        lo = api.scratch(ctx, _SPLIT_LO)
+        api.tlbi_range(ctx, lo, api.scratch(ctx, _SPLIT_HI) - lo)
+    return 0
