@@ -36,7 +36,7 @@ from .mmu import (fault_supports_stage2_huge_mapping, fault_prot, gfn_to_memslot
                   kvm_handle_guest_abort, slot_logging)
 from .pte import make_leaf, prot_to_attr, table_pfn
 from .state import (BACKING_ANON, BACKING_HUGETLB, COUNTERS, ROOT, S, SlotCol, VcpuReg, NREGS,
-                    granule_size, kvm_count, level_shift, slot_index)
+                    VARIANT_VISITORS, granule_size, kvm_count, level_shift, slot_index)
 
 ATTR_MASK = ATTR_LO_MASK | ATTR_HI_MASK
 guest_random_skip = njit(cache=True, _nrt=False)(_skip)
@@ -94,12 +94,16 @@ def lookup_ptep(T, M, ipa):
 def _slot_class(M, v, s, gpa):
     """The part of a level-3 fault's class that holds for every page of one
     level-3 table in one memslot: (logging, the decision for an empty entry
-    while not logging, or 0, and whether the vCPU's cache can map without a
-    top-up). Constant over the table: the huge-mapping check asks about the
+    while not logging, or 0, and whether its faults may be replayed: the
+    vCPU's cache can map without a top-up and the variant brings no visitor
+    of its own for map or relax_perms). Constant over the table: the huge-mapping check asks about the
     PMD block of ``hva``, which is the table's own block whenever guest and
     host addresses agree modulo PMD size, and fails for all pages otherwise."""
     logging = slot_logging(M, s)
-    nobjs_ok = cache_nobjs(M, v) >= M[S.LEVELS] - 1
+    # A variant's own map or relax_perms visitor may do different work for
+    # each page, so no fault can stand for another's: nothing is replayed.
+    nobjs_ok = cache_nobjs(M, v) >= M[S.LEVELS] - 1 and \
+        M[VARIANT_VISITORS + C.OP_MAP] == 0 and M[VARIANT_VISITORS + C.OP_RELAX] == 0
     decision = 0
     backing = M[slot_index(M, s, SlotCol.BACKING)]
     if backing == BACKING_ANON:

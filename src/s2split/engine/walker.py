@@ -210,6 +210,7 @@ def walk_table(T, M, pfn, level):
     attr_clr = M[W.ATTR_CLR] if op == C.OP_WRPROTECT and M[W.ATTR_SET] == 0 else 0
     # TABLE_POST is no matter at level 3, where no entry is a table.
     unmap_run = op == C.OP_UNMAP and flags & LEAF and M[S.FWB] and \
+        M[VARIANT_VISITORS + op] == 0 and \
         not flags & (TABLE_PRE | SHARED | HANDLE_FAULT | RETURN_HINTS) and \
         R.unmap_defers_tlbi(M[S.TLBIRANGE] != 0, M[S.FWB] != 0)
     while True:

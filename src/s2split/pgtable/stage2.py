@@ -56,6 +56,10 @@ class MapData:
     force_pte: bool = False
 
 
+#: ``AttrData.level`` before a visitor records one.
+LEVEL_UNSET = -2
+
+
 @dataclass(slots=True)
 class AttrData:
     """``struct stage2_attr_data``."""
@@ -63,7 +67,7 @@ class AttrData:
     attr_set: int
     attr_clr: int
     pte: int = 0
-    level: int = -2
+    level: int = -2  # LEVEL_UNSET until the visitor records the leaf's level
 
 
 
@@ -386,7 +390,10 @@ class Stage2PageTable:
         ret, data = self._update_leaf_attrs(addr, 1, attr_set, attr_clr, HANDLE_FAULT | SHARED,
                                             OP_RELAX, "relax_perms")
         if ret == 0 or ret == -EAGAIN:
-            tlb.flush_vmid_ipa_nsh(c, self.features, None if ret else data.level)
+            # A variant's own visitor may not record the leaf's level (it stays
+            # unset): the TLBI then goes without a level hint, as on -EAGAIN.
+            level = data.level if ret == 0 and data.level != LEVEL_UNSET else None
+            tlb.flush_vmid_ipa_nsh(c, self.features, level)
         return self._result(c, ret)
 
     # -- split -------------------------------------------------------------
