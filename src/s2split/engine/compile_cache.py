@@ -16,8 +16,9 @@ import ast
 import hashlib
 import importlib.util
 from pathlib import Path
+from types import MethodType
 
-from numba import njit
+from numba import njit, types
 from numba.core.dispatcher import Dispatcher
 
 from . import dirty_log, guest, memory, mmu, pte, rules, stage2, state, tlb, visitors, walker
@@ -111,3 +112,29 @@ def drop_stale_cache() -> bool:
 
 #: Whether importing found (and dropped) a stale compile cache.
 STALE_CACHE_DROPPED = drop_stale_cache()
+
+
+def _call_template_without_literals(self: Dispatcher, args: tuple, kws: dict) -> tuple:
+    """Type a call from compiled code as if no argument were a constant.
+
+    numba compiles a callee once more for every constant an argument is
+    given as at a call site (``call_visitor(..., TABLE_PRE)`` is typed with
+    ``Literal[int](2)``), and each such specialisation compiles and optimizes
+    the callee's whole call tree again: the visitors three times over, the
+    walker three times. Constants only spare a branch or two, which LLVM
+    folds when it inlines anyway (the runtime benchmarks stay put), while
+    the specialisations cost a quarter of the cold compile. Nothing computed
+    changes: the same source runs with the same values.
+    """
+    return Dispatcher.get_call_template(self, tuple(types.unliteral(a) for a in args),
+                                        {k: types.unliteral(v) for k, v in kws.items()})
+
+
+def compile_without_literals() -> None:
+    """Make every compiled function of the engine take the non-constant
+    signature when compiled code calls it (see :func:`_call_template_without_literals`)."""
+    for d in dispatchers():
+        d.get_call_template = MethodType(_call_template_without_literals, d)
+
+
+compile_without_literals()
