@@ -62,13 +62,14 @@ with open(sys.argv[1], "w") as f:
 
 def measure(command: list[str]) -> dict:
     """Run ``s2split COMMAND`` cold in a child; the per-function compile times."""
+    if command and command[0] == "reproduce" and "--workers" not in command:
+        command = [*command, "--workers", "1"]
+    shown = "s2split " + " ".join(command)
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "records.json")
         env = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(d, "cache"))
         if command and command[0] in ("reproduce", "report") and "--db" not in command:
             command = [*command, "--db", os.path.join(d, "results.sqlite")]
-        if command and command[0] == "reproduce" and "--workers" not in command:
-            command = [*command, "--workers", "1"]
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", CHILD, out, *command], env=env, check=True,
                        stdout=subprocess.DEVNULL)
@@ -86,15 +87,21 @@ def measure(command: list[str]) -> dict:
     total = sum(r["own_s"] for r in rows)
     for r in rows:
         r["share"] = r["own_s"] / total if total else 0.0
-    return {"command": "s2split " + " ".join(command), "rows": rows, "compile_s": total,
-            "process_s": wall, "functions": len(rows)}
+    modules: dict[str, float] = {}
+    for r in rows:
+        mod = r["function"].rpartition(".")[0].removeprefix("s2split.")
+        modules[mod] = modules.get(mod, 0.0) + r["own_s"]
+    return {"command": shown, "rows": rows, "compile_s": total, "process_s": wall,
+            "functions": len(rows), "compilations": sum(r["signatures"] for r in rows),
+            "modules": sorted(modules.items(), key=lambda kv: -kv[1])}
 
 
 def markdown(res: dict, limit: int = 15) -> list[str]:
     """The table for BENCHMARKS.md: the costliest functions, the rest summed."""
     rows = res["rows"]
-    L = [f"Compiled functions: {res['functions']}, {res['compile_s']:.1f} s of compiling in "
-         f"a {res['process_s']:.1f} s run of `{res['command']}` (one process, empty cache). "
+    L = [f"{res['functions']} functions compiled ({res['compilations']} signatures), "
+         f"{res['compile_s']:.1f} s of compiling in a {res['process_s']:.1f} s run of "
+         f"`{res['command']}` (one process, empty cache). "
          "Own time: a function's `numba:compile` event less its callees' (mostly LLVM "
          "optimizing the function with the callees it links in); entry: called from Python.",
          "", "| function | own compile (s) | share | entry | what it is |",
@@ -107,6 +114,9 @@ def markdown(res: dict, limit: int = 15) -> list[str]:
     if rest:
         L.append(f"| {len(rest)} others | {sum(r['own_s'] for r in rest):.2f} | "
                  f"{sum(r['share'] for r in rest):.1%} | | |")
+    total = res["compile_s"] or 1.0
+    L += ["", "Per module: " + ", ".join(f"`{m}` {s:.1f} s ({s / total:.0%})"
+                                         for m, s in res["modules"]) + "."]
     return L
 
 
