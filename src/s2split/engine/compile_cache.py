@@ -8,6 +8,13 @@ go on giving the old numbers. :data:`SOURCES_HASH` hashes the source of every
 ``s2split`` module the engine imports, directly or not; it is compiled into
 :func:`compiled_sources_hash`, and on import a cache built from other
 sources is dropped whole (every function then compiles afresh on first use).
+
+It also decides how the engine compiles: calls between compiled functions
+are typed without constant specialisations (:func:`compile_without_literals`),
+and :func:`ensure_compiled` compiles the functions Python calls before their
+first call -- in two processes where there are two CPUs, with one line on a
+terminal when that takes a while (``bench/compile_table.py`` shows where the
+time goes).
 """
 
 from __future__ import annotations
@@ -197,8 +204,9 @@ def _record_path() -> Path | None:
 
 def estimate_s(todo: list) -> float:
     """Seconds compiling ``todo`` should take: the last full compile measured
-    here (recorded next to the cache), else :data:`DEFAULT_COMPILE_S`, in
-    proportion to the entry points left."""
+    here (recorded next to the cache), else :data:`DEFAULT_COMPILE_S`, times
+    the share of the work left -- the guest pass is half of it (see
+    :func:`split_work`), the other entry points share the other half."""
     full = float(DEFAULT_COMPILE_S)
     path = _record_path()
     try:
@@ -206,7 +214,9 @@ def estimate_s(todo: list) -> float:
             full = float(path.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         pass
-    return full * len(todo) / len(ENTRY_POINTS)
+    heavy = any(d is guest.memstress_pass for d, _ in todo)
+    rest = len(todo) - heavy
+    return full * (0.5 * heavy + 0.5 * rest / (len(ENTRY_POINTS) - 1))
 
 
 def _callees(d: Dispatcher) -> set[Dispatcher]:
