@@ -116,7 +116,7 @@ def markdown(res: dict, limit: int = 15) -> list[str]:
                  f"{sum(r['share'] for r in rest):.1%} | | |")
     total = res["compile_s"] or 1.0
     L += ["", "Per module: " + ", ".join(f"`{m}` {s:.1f} s ({s / total:.0%})"
-                                         for m, s in res["modules"]) + "."]
+                                         for m, s in res["modules"] if s >= 0.05) + "."]
     return L
 
 
