@@ -1,8 +1,9 @@
 """s2split benchmarks: the figures of BENCHMARKS.md.
 
-    python bench/run.py                 # all four, 5 runs each (about 25 minutes)
+    python bench/run.py                 # all of them, 5 runs each (about 30 minutes)
     python bench/run.py --runs 3 --only 1,2
     python bench/run.py --quick         # small sizes, to check the script itself
+    python bench/run.py --only 5,6      # cold start from a fresh clone; compile per function
 
 Each whole-command benchmark runs the ``s2split`` CLI in a fresh process and
 reads that child's wall time and peak RSS (``os.wait4``: the kernel's
@@ -25,6 +26,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compile_table  # noqa: E402  (bench/compile_table.py, beside this script)
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -70,7 +74,7 @@ def bench_variants(size: str, runs: int) -> list[dict]:
 
 
 def bench_bbml2(size: str, runs: int) -> list[dict]:
-    """5: 64 GiB, 4K, THP, enable-dirty-log: vanilla and bbml2 (--cpu +bbml2)."""
+    """7: 64 GiB, 4K, THP, enable-dirty-log: vanilla and bbml2 (--cpu +bbml2)."""
     out = []
     for v in ("vanilla", "bbml2"):
         r = medians(s2split("perf-test", "-m", "6", "-b", size, "-s", "anonymous_thp", "-g",
@@ -160,6 +164,32 @@ def bench_cold(size: str) -> dict:
     return {"cold_s": cold, "warm_s": warm, "compile_s": cold - warm}
 
 
+def bench_fresh(size: str | None) -> dict:
+    """5: the README's main command from a fresh clone: a new virtual
+    environment, ``pip install .`` of a clone of HEAD, the first ``s2split
+    reproduce`` (empty compile cache: numba caches next to the installed
+    package) and the same command again (warm)."""
+    extra = ["--size", size] if size else []
+    with tempfile.TemporaryDirectory() as d:
+        src, venv = os.path.join(d, "s2split"), os.path.join(d, "venv")
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("NUMBA_CACHE_DIR", "VIRTUAL_ENV", "PYTHONPATH")}
+        subprocess.run(["git", "clone", "--quiet", str(ROOT), src], check=True)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        venv_s = time.perf_counter() - t0
+        pip_s, _ = run_child([os.path.join(venv, "bin", "pip"), "install", "-q", src], env)
+        exe = os.path.join(venv, "bin", "s2split")
+        first, _ = run_child([exe, "reproduce", *extra, "--db", os.path.join(d, "a.sqlite")],
+                             env)
+        warm, _ = run_child([exe, "reproduce", *extra, "--db", os.path.join(d, "b.sqlite")],
+                            env)
+    install = venv_s + pip_s
+    return {"command": " ".join(["s2split reproduce", *extra]), "venv_s": venv_s,
+            "pip_s": pip_s, "install_s": install, "first_s": first, "warm_s": warm,
+            "total_s": install + first, "compile_s": first - warm}
+
+
 def bench_terabyte(size: str, runs: int) -> list[dict]:
     """4: a 1 TiB VM on 4K pages (48-bit IPA), enable-dirty-log scenario."""
     out = []
@@ -241,8 +271,22 @@ def markdown(res: dict, args: argparse.Namespace) -> str:
             L.append(f"| {r['variant']} | {r['wall_s']:.1f} | {r['rss_mib']:.0f} | "
                      f"`{r['command']}` |")
         L.append("")
+    if "fresh" in res:
+        f = res["fresh"]
+        L += ["### 5. Cold start: fresh clone to the first answer", "",
+              "A clone of HEAD, `python3 -m venv` and `pip install .` into a new "
+              f"environment, then `{f['command']}` twice (the first with an empty compile "
+              "cache; one run each).", "",
+              "| step | wall (s) |", "|---|---:|",
+              f"| `python3 -m venv` + `pip install .` | {f['install_s']:.1f} |",
+              f"| first `{f['command']}` (compiles the fast engine) | {f['first_s']:.1f} |",
+              f"| fresh clone to the end of the first reproduce | {f['total_s']:.1f} |",
+              f"| the same reproduce warm | {f['warm_s']:.1f} |", ""]
+    if "compile_table" in res:
+        L += ["### 6. Where the cold compile goes, per compiled function", "",
+              *compile_table.markdown(res["compile_table"]), ""]
     if "bbml2" in res:
-        L += [f"### 5. {args.size}, 4K, THP, enable-dirty-log (`-g`): vanilla and bbml2", "",
+        L += [f"### 7. {args.size}, 4K, THP, enable-dirty-log (`-g`): vanilla and bbml2", "",
               f"Median of {args.runs} runs, each a fresh process.", "",
               "| variant | wall (s) | peak RSS (MiB) | command |", "|---|---:|---:|---|"]
         for r in res["bbml2"]:
@@ -257,7 +301,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tera-runs", type=int, default=3)
-    ap.add_argument("--only", default="0,1,2,3,4,5", help="benchmarks to run (0: cold start)")
+    ap.add_argument("--only", default="0,1,2,3,4,5,6,7",
+                    help="benchmarks to run (0: cold start of one perf-test, 5: fresh clone "
+                    "to the first reproduce, 6: the compile time per function, 7: THP "
+                    "enable-log under vanilla and bbml2)")
     ap.add_argument("--quick", action="store_true", help="small sizes, to test the script")
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     ap.add_argument("--json", default=str(ROOT / "bench" / "latest.json"))
@@ -282,6 +329,11 @@ def main() -> int:
         res["terabyte"] = bench_terabyte(args.tera, args.tera_runs)
         res["swap_after_mib"] = swap_used_mib()
     if 5 in only:
+        res["fresh"] = bench_fresh("1G" if args.quick else None)
+    if 6 in only:
+        res["compile_table"] = compile_table.measure(
+            ["reproduce", "--size", "1G"] if args.quick else ["reproduce"])
+    if 7 in only:
         res["bbml2"] = bench_bbml2(args.size, args.runs)
     text = markdown(res, args)
     print(text)

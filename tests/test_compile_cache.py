@@ -67,3 +67,142 @@ def test_the_hash_changes_with_any_hashed_source(tmp_path, monkeypatch):
     monkeypatch.setattr(CC, "compiled_in_sources",
                         lambda: [copy if p == target else p for p in sources])
     assert CC._sources_hash() != before
+
+
+# -- compiling before the first call ------------------------------------------------
+
+RUN = """
+import json, sys
+import numpy as np
+from numba.core import event as ev
+from s2split.engine import compile_cache as K, get_engine
+from s2split.modes import parse_mode
+from s2split.pgtable.variants import get
+from s2split.workload import PerfTestParams, run_variants
+
+if sys.argv[1] == "pretend-other-sources":
+    K.SOURCES_HASH += 1
+    K.drop_stale_cache()
+    print(json.dumps({"missing": len(K.missing()), "entries": len(K.ENTRY_POINTS)}))
+    sys.exit()
+get_engine("fast")  # compiles what is missing, as every command does
+late = []
+
+class Late(ev.Listener):
+    def on_start(self, event):
+        late.append(event.data["dispatcher"].py_func.__name__)
+
+    def on_end(self, event):
+        pass
+
+ev.register("numba:compile", Late())
+same = True
+variants = [get("vanilla"), get("skip-levels")]
+for backing in ("anonymous", "anonymous_thp"):
+    for manual in (True, False):
+        p = PerfTestParams(vcpu_memory_bytes=4 << 20, backing=backing, chunk_size=2 << 20,
+                           mode=parse_mode(6), manual_protect=manual)
+        fast = run_variants(p, variants, "fast")
+        ref = run_variants(p, variants, "reference")
+        for f, r in zip(fast, ref):
+            for (nf, cf), (nr, cr) in zip(f.phases, r.phases):
+                same &= nf == nr and np.array_equal(cf.array, cr.array)
+literal = [d.py_func.__name__ for d in K.dispatchers() for s in d.signatures
+           if any("Literal" in str(a) for a in s)]
+print(json.dumps({"late": late, "literal": literal, "same": bool(same)}))
+"""
+
+
+def run_on_terminal(cache_dir, arg="run"):
+    """RUN in a child whose stderr is a terminal (a pty): (stdout, stderr)."""
+    import pty
+    master, slave = pty.openpty()
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
+    proc = subprocess.Popen([sys.executable, "-c", RUN, arg], env=env,
+                            stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    out, _ = proc.communicate()
+    err = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child's end is closed and drained
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    import json
+    return json.loads(out.strip().splitlines()[-1]), err.decode(errors="replace")
+
+
+COMPILING = "compiling the fast engine once"
+
+
+def test_a_cold_compile_says_so_and_compiles_everything_first_with_the_right_counts(tmp_path):
+    """A cold start on a terminal prints one line, then compiles (in two
+    processes) every function the runs need -- nothing compiles later, no
+    constant-specialised copies -- and the fast engine's counts equal the
+    reference engine's; warm, the same runs print nothing."""
+    cold, err = run_on_terminal(tmp_path)
+    assert err.count(COMPILING) == 1, err
+    assert cold == {"late": [], "literal": [], "same": True}
+    warm, err = run_on_terminal(tmp_path)
+    assert COMPILING not in err, err
+    assert warm == {"late": [], "literal": [], "same": True}
+    # The helper process saved only its own entry points: no function's
+    # cache files were written by both processes.
+    allowed = CC.reachable(CC.guest.memstress_pass) | {d for d, _ in CC.ENTRY_POINTS} | \
+        {CC.compiled_sources_hash}
+    names = {f"{d.py_func.__module__.rpartition('.')[2]}.{d.py_func.__qualname__}-"
+             f"{d.py_func.__code__.co_firstlineno}" for d in allowed}
+    written = {p.name.split(".py")[0] for p in tmp_path.rglob("*.nbi")}
+    assert written and written <= names, sorted(written - names)
+    # The measured time is recorded for the next estimate.
+    assert float(next(tmp_path.rglob(CC._RECORD)).read_text()) > 0
+    # A cache built from other sources is dropped whole: nothing of it loads.
+    dropped, _ = run_on_terminal(tmp_path, "pretend-other-sources")
+    assert dropped["missing"] == dropped["entries"]
+
+
+def test_the_note_goes_to_a_terminal_only(capsys, monkeypatch):
+    from s2split import console
+
+    class Tty:
+        def __init__(self, tty):
+            self.tty, self.text = tty, ""
+
+        def isatty(self):
+            return self.tty
+
+        def write(self, s):
+            self.text += s
+
+        def flush(self):
+            pass
+    for tty in (True, False):
+        fake = Tty(tty)
+        monkeypatch.setattr(sys, "stderr", fake)
+        console.note("compiling")
+        assert fake.text == ("compiling\n" if tty else "")
+
+
+def test_the_two_shares_are_disjoint_and_cover_the_entry_points():
+    here, there = CC.split_work(list(CC.ENTRY_POINTS))
+    assert here and there
+    assert {id(d) for d, _ in here} | {id(d) for d, _ in there} == \
+        {id(d) for d, _ in CC.ENTRY_POINTS}
+    near = CC.reachable(CC.guest.memstress_pass)
+    assert not any(d in near for d, _ in there)
+
+
+def test_the_estimate_is_the_recorded_figure(tmp_path, monkeypatch):
+    monkeypatch.setattr(CC, "_record_path", lambda: tmp_path / "rec")
+    todo = list(CC.ENTRY_POINTS)
+    assert CC.estimate_s(todo) == CC.DEFAULT_COMPILE_S
+    (tmp_path / "rec").write_text("12.5\n")
+    assert CC.estimate_s(todo) == 12.5
+    # The guest pass is half the work, the other entry points the other half.
+    assert CC.estimate_s(todo[:1]) == 6.25
+    assert CC.estimate_s(todo[1:2]) == 6.25 / (len(todo) - 1)

@@ -29,6 +29,18 @@ def _term_width() -> int:
     return shutil.get_terminal_size((160, 40)).columns
 
 
+def note(line: str) -> None:
+    """One line on stderr for someone watching a terminal, such as "this will
+    take a while"; nothing when stderr is a pipe or a file (logs, scripts and
+    captured output see only results and errors)."""
+    try:
+        if sys.stderr.isatty():
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def run_command(args: argparse.Namespace, name: str, before: Any = None) -> int:
     """Run a parsed command the way every s2split command ends: its status, or
     a one-line error and 2 (130 on Ctrl-C; 1 when standard output cannot be

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -183,14 +183,12 @@ def run_group(params: PerfTestParams, variants: tuple[str, ...],
              "phases": [(name, c.array.reshape(-1)) for name, c in r.phases]} for r in results]
 
 
-def warmup(engine: str = "fast") -> None:
-    """Compile (or load from cache) the fast engine's kernels before forking
-    workers, so that they do not all compile at once."""
-    from .modes import parse_mode
-    p = PerfTestParams(vcpu_memory_bytes=4 << 20, backing="anonymous_thp", chunk_size=2 << 20,
-                       mode=parse_mode(6))
-    for manual in (True, False):
-        run_variants(replace(p, manual_protect=manual), [get_variant("vanilla")], engine)
+def compile_engine(workers: int) -> None:
+    """Compile the fast engine's kernels (or find them in the cache) before
+    forking workers, so that they do not each compile them; with two
+    workers or more, two processes share the compiling."""
+    from .engine.compile_cache import ensure_compiled
+    ensure_compiled(parallel=workers > 1)
 
 
 class LocalExecutor:
@@ -281,9 +279,9 @@ def reproduce(matrix: Matrix, store: Any, engine: str = "auto", executor: Any = 
         progress("", done, total)
     if todo:
         local = executor is None or isinstance(executor, LocalExecutor)
-        if local and "fast" in engines.values():
-            warmup()
         executor = executor or LocalExecutor()
+        if local and "fast" in engines.values():
+            compile_engine(min(executor.workers, len(todo)))
         for group, results in executor.run([(g, engines[g.label]) for g in todo]):
             for r in results:
                 key = cell_key(group.params, r["variant"])

@@ -69,4 +69,6 @@ def get_engine(engine: Any, params: Any = None, variants: Any = None) -> Any:
     from .vm import FastEngine, require_flag_only
     for v in _as_list(variants):
         require_flag_only(v)
+    from .compile_cache import ensure_compiled
+    ensure_compiled()
     return FastEngine()

@@ -8,6 +8,13 @@ go on giving the old numbers. :data:`SOURCES_HASH` hashes the source of every
 ``s2split`` module the engine imports, directly or not; it is compiled into
 :func:`compiled_sources_hash`, and on import a cache built from other
 sources is dropped whole (every function then compiles afresh on first use).
+
+It also decides how the engine compiles: calls between compiled functions
+are typed without constant specialisations (:func:`compile_without_literals`),
+and :func:`ensure_compiled` compiles the functions Python calls before their
+first call -- in two processes where there are two CPUs, with one line on a
+terminal when that takes a while (``bench/compile_table.py`` shows where the
+time goes).
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
+import os
 from pathlib import Path
+from types import MethodType, ModuleType
 
-from numba import njit
+from numba import njit, types
 from numba.core.dispatcher import Dispatcher
 
 from . import (dirty_log, entries, guest, memory, mmu, pte, rules, stage2, state, tlb,
@@ -112,3 +121,224 @@ def drop_stale_cache() -> bool:
 
 #: Whether importing found (and dropped) a stale compile cache.
 STALE_CACHE_DROPPED = drop_stale_cache()
+
+
+def _call_template_without_literals(self: Dispatcher, args: tuple, kws: dict) -> tuple:
+    """Type a call from compiled code as if no argument were a constant.
+
+    numba compiles a callee once more for every constant an argument is
+    given as at a call site (``call_visitor(..., TABLE_PRE)`` is typed with
+    ``Literal[int](2)``), and each such specialisation compiles and optimizes
+    the callee's whole call tree again: the visitors three times over, the
+    walker three times. Constants only spare a branch or two, which LLVM
+    folds when it inlines anyway (the runtime benchmarks stay put), while
+    the specialisations cost a quarter of the cold compile. Nothing computed
+    changes: the same source runs with the same values.
+    """
+    return Dispatcher.get_call_template(self, tuple(types.unliteral(a) for a in args),
+                                        {k: types.unliteral(v) for k, v in kws.items()})
+
+
+def compile_without_literals() -> None:
+    """Make every compiled function of the engine take the non-constant
+    signature when compiled code calls it (see :func:`_call_template_without_literals`)."""
+    for d in dispatchers():
+        d.get_call_template = MethodType(_call_template_without_literals, d)
+
+
+compile_without_literals()
+
+
+# -- compiling before the first call, in parallel, not silently ---------------------
+
+_A2 = types.Array(types.int64, 2, "C")
+_A1 = types.Array(types.int64, 1, "C")
+_I = types.int64
+
+#: The functions Python calls, with the types FastVM calls them with (int64
+#: arrays, Python ints, a bool): compiling these compiles everything else.
+ENTRY_POINTS = (
+    (guest.memstress_pass, (_A2, _A1, _A1, _A1, _I, types.boolean)),
+    (stage2.stage2_init, (_A2, _A1)),
+    (state.kvm_count, (_A1, _I, _I)),
+    (memory.cache_free_all, (_A2, _A1, _I)),
+    (dirty_log.kvm_get_dirty_log_protect, (_A2, _A1, _A1, _I, _A1)),
+    (dirty_log.kvm_clear_dirty_log_protect, (_A2, _A1, _A1, _I, _I, _I, _A1)),
+    (stage2.stage2_unmap, (_A2, _A1, _I, _I)),
+    (mmu.kvm_stage2_destroy, (_A2, _A1)),
+    (mmu.kvm_mmu_wp_memory_region, (_A2, _A1, _I)),
+    (mmu.kvm_mmu_split_memory_region, (_A2, _A1, _I)),
+)
+
+#: Seconds a full cold compile took on the 2-core machine of BENCHMARKS.md
+#: (the estimate until this machine has measured its own).
+DEFAULT_COMPILE_S = 20
+#: A compile expected to take at least this long is announced.
+ANNOUNCE_S = 2.0
+_RECORD = "s2split-compile-seconds"
+
+
+def _cached(d: Dispatcher, sig: tuple) -> bool:
+    """Whether ``d`` has ``sig`` compiled in this process or in the cache
+    (the index alone is read: loading waits for the first call)."""
+    if tuple(sig) in d.overloads:
+        return True
+    try:
+        cache = d._cache
+        key = cache._index_key(sig, d.targetctx.codegen())
+        return key in cache._cache_file._load_index()
+    except Exception:  # noqa: BLE001 - another numba: treat as not cached
+        return False
+
+
+def missing() -> list[tuple[Dispatcher, tuple]]:
+    """The entry points that would compile on their first call."""
+    return [(d, sig) for d, sig in ENTRY_POINTS if not _cached(d, sig)]
+
+
+def _record_path() -> Path | None:
+    try:
+        return Path(compiled_sources_hash._cache.cache_path) / _RECORD
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def estimate_s(todo: list) -> float:
+    """Seconds compiling ``todo`` should take: the last full compile measured
+    here (recorded next to the cache), else :data:`DEFAULT_COMPILE_S`, times
+    the share of the work left -- the guest pass is half of it (see
+    :func:`split_work`), the other entry points share the other half."""
+    full = float(DEFAULT_COMPILE_S)
+    path = _record_path()
+    try:
+        if path is not None:
+            full = float(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    heavy = any(d is guest.memstress_pass for d, _ in todo)
+    rest = len(todo) - heavy
+    return full * (0.5 * heavy + 0.5 * rest / (len(ENTRY_POINTS) - 1))
+
+
+def _callees(d: Dispatcher) -> set[Dispatcher]:
+    """The compiled functions ``d``'s source names, directly or as a module's
+    attribute: its direct callees (and maybe a few more, which only makes
+    :func:`split_work` more careful)."""
+    def names(code):
+        yield from code.co_names
+        for c in code.co_consts:
+            if hasattr(c, "co_names"):
+                yield from names(c)
+    g = d.py_func.__globals__
+    used = set(names(d.py_func.__code__))
+    found = set()
+    for n in used:
+        value = g.get(n)
+        if isinstance(value, Dispatcher):
+            found.add(value)
+        elif isinstance(value, ModuleType):  # ``R.rule(...)``: any attribute named here
+            found.update(a for a in (getattr(value, m, None) for m in used)
+                         if isinstance(a, Dispatcher))
+    return found
+
+
+def reachable(d: Dispatcher) -> set[Dispatcher]:
+    """``d`` and every compiled function it calls, directly or not."""
+    seen: set[Dispatcher] = set()
+    todo = [d]
+    while todo:
+        x = todo.pop()
+        if x not in seen:
+            seen.add(x)
+            todo.extend(_callees(x))
+    return seen
+
+
+def split_work(todo: list) -> tuple[list, list]:
+    """Two disjoint shares of ``todo`` for two processes: the guest pass (the
+    longest chain of calls, half the compile) and whatever it calls, here;
+    the rest in the other process. The other process saves only its own
+    entry points to the cache, and none of them is called by this share, so
+    the two never write the same function's cache files (numba's index and
+    data files of one function are not safe to write from two processes)."""
+    heavy = [e for e in todo if e[0] is guest.memstress_pass]
+    if not heavy:
+        return todo, []
+    near = reachable(guest.memstress_pass)
+    here = [e for e in todo if e[0] in near]
+    return here, [e for e in todo if e[0] not in near]
+
+
+def _compile(entries: list) -> None:
+    for d, sig in entries:
+        d.compile(sig)
+
+
+def _compile_share(indices: list[int]) -> None:
+    """The other process's share: compile, save only these entry points."""
+    from numba.core.caching import NullCache
+
+    from ..workers import die_with_parent
+    die_with_parent(os.getppid())
+    mine = [ENTRY_POINTS[i] for i in indices]
+    keep = {id(d) for d, _ in mine}
+    for d in dispatchers():
+        if id(d) not in keep:
+            d._cache = NullCache()
+    _compile(mine)
+
+
+def _parallel_ok() -> bool:
+    import multiprocessing as mp
+    return (os.cpu_count() or 1) >= 2 and not mp.current_process().daemon
+
+
+def ensure_compiled(parallel: bool = True) -> float:
+    """Compile the entry points that are in neither this process nor the
+    cache, announcing a compile that takes a while on a terminal; returns the
+    seconds spent (0.0 when everything was there).
+
+    With ``parallel`` (and two CPUs, outside daemon processes) a second
+    process compiles a disjoint share into the cache at the same time; if it
+    fails, the first call of its functions compiles them here, as it would
+    have anyway.
+    """
+    import time
+    todo = missing()
+    if not todo:
+        return 0.0
+    estimate = estimate_s(todo)
+    if estimate >= ANNOUNCE_S:
+        from ..console import note
+        note(f"s2split: compiling the fast engine once, about {estimate:.0f} s "
+             "(cached afterwards)")
+    t0 = time.perf_counter()
+    here, there = split_work(todo) if parallel and _parallel_ok() else (todo, [])
+    helper = None
+    if there:
+        import multiprocessing as mp
+        index = {id(d): i for i, (d, _) in enumerate(ENTRY_POINTS)}
+        try:
+            helper = mp.get_context().Process(
+                target=_compile_share, args=([index[id(d)] for d, _ in there],), daemon=True)
+            helper.start()
+        except OSError:
+            helper = None
+            here = todo
+    try:
+        _compile(here)
+        if helper is not None:
+            helper.join()
+    finally:
+        if helper is not None and helper.is_alive():
+            helper.kill()
+            helper.join()
+    seconds = time.perf_counter() - t0
+    if len(todo) == len(ENTRY_POINTS):
+        path = _record_path()
+        try:
+            if path is not None:
+                path.write_text(f"{seconds:.1f}\n")
+        except OSError:
+            pass
+    return seconds
