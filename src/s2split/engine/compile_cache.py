@@ -23,6 +23,7 @@ import ast
 import hashlib
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import MethodType, ModuleType
 
@@ -220,26 +221,39 @@ def estimate_s(todo: list) -> float:
     return full * (0.5 * heavy + 0.5 * rest / (len(ENTRY_POINTS) - 1))
 
 
-def _callees(d: Dispatcher) -> set[Dispatcher]:
-    """The compiled functions ``d``'s source names, directly or as a module's
-    attribute: its direct callees (and maybe a few more, which only makes
-    :func:`split_work` more careful)."""
+def _named(fn: Callable, seen: set[int]) -> set[Dispatcher]:
+    """The compiled functions the source of ``fn`` names, directly or as a
+    module's attribute, and through the visitor API the ones its fast
+    implementations name (:data:`s2split.engine.visitor_api.FAST_IMPLS`)."""
+    if id(fn) in seen:
+        return set()
+    seen.add(id(fn))
+
     def names(code):
         yield from code.co_names
         for c in code.co_consts:
             if hasattr(c, "co_names"):
                 yield from names(c)
-    g = d.py_func.__globals__
-    used = set(names(d.py_func.__code__))
-    found = set()
+    g = fn.__globals__
+    used = set(names(fn.__code__))
+    found: set[Dispatcher] = set()
     for n in used:
         value = g.get(n)
-        if isinstance(value, Dispatcher):
-            found.add(value)
-        elif isinstance(value, ModuleType):  # ``R.rule(...)``: any attribute named here
-            found.update(a for a in (getattr(value, m, None) for m in used)
-                         if isinstance(a, Dispatcher))
+        values = [value]
+        if isinstance(value, ModuleType):  # ``R.rule(...)``: any attribute named here
+            values = [getattr(value, m, None) for m in used]
+        for v in values:
+            if isinstance(v, Dispatcher):
+                found.add(v)
+            elif callable(v) and v in visitor_api.FAST_IMPLS:
+                found |= _named(visitor_api.FAST_IMPLS[v], seen)
     return found
+
+
+def _callees(d: Dispatcher) -> set[Dispatcher]:
+    """The compiled functions ``d`` calls directly (and maybe a few more,
+    which only makes :func:`split_work` more careful)."""
+    return _named(d.py_func, set())
 
 
 def reachable(d: Dispatcher) -> set[Dispatcher]:

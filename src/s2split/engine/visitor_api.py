@@ -44,10 +44,18 @@ def _fast(ctx) -> bool:
     return isinstance(ctx, types.BaseNamedTuple) and ctx.instance_class is FastCtx
 
 
+#: API function -> the Python function whose code implements it here (for a
+#: context: the implementation; for integers: the typer and its lambdas).
+#: numba reaches these through the API, not through names in this module, so
+#: :func:`s2split.engine.compile_cache.reachable` follows them from here.
+FAST_IMPLS: dict[Callable, Callable] = {}
+
+
 def _ctx_overload(fn):
     """Register ``impl`` as the fast implementation of API function ``fn``
     (same parameters) for a :class:`FastCtx`."""
     def register(impl):
+        FAST_IMPLS[fn] = impl
         @overload(fn, jit_options=_OPTS, strict=False)
         def typer(ctx, *args):
             if _fast(ctx):
@@ -194,6 +202,9 @@ def _pte_prot(pte):
     if isinstance(pte, types.Integer):
         return lambda pte: R.pte_prot(pte)
     return None
+
+
+FAST_IMPLS.update({api.is_valid: _is_valid, api.is_table: _is_table, api.pte_prot: _pte_prot})
 
 
 # -- TLB maintenance and barriers ---------------------------------------------------------
