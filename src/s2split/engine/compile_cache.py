@@ -108,16 +108,59 @@ def dispatchers() -> list[Dispatcher]:
     return list(found.values())
 
 
+#: The file beside the cache naming the :data:`SOURCES_HASH` it was built from.
+_MARKER = "s2split-sources-hash"
+
+
+def _marker_path() -> Path | None:
+    try:
+        return Path(compiled_sources_hash._cache.cache_path) / _MARKER
+    except Exception:  # noqa: BLE001 - no cache locator: nothing is cached either
+        return None
+
+
+def _anything_cached() -> bool:
+    for d in (compiled_sources_hash, *dispatchers()):
+        try:
+            if Path(d._cache._cache_file._index_path).exists():
+                return True
+        except Exception:  # noqa: BLE001 - another numba: assume there is
+            return True
+    return False
+
+
 def drop_stale_cache() -> bool:
     """Empty the compile cache of every function if it was built from other
-    sources (they then compile afresh on first use); True if it did."""
-    if compiled_sources_hash() == SOURCES_HASH:
+    sources (they then compile afresh on first use); True if it did.
+
+    Two records must agree with :data:`SOURCES_HASH`: the marker file beside
+    the cache, and :func:`compiled_sources_hash`'s cached copy. The function
+    alone is not enough: an edit of this very module makes numba recompile
+    it, and the fresh copy then vouches for every other module's old cache.
+    No marker means a cache from before markers, or none at all."""
+    marker = _marker_path()
+    try:
+        recorded = marker.read_text().strip() if marker is not None else None
+    except (OSError, UnicodeDecodeError):
+        recorded = None
+    current = str(SOURCES_HASH)
+    if recorded == current and compiled_sources_hash() == SOURCES_HASH:
         return False
-    for d in dispatchers():
-        if d._cache is not None:
-            d._cache.flush()
-    compiled_sources_hash.recompile()
-    return True
+    stale = recorded is not None or _anything_cached()
+    if stale:  # (flushing writes an empty index for every function: not on a fresh cache)
+        for d in dispatchers():
+            if d._cache is not None:
+                d._cache.flush()
+        compiled_sources_hash.recompile()
+    if marker is not None:
+        try:  # whole or not at all: another process may be reading it
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            tmp = marker.with_name(f"{_MARKER}.{os.getpid()}.tmp")
+            tmp.write_text(current + "\n")
+            os.replace(tmp, marker)
+        except OSError:
+            pass  # numba cannot write this cache either: nothing will be trusted
+    return stale
 
 
 #: Whether importing found (and dropped) a stale compile cache.
