@@ -25,7 +25,7 @@ import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
-from types import MethodType, ModuleType
+from types import FunctionType, MethodType, ModuleType
 
 from numba import njit, types
 from numba.core.dispatcher import Dispatcher
@@ -267,7 +267,8 @@ def estimate_s(todo: list) -> float:
 def _named(fn: Callable, seen: set[int]) -> set[Dispatcher]:
     """The compiled functions the source of ``fn`` names, directly or as a
     module's attribute, and through the visitor API the ones its fast
-    implementations name (:data:`s2split.engine.visitor_api.FAST_IMPLS`)."""
+    implementations and the helpers it calls name
+    (:data:`~s2split.engine.visitor_api.FAST_IMPLS`, ``HELPERS``)."""
     if id(fn) in seen:
         return set()
     seen.add(id(fn))
@@ -288,8 +289,10 @@ def _named(fn: Callable, seen: set[int]) -> set[Dispatcher]:
         for v in values:
             if isinstance(v, Dispatcher):
                 found.add(v)
-            elif callable(v) and v in visitor_api.FAST_IMPLS:
+            elif isinstance(v, FunctionType) and v in visitor_api.FAST_IMPLS:
                 found |= _named(visitor_api.FAST_IMPLS[v], seen)
+            elif isinstance(v, FunctionType) and v in visitor_api.HELPERS:
+                found |= _named(v, seen)  # compiled into its caller
     return found
 
 

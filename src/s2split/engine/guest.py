@@ -96,9 +96,10 @@ def _slot_class(M, v, s, gpa):
     level-3 table in one memslot: (logging, the decision for an empty entry
     while not logging, or 0, and whether its faults may be replayed: the
     vCPU's cache can map without a top-up and the variant brings no visitor
-    of its own for map or relax_perms). Constant over the table: the huge-mapping check asks about the
-    PMD block of ``hva``, which is the table's own block whenever guest and
-    host addresses agree modulo PMD size, and fails for all pages otherwise."""
+    of its own for map or relax_perms). Constant over the table: the
+    huge-mapping check asks about the PMD block of ``hva``, which is the
+    table's own block whenever guest and host addresses agree modulo PMD
+    size, and fails for all pages otherwise."""
     logging = slot_logging(M, s)
     # A variant's own map or relax_perms visitor may do different work for
     # each page, so no fault can stand for another's: nothing is replayed.

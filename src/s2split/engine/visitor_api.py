@@ -264,10 +264,11 @@ def _where(fn: Callable) -> str:
     return f"{path}: {getattr(fn, '__qualname__', fn)!r}"
 
 
-_helpers: set[Callable] = set()
+#: Plain functions made callable from compiled code by :func:`register_helpers`.
+HELPERS: set[Callable] = set()
 
 
-def _register_helpers(fn: Callable) -> None:
+def register_helpers(fn: Callable) -> None:
     """Make the plain functions a visitor calls (its helpers, another visitor)
     callable from compiled code too, as they are from Python."""
     code = getattr(fn, "__code__", None)
@@ -282,11 +283,11 @@ def _register_helpers(fn: Callable) -> None:
         elif inspect.isfunction(obj):
             found.append(obj)
     for helper in found:
-        if helper in _helpers or helper.__module__ == api.__name__:
+        if helper in HELPERS or helper.__module__ == api.__name__:
             continue  # the API has its own implementations
-        _helpers.add(helper)
+        HELPERS.add(helper)
         register_jitable(helper)
-        _register_helpers(helper)
+        register_helpers(helper)
 
 
 def compile_visitor(fn: Callable) -> int:
@@ -296,7 +297,7 @@ def compile_visitor(fn: Callable) -> int:
     never cached on disk; a visitor numba cannot compile is a one-line error."""
     done = _compiled.get(fn)
     if done is None:
-        _register_helpers(fn)
+        register_helpers(fn)
         jfn = njit(_nrt=False)(fn)
 
         def visitor(tp, rows, cols, mp, mlen, pfn, idx, old, level, visit):

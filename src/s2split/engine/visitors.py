@@ -30,7 +30,7 @@ from .memory import cache_alloc, get_page, mem_put, put_page
 from .pte import is_cacheable, is_executable, is_table, make_leaf, make_table, table_pfn
 from .state import MC_NONE, NOLV, VARIANT_AFTER, VARIANT_VISITORS, S, W, count, granule_size
 from .tlb import dcache_clean_inval_poc, flush_vmid_ipa, icache_inval_pou
-from .visitor_api import FastCtx, compile_visitor
+from .visitor_api import FastCtx, compile_visitor, register_helpers
 
 LEAF, TABLE_PRE, TABLE_POST, SHARED = WK.LEAF, WK.TABLE_PRE, WK.TABLE_POST, WK.SHARED
 SKIP_BBM_TLBI, SKIP_CMO = WK.SKIP_BBM_TLBI, WK.SKIP_CMO
@@ -198,15 +198,19 @@ def _attr_visitor(T, M, pfn, idx, old, level, visit):
 
 # --- split ---------------------------------------------------------------------------------
 #: The visitors written once with the visitor API (pgtable/api_visitors.py),
-#: compiled and cached here.
+#: compiled and cached here (their helpers first made callable from compiled code).
+for _fn in (AV.stage2_split_walker, AV.bbml2_split_walker, AV.bbml2_flush_split):
+    register_helpers(_fn)
 _stage2_split_walker = njit(cache=True, _nrt=False)(AV.stage2_split_walker)
 _bbml2_split_walker = njit(cache=True, _nrt=False)(AV.bbml2_split_walker)
 _bbml2_flush_split = njit(cache=True, _nrt=False)(AV.bbml2_flush_split)
 
+#: The id of the bbml2 variant's split visitor and of its hook.
+BBML2 = 1
 #: Ids of built-in API visitors and hooks at ``VARIANT_VISITORS + op`` /
 #: ``VARIANT_AFTER + op`` (any larger value is a compiled user visitor's address).
-BUILTIN_VISITORS = {AV.bbml2_split_walker: 1}
-BUILTIN_HOOKS = {AV.bbml2_flush_split: 1}
+BUILTIN_VISITORS = {AV.bbml2_split_walker: BBML2}
+BUILTIN_HOOKS = {AV.bbml2_flush_split: BBML2}
 
 
 def variant_visitor_id(fn) -> int:
@@ -253,7 +257,7 @@ def call_visitor(T, M, pfn, idx, old, level, visit):
     op = M[W.OP]
     vid = M[VARIANT_VISITORS + op]
     if vid != 0:
-        if vid == 1:
+        if vid == BBML2:
             return _bbml2_split_walker(FastCtx(T, M, pfn, idx, old, level, visit))
         return call_visitor_ptr(vid, T, M, pfn, idx, old, level, visit)
     if op == C.OP_MAP:
@@ -275,6 +279,6 @@ def call_after_walk(T, M, op):
     hid = M[VARIANT_AFTER + op]
     if hid == 0:
         return 0
-    if hid == 1:
+    if hid == BBML2:
         return _bbml2_flush_split(FastCtx(T, M, -1, -1, 0, NOLV, AFTER_WALK))
     return call_visitor_ptr(hid, T, M, -1, -1, 0, NOLV, AFTER_WALK)

@@ -17,6 +17,30 @@ from . import visitor_api as api
 _SPLIT_ANY, _SPLIT_LO, _SPLIT_HI = 0, 1, 2
 
 
+def new_subtree(ctx, lv, old):
+    """The subtree that replaces the valid block ``old`` at ``lv``, built
+    unlinked: ``(table, force_pte)``, or ``(-errno, 0)``. Enough pages in the
+    split cache for the whole tree down to pages (force_pte), else one page
+    of next-level blocks that the walker splits as it descends."""
+    force_pte = api.split_force_pte(ctx, lv)
+    if force_pte < 0:
+        return force_pte, 0
+    child = api.create_unlinked(ctx, api.pte_to_phys(ctx, old), lv, api.pte_prot(old),
+                                force_pte != 0)
+    return child, force_pte
+
+
+def split_hint(ctx, fl, force_pte):
+    """What a split visitor returns once its table is in: a complete subtree
+    (``force_pte``) need not be walked, when the walk's flags allow skipping."""
+    if force_pte:
+        if fl & api.SKIP_NEW_CHILDREN:
+            api.built_complete(ctx)
+        if fl & api.RETURN_HINTS:
+            return api.SKIP_CHILDREN
+    return 0
+
+
 def stage2_split_walker(ctx):
     """``stage2_split_walker()``: replace a block by a subtree of pages."""
     lv = api.level(ctx)
@@ -27,25 +51,14 @@ def stage2_split_walker(ctx):
     old = api.old(ctx)
     if not api.is_valid(old):
         return 0
-    # Enough pages for the whole tree down to pages (force_pte), else one
-    # page of next-level blocks that the walker splits as it descends.
-    force_pte = api.split_force_pte(ctx, lv)
-    if force_pte < 0:
-        return force_pte
-    child = api.create_unlinked(ctx, api.pte_to_phys(ctx, old), lv, api.pte_prot(old),
-                                force_pte != 0)
+    child, force_pte = new_subtree(ctx, lv, old)
     if child < 0:
         return child
     if not api.try_break(ctx):
         api.free_unlinked(ctx, child, lv)
         return -EAGAIN
     api.make(ctx, api.make_table(ctx, child))
-    if force_pte:
-        if fl & api.SKIP_NEW_CHILDREN:
-            api.built_complete(ctx)
-        if fl & api.RETURN_HINTS:
-            return api.SKIP_CHILDREN
-    return 0
+    return split_hint(ctx, fl, force_pte)
 
 
 def bbml2_split_walker(ctx):
@@ -60,11 +73,7 @@ def bbml2_split_walker(ctx):
     old = api.old(ctx)
     if not api.is_valid(old):
         return 0
-    force_pte = api.split_force_pte(ctx, lv)
-    if force_pte < 0:
-        return force_pte
-    child = api.create_unlinked(ctx, api.pte_to_phys(ctx, old), lv, api.pte_prot(old),
-                                force_pte != 0)
+    child, force_pte = new_subtree(ctx, lv, old)
     if child < 0:
         return child
     api.replace(ctx, api.make_table(ctx, child))
@@ -77,12 +86,7 @@ def bbml2_split_walker(ctx):
         api.set_scratch(ctx, _SPLIT_HI, start + g)
     elif start + g > api.scratch(ctx, _SPLIT_HI):
         api.set_scratch(ctx, _SPLIT_HI, start + g)
-    if force_pte:
-        if fl & api.SKIP_NEW_CHILDREN:
-            api.built_complete(ctx)
-        if fl & api.RETURN_HINTS:
-            return api.SKIP_CHILDREN
-    return 0
+    return split_hint(ctx, fl, force_pte)
 
 
 def bbml2_flush_split(ctx):
