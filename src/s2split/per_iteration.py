@@ -30,6 +30,7 @@ class Part:
     variant_ns: float
     own: Interval | None  # the saving as a share of this part's own time
     points: float  # the saving in points of the scenario's total
+    tables_built: int = 0  # table pages vanilla takes in this part (0: nothing split)
 
     @property
     def calls(self) -> int:
@@ -54,7 +55,7 @@ def split_parts(profile, scenario: str, iterations: int, vanilla: dict[str, Coun
         other = sum_counts(variant[ph] for ph in phs)
         b, v = profile.estimate_ns(base), profile.estimate_ns(other)
         out.append(Part(name, phs, b, v, saving_interval(profile, base, other),
-                        100.0 * (b - v) / total if total else 0.0))
+                        100.0 * (b - v) / total if total else 0.0, base.total("page_taken")))
     return out
 
 
@@ -80,6 +81,10 @@ def at_iterations(parts: list[Part], n: int) -> float | None:
     return 100.0 * (base - first.variant_ns - k * steady.variant_ns) / base if base else None
 
 
+def _ms(ns: float) -> str:
+    return f"{ns / 1e6:,.1f} ms" if ns >= 1e7 else f"{ns / 1e6:,.3f} ms"
+
+
 def sentence(scenario: str, iterations: int, parts: list[Part], profile_name: str,
              repeats: bool | None = None) -> str:
     """The parts in words, and how the total depends on ``-i``."""
@@ -92,12 +97,13 @@ def sentence(scenario: str, iterations: int, parts: list[Part], profile_name: st
                 f"({own(parts[0])}) does not depend on -i (profile {profile_name}, estimate).")
     first, steady = parts
     total = first.points + steady.points
+    what = f"which splits, building {first.tables_built:,} table pages" if \
+        first.tables_built else "nothing to split on this backing"
     text = (f"Of the {total:.1f}% saved over {iterations} KVM_CLEAR_DIRTY_LOG calls (-i "
-            f"{iterations}), the first CLEAR (which splits) gives {first.points:.1f} points "
-            f"(it saves {own(first)} of its own {first.vanilla_ns / 1e6:,.1f} ms) and the "
+            f"{iterations}), the first CLEAR ({what}) gives {first.points:.1f} points "
+            f"(it saves {own(first)} of its own {_ms(first.vanilla_ns)}) and the "
             f"{steady.calls} steady-state CLEAR(s) {steady.points:.1f} points (saving "
-            f"{own(steady)} of their {steady.vanilla_ns / 1e6:,.1f} ms; they walk tables "
-            "already split). The total depends on -i")
+            f"{own(steady)} of their {_ms(steady.vanilla_ns)}). The total depends on -i")
     far = at_iterations(parts, 10)
     if far is not None and iterations != 10:
         how = "as every later CLEAR repeats the steady one here" if repeats else \
