@@ -85,20 +85,26 @@ def saving_interval(profile, base: Counts, other: Counts) -> Interval | None:
     b = profile.coefficients(base)
     v = profile.coefficients(other)
     low, point, high = profile.bounds()
-    return interval_of(v, b, low, point, high)
+    eb = profile.estimate_ns(base)
+    # The point as every table computes it (the same sum, the same rounding).
+    p = 100.0 * (eb - profile.estimate_ns(other)) / eb if eb > 0 else None
+    return interval_of(v, b, low, point, high, p)
 
 
 def interval_of(v: np.ndarray, b: np.ndarray, low: np.ndarray, point: np.ndarray,
-                high: np.ndarray) -> Interval | None:
+                high: np.ndarray, p: float | None = None) -> Interval | None:
     if float(b @ low) <= 0 or float(b @ point) <= 0:
         return None
+    if p is None:
+        p = 100.0 * (1.0 - float(v @ point) / float(b @ point))
     # Only the costs some count multiplies can move the ratio.
     used = (b != 0) | (v != 0)
+    if (low[used] == high[used]).all():
+        return Interval(p, p, p, point.copy(), point.copy())
     lo, hi, pt = low[used], high[used], point[used]
     (rmin, cmin), (rmax, cmax) = ratio_extremes(v[used], b[used], lo, hi, pt)
     at_min, at_max = point.copy(), point.copy()
     at_min[used], at_max[used] = cmin, cmax
-    p = 100.0 * (1.0 - float(v @ point) / float(b @ point))
     # The largest saving is at the smallest ratio; never let rounding put the
     # point outside its own interval.
     lo_s, hi_s = 100.0 * (1.0 - rmax), 100.0 * (1.0 - rmin)
