@@ -56,7 +56,6 @@ class Profile:
         # A cell no key prices indexes -1: the 0.0 appended.
         object.__setattr__(self, "_array", values[gov])
         object.__setattr__(self, "_gov", gov)
-        check_ranges(self.unit_costs_ns, self.ranges_ns, self.provenance_by_key, self.name)
 
     @property
     def array(self) -> np.ndarray:
@@ -77,12 +76,15 @@ class Profile:
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(low, point, high)`` per cost key; a key without a range has
-        low = point = high."""
+        low = point = high. A range that misses its point (only a profile made
+        in code can have one: files are checked, :func:`check_ranges`, e.g. a
+        ``dataclasses.replace`` of the costs) is widened to hold it."""
         point = np.array([self.unit_costs_ns[k] for k in self.unit_costs_ns], dtype=float)
         low, high = point.copy(), point.copy()
         for i, k in enumerate(self.unit_costs_ns):
             if k in self.ranges_ns:
-                low[i], high[i] = self.ranges_ns[k]
+                lo, hi = self.ranges_ns[k]
+                low[i], high[i] = min(lo, point[i]), max(hi, point[i])
         return low, point, high
 
     def unit_cost(self, op: str, kind: str, level: int | None) -> float:
@@ -227,11 +229,12 @@ def load_profile(name_or_path: str | None = None, _chain: tuple[str, ...] = ()) 
     prov.update({k: str(v) for k, v in data.get("provenance_by_key", {}).items()})
     feats = Features(**{**vars(feats), **data.get("features", {})})
     try:
-        return Profile(str(data["name"]), str(data.get("description", "")),
-                       str(data.get("provenance", "")), feats, costs,
-                       tuple(data.get("notes", ())), source, ranges, prov)
+        check_ranges(costs, ranges, prov, str(data["name"]))
     except S2Error as e:
         raise S2Error(f"{source}: {e}") from None
+    return Profile(str(data["name"]), str(data.get("description", "")),
+                   str(data.get("provenance", "")), feats, costs,
+                   tuple(data.get("notes", ())), source, ranges, prov)
 
 
 def format_seconds(ns: float) -> str:
