@@ -276,7 +276,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .store import Store
     store = Store.open(args.db, create=False)
     profile = load_profile(args.profile) if args.profile else None
-    t = Table(title=f"{store.path}: {store.cell_count()} cell(s)", title_justify="left")
+    t = Table(title=f"{store.path}: {store.cell_count()} cell(s); syscall times are "
+              f"estimates under {'profile ' + profile.name if profile else 'each cell profile'}"
+              ", not measurements", title_justify="left")
     for col in ("key", "granule", "size", "backing", "mode", "variant", "profile", "engine"):
         t.add_column(col)
     t.add_column("syscall est.", justify="right")
@@ -327,7 +329,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         cfg.pop("features", None)
         key = json.dumps(cfg, sort_keys=True)
         cells.setdefault(key, {})[c.variant] = c
-    t = Table(title=f"{args.b} against {args.a}", title_justify="left")
+    t = Table(title=f"{args.b} against {args.a} (times: estimates under "
+              f"{'profile ' + given.name if given else 'the cells profile'}, not measurements)",
+              title_justify="left")
     for col in ("granule", "backing", "scenario"):
         t.add_column(col)
     for col in (f"{args.a} est.", f"{args.b} est.", "time saved", "entries read saved",

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from ..arch import granule_name
 from ..counts import Counts
+from ..kernel_counters import tlbi_instructions
 from ..intervals import Interval, MeanInterval, fmt_interval, mean_interval, saving_interval
 from ..reproduce import BACKING_LABELS, SCENARIOS, Outcome, profile_option, \
     reproduce_command
@@ -121,10 +122,13 @@ def _avg_exact(ivs: dict) -> bool:
 def vanilla_table(outcome: Outcome) -> Table:
     """The absolute numbers behind the percentages, for vanilla."""
     m = outcome.matrix
-    t = Table(title="Vanilla, per cell: estimated syscall time and work", title_justify="left")
+    t = Table(title=f"Vanilla, per cell: estimated syscall time (profile {outcome.profile.name}; "
+              "an estimate) and work (exact; TLBI instr.: the TLBI instructions the calls "
+              "issue, stage 2 and stage 1)", title_justify="left")
     for col in ("scenario", "backing", "granule"):
         t.add_column(col)
-    for col in ("est. time", "entries read", "visitor calls", "TLBIs", "tables"):
+    for col in ("est. time", "entries read", "visitor calls", "TLBI calls", "TLBI instr.",
+                "tables"):
         t.add_column(col, justify="right")
     for s in m.scenarios:
         for b in m.backings:
@@ -133,7 +137,7 @@ def vanilla_table(outcome: Outcome) -> Table:
                 t.add_row(s, BACKING_LABELS[b], granule_name(g),
                           f"{outcome.profile.estimate_ns(c) / 1e6:,.1f} ms",
                           f"{c.entries_read():,}", f"{c.visitor_calls():,}", f"{c.tlbi_calls():,}",
-                          f"{c.total('page_taken'):,}")
+                          f"{sum(tlbi_instructions(c).values()):,}", f"{c.total('page_taken'):,}")
     return t
 
 
@@ -209,16 +213,22 @@ def parts_table(outcome: Outcome) -> Table:
     m = outcome.matrix
     t = Table(title=f"Per syscall, first split and steady state ({m.iterations} iterations; "
               f"estimates under profile {outcome.profile.name}): the part's own saving, and "
-              "its points of the total", title_justify="left")
+              "its points of the total; a variant doing the work of one above is left out",
+              title_justify="left")
     for col in ("scenario", "backing", "variant", "granule", "part", "calls"):
         t.add_column(col)
     for col in ("vanilla est.", "own saving", "points"):
         t.add_column(col, justify="right")
+    from ..explain import same_work
     for s in m.scenarios:
         for b in m.backings:
+            shown: list[str] = []
             for v in m.variants:
-                if v == "vanilla":
+                if v == "vanilla" or any(all(same_work(outcome.phase_counts(g, b, s, v),
+                                                       outcome.phase_counts(g, b, s, e))
+                                             for g in m.granules) for e in shown):
                     continue
+                shown.append(v)
                 for g in m.granules:
                     for p in split_parts(outcome.profile, s, m.iterations,
                                          outcome.cells[(g, b, s, "vanilla")],
