@@ -53,7 +53,17 @@ def time_intervals(outcome: Outcome, scenario: str, backing: str, variant: str
                    ) -> dict[int | str, "Interval | MeanInterval | None"]:
     """The estimated time saved per granule with its exact interval over the
     profile's cost ranges, and ('avg') their mean with the mean of the
-    extremes (see :func:`s2split.intervals.mean_interval`)."""
+    extremes (see :func:`s2split.intervals.mean_interval`). Computed once per
+    outcome and row: the tables and the JSON ask again."""
+    memo = outcome.__dict__.setdefault("_time_intervals", {})
+    key = (scenario, backing, variant, outcome.profile.name, outcome.matrix.granules)
+    if key not in memo:
+        memo[key] = _time_intervals(outcome, scenario, backing, variant)
+    return memo[key]
+
+
+def _time_intervals(outcome: Outcome, scenario: str, backing: str, variant: str
+                    ) -> dict[int | str, "Interval | MeanInterval | None"]:
     p = outcome.profile
     out: dict[int | str, Interval | MeanInterval | None] = {}
     parts, forms = [], []
