@@ -312,7 +312,9 @@ def pass_timeout_option(seconds: float | None) -> float | None:
     return seconds or None
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The hw subcommands; returns their subparsers, for the subcommands that
+    need the model (``hw plan``, registered by :mod:`s2split.commands`)."""
     hw = sub.add_parser("hw", help="real KVM: time the dirty-log ioctls, import upstream "
                         "results, compare kernels",
                         description="The real-KVM harness: 'run' times the "
@@ -374,3 +376,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--bootstrap-seed", type=int, default=0, help=argparse.SUPPRESS)
     cp.add_argument("--json", action="store_true", help="print the comparison as JSON")
     cp.set_defaults(func=cmd_compare)
+    return hsub

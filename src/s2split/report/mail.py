@@ -145,7 +145,8 @@ def gather(args: argparse.Namespace, matrix: Any, run_matrix: RunMatrix,
 
     _check_db(args.db)
     if args.measured:
-        _check_labels(args.db, args.measured)
+        _check_labels(args.db, [label_for(x, g) for x in args.measured
+                                for g in matrix.granules])
     others = [v for v in matrix.variants if v != "vanilla"]
     variant = args.measured_variant or (others[0] if others else "vanilla")
     if variant not in matrix.variants:
@@ -161,6 +162,13 @@ def gather(args: argparse.Namespace, matrix: Any, run_matrix: RunMatrix,
     if args.measured:
         _add_measurements(data, args.db, *args.measured)
     return data
+
+
+def label_for(label: str, granule: int) -> str:
+    """A ``--measured`` label for one granule: ``{granule}`` stands for the
+    granule's name (``baseline-{granule}`` -> ``baseline-4K``), as ``hw plan``
+    labels its boots."""
+    return label.replace("{granule}", granule_name(granule))
 
 
 def _check_labels(db: str, labels: list[str]) -> None:
@@ -184,16 +192,28 @@ def _add_measurements(data: ReportData, db: str, base: str, patched: str) -> Non
     from ..hw.compare import compare_labels
     from ..store import Store
     store = Store.open(db, create=False)
+    rows: dict[tuple[int, str, str], Any] = {}
+    data.compare_notes = []
     try:
-        report = compare_labels(store, base, patched, model=False)
+        # One comparison per pair of labels: with {granule} in them, one per
+        # granule (each granule is its own host kernel, 'hw plan').
+        pairs: dict[tuple[str, str], list[int]] = {}
+        for g in data.matrix.granules:
+            pairs.setdefault((label_for(base, g), label_for(patched, g)), []).append(g)
+        for (a, b), granules in pairs.items():
+            report = compare_labels(store, a, b, model=False)
+            for r in report.rows:
+                for g in granules:
+                    rows[(g, r.config_key, r.phase)] = r
+            prefix = f"{a} vs {b}: " if len(pairs) > 1 else ""
+            data.compare_notes += [prefix + n for n in report.notes]
     finally:
         store.close()
-    rows = {(r.config_key, r.phase): r for r in report.rows}
     data.labels = (base, patched)
-    data.compare_notes = list(report.notes)
     for g, b, s in data.cells():
         key = hw_params(data.outcome.params[(g, b, s)]).config_key()
-        data.measured[(g, b, s)] = MeasuredCell(key, HW_PHASE[s], rows.get((key, HW_PHASE[s])))
+        data.measured[(g, b, s)] = MeasuredCell(key, HW_PHASE[s],
+                                                rows.get((g, key, HW_PHASE[s])))
     if all(m.row is None for m in data.measured.values()):
         some = next(iter(data.measured.values()))
         raise S2Error(f"'{base}' and '{patched}' have no measurement of this matrix's "
@@ -715,7 +735,9 @@ def add_report_options(p: argparse.ArgumentParser) -> None:
                    "standard output)")
     o.add_argument("--measured", nargs=2, type=_labels, metavar=("BASE", "PATCHED"),
                    default=None, help="put the savings measured by 'hw run' under these two "
-                   "labels (e.g. kernels) beside the model's, as 'hw compare' computes them")
+                   "labels (e.g. kernels) beside the model's, as 'hw compare' computes them; "
+                   "{granule} in a label stands for each granule (4K, 16K, 64K), as 'hw "
+                   "plan' labels its boots")
     o.add_argument("--measured-variant", default=None, metavar="NAME",
                    help="the variant the patched kernel implements (default: the first "
                    "variant after vanilla)")
