@@ -27,6 +27,32 @@ from _cli import run_cli
 GOLDEN = Path(__file__).parent / "golden" / "reproduce-1G.json"
 
 
+def _contains(got, want, where="") -> None:
+    """Every key and number of ``want`` is in ``got`` unchanged; ``got`` may
+    have more keys (fields added since, such as the savings' intervals)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict), where
+        for k, v in want.items():
+            assert k in got, f"{where}/{k} missing"
+            _contains(got[k], v, f"{where}/{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            _contains(a, b, f"{where}[{i}]")
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+def test_golden_check_catches_a_changed_number():
+    want = {"rows": [{"time_saved_pct": {"4K": 15.0}}]}
+    _contains({"rows": [{"time_saved_pct": {"4K": 15.0}, "new": 1}]}, want)
+    try:
+        _contains({"rows": [{"time_saved_pct": {"4K": 15.000001}}]}, want)
+    except AssertionError:
+        return
+    raise AssertionError("a changed number went through")
+
+
 def test_reproduce_json_is_unchanged(capsys, tmp_path):
     code, out, err = run_cli(["reproduce", "--json", "--size", "1G", "--workers", "1",
                               "--db", str(tmp_path / "r.sqlite")], capsys)
@@ -34,7 +60,11 @@ def test_reproduce_json_is_unchanged(capsys, tmp_path):
     got = json.loads(out)
     got.pop("elapsed_s")
     want = json.loads(GOLDEN.read_text())
-    assert got == want
+    _contains(got, want)
+    # The keys added since the golden file: intervals beside every estimate.
+    for row in got["rows"]:
+        for end in ("low", "high"):
+            assert set(row[f"time_saved_pct_{end}"]) == set(row["time_saved_pct"])
     cell = next(r for r in got["rows"] if (r["scenario"], r["backing"], r["variant"])
                 == ("clear", "thp", "skip-levels"))
     assert cell["reads_saved_pct"]["4K"] == 100 * (2560 - 1536) / 2560

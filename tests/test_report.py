@@ -109,21 +109,32 @@ def _commands(text: str) -> list[str]:
 
 
 def _saving_tables(text: str) -> dict[tuple[str, str, str], list[str]]:
-    """{(scenario, backing label, variant): [cells...]} of the savings tables."""
+    """{(scenario, backing label, variant): [cells...]} of the savings tables;
+    a saving's interval, printed on the line below it, joined to it."""
     body = section(text, "Estimated saving against vanilla")
     out: dict[tuple[str, str, str], list[str]] = {}
     scenario = backing = None
+    last: tuple[str, str, str] | None = None
     for line in body.splitlines():
         m = re.match(r"^(clear|enable): ", line)
         if m:
             scenario = m.group(1)
             continue
+        if line.startswith("In brackets"):
+            break
         if scenario is None or not line.strip() or line.startswith(("backing", "---")):
             continue
         cols = re.split(r"\s{2,}", line.strip())
+        if cols[0].startswith("(") and last is not None:
+            # the intervals of the row above, right-aligned under its cells
+            cells = out[last]
+            tail = len(cells) - len(cols)
+            out[last] = cells[:tail] + [f"{c} {i}" for c, i in zip(cells[tail:], cols)]
+            continue
         if not line.startswith(" "):
             backing = cols.pop(0)
-        out[(scenario, backing, cols[0])] = cols[1:]
+        last = (scenario, backing, cols[0])
+        out[last] = cols[1:]
     return out
 
 
@@ -136,8 +147,11 @@ def test_numbers_equal_reproduce_json(small):
         if row["variant"] == "vanilla":
             continue
         cells = tables[(row["scenario"], labels[row["backing"]], row["variant"])]
-        pct = row["time_saved_pct"]
-        assert cells == [f"{pct['4K']:.1f}%", f"{pct['avg']:.1f}%"]
+        pct, low, high = (row[f"time_saved_pct{e}"] for e in ("", "_low", "_high"))
+        star = "" if row["time_saved_pct_avg_interval"].startswith("exact") else "*"
+        assert cells == [f"{pct[g]:.1f}% ({low[g]:.1f}-{high[g]:.1f})" + ("" if g == "4K" else
+                                                                          star)
+                         for g in ("4K", "avg")]
         checked += 1
     assert checked == 2 * 2 * 2  # scenarios x backings x non-vanilla variants
     # The JSON report carries reproduce's rows unchanged.
@@ -277,53 +291,72 @@ def test_plots_png_and_svg(small, tmp_path):
 # -- sensitivity --------------------------------------------------------------------------
 
 def test_sensitivity_under_every_shipped_profile(small):
-    """Each profile's saving is reproduce's under that profile; the hinge
-    statement holds: saving = share before - share after + the rest."""
+    """Each profile's saving and its interval are reproduce's under that
+    profile (same numbers through another command)."""
     sens = small["json"]["sensitivity"]
     assert {n for r in sens for n in r["profiles"]} == set(builtin_profiles())
-    code, out, err = run(["reproduce", *MATRIX, "--db", small["db"], "--json", "--no-progress",
-                          "--profile", "server-nvhe-norange"])
-    assert code == 0, err
-    nvhe = {(r["scenario"], r["backing"], r["variant"]): r["time_saved_pct"]["4K"]
-            for r in json.loads(out)["rows"]}
-    for r in sens:
-        p = r["profiles"]["server-nvhe-norange"]
-        assert p["saved_pct"] == pytest.approx(nvhe[(r["scenario"], r["backing"],
-                                                     r["variant"])], rel=1e-12)
-        for h in r["profiles"].values():
-            assert h["saved_pct"] == pytest.approx(
-                h["share_before_pct"] - h["share_after_pct"] + h["rest_points"], abs=1e-9)
+    for name in builtin_profiles():
+        code, out, err = run(["reproduce", *MATRIX, "--db", small["db"], "--json",
+                              "--no-progress", "--profile", name])
+        assert code == 0, err
+        rows = {(r["scenario"], r["backing"], r["variant"]): r for r in json.loads(out)["rows"]}
+        for r in sens:
+            got = r["profiles"][name]
+            want = rows[(r["scenario"], r["backing"], r["variant"])]
+            assert got["saved_pct"] == pytest.approx(want["time_saved_pct"]["4K"], rel=1e-12)
+            assert got["low_pct"] == want["time_saved_pct_low"]["4K"]
+            assert got["high_pct"] == want["time_saved_pct_high"]["4K"]
+            assert got["low_pct"] <= got["saved_pct"] <= got["high_pct"]
 
 
-def test_skip_levels_saving_is_the_split_walk_level3_share(small):
-    """skip-levels on regular pages: the split walk reads no level-3 entry, so
-    the saving is the share of vanilla's time in that walk's level-3 work --
-    recomputed here from the stored counts and the profile's unit costs."""
+def test_sensitivity_bounds_are_optimal_and_sentences_match(small):
+    """At the vertex of the interval's high end, every ranged cost sits at the
+    bound its partial derivative points to (a vertex that is the maximum must
+    satisfy that), and at the low end the opposite; recomputed here from the
+    stored counts. Each sentence prints the JSON's interval; a variant doing
+    vanilla-different work has Sobol indices in [0, 1 + noise] over the ranged
+    costs it uses."""
     profile = load_profile("server-vhe")
     store = Store.open(small["db"], create=False)
     try:
-        vanilla = next(c for c in store.cells() if c.variant == "vanilla" and
-                       c.config["backing"] == "anonymous" and not c.config["manual_protect"]
-                       and c.config["features"] == profile.features.as_dict())
+        cells = {(c.config["backing"], c.config["manual_protect"], c.variant): c
+                 for c in store.cells() if c.config["features"] == profile.features.as_dict()}
     finally:
         store.close()
-    c = vanilla.phase("enable_dirty_logging")
-    walk_kinds = {"loops", "read_table", "read_leaf", "read_invalid", "reload", "visit_leaf",
-                  "visit_pre", "visit_post", "descent"}
-    level3 = sum(n * profile.unit_cost(op, kind, lv) for op, kind, lv, n in c.items()
-                 if op == "split" and lv == 3 and kind in walk_kinds)
-    share = 100 * level3 / profile.estimate_ns(c)
-    row = next(r for r in small["json"]["sensitivity"] if (r["scenario"], r["backing"],
-               r["variant"]) == ("enable", "regular", "skip-levels"))
-    h = row["profiles"]["server-vhe"]
-    assert h["hinge"] == "split walk, L3" and h["gone"]
-    assert h["share_before_pct"] == pytest.approx(share, rel=1e-12)
-    assert abs(h["saved_pct"] - share) < 0.5  # "the saving equals the share"
-    body = section(small["text"], "Sensitivity of each estimate")
-    flat = " ".join(body.split())
-    assert (f"enable, regular pages, skip-levels, 4K: the saving ({h['saved_pct']:.1f}%) "
-            f"equals the share of the syscall's estimated time spent in the split walk at "
-            f"level 3 ({share:.1f}%") in flat
+    low, point, high = profile.bounds()
+    keys = profile.keys
+    body = " ".join(section(small["text"], "Sensitivity of each estimate").split())
+    names = {"regular": "anonymous", "thp": "anonymous_thp"}
+    checked = 0
+    for r in small["json"]["sensitivity"]:
+        a = r["analysis"]
+        if r["same_work_as"]:
+            continue
+        phases = ["enable_dirty_logging"] if r["scenario"] == "enable" else \
+            ["iter1_clear_dirty_log", "iter2_clear_dirty_log"]
+        manual = r["scenario"] == "clear"
+
+        def summed(v):
+            c = cells[(names[r["backing"]], manual, v)]
+            return sum(profile.coefficients(c.phase(p)) for p in phases)
+        b, v = summed("vanilla"), summed(r["variant"])
+        for end, bounds in (("high", a["bounds_at_high"]), ("low", a["bounds_at_low"])):
+            c = np.where([bounds.get(k) == "high" for k in keys], high, low)
+            c = np.where([k in bounds for k in keys], c, point)
+            B, V = b @ c, v @ c
+            # d/dc_i of 100 (1 - V/B) = 100 (b_i V - v_i B) / B^2
+            grad = b * V - v * B
+            for i, k in enumerate(keys):
+                if k not in bounds or abs(grad[i]) < 1e-9 * abs(B * B):
+                    continue
+                up = grad[i] > 0 if end == "high" else grad[i] < 0
+                assert bounds[k] == ("high" if up else "low"), (r, end, k)
+            saving = 100 * (1 - V / B)
+            assert saving == pytest.approx(a[f"{end}_pct"], abs=1e-9)
+        assert f"lies in {a['low_pct']:.1f}-{a['high_pct']:.1f}%" in body
+        assert all(-0.05 <= st <= 1.2 for st in a["sobol_total"].values())
+        checked += 1
+    assert checked >= 4
 
 
 # -- measured beside modelled ---------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 from .console import rich_console
 from .errors import S2Error
+from .memstress import INT_MAX
 from .options import int_arg, size_arg
 from .output import write_atomic
 
@@ -45,8 +46,9 @@ def add_matrix_options(p: argparse.ArgumentParser, single: bool = False) -> None
                    "skip-levels+skip-children)")
     g.add_argument("--chunk-size", type=size_arg("--chunk-size"), default=None, metavar="SIZE",
                    help="eager-split chunk size (default: the PMD block size of each granule)")
-    g.add_argument("--iterations", type=int_arg("--iterations", 2), default=2, metavar="N",
-                   help="iterations of the test (default: 2)")
+    g.add_argument("--iterations", type=int_arg("--iterations", 2, INT_MAX), default=2,
+                   metavar="N", help="iterations of the test, as perf-test's -i; the clear "
+                   "scenario's total depends on it (default: 2)")
     g.add_argument("--ipa-bits", type=int_arg("--ipa-bits", 32, 52), default=40, metavar="N",
                    help="guest physical address bits (default: 40)")
     g.add_argument("--hugetlb-1g", action="store_true",
@@ -159,6 +161,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     console.print(f"Matrix: {matrix_summary(matrix)}", highlight=False)
     console.print(f"Profile: {outcome.profile.name} -- {outcome.profile.description}",
                   highlight=False)
+    console.print(f"Measured: nothing. Counts are exact; every time and saving is an estimate "
+                  f"under profile {outcome.profile.name} (only 's2split hw' measures).",
+                  highlight=False)
     print_outcome(console, outcome)
     if args.explain:
         print_explanations(console, outcome)
@@ -211,6 +216,42 @@ def print_explanations(console: Any, outcome: Any, granules: Any = None,
                         console.print("  " + line, highlight=False)
                 for line in identical_work(summed, syscall):
                     console.print("  " + line, highlight=False)
+                _print_per_iteration(console, outcome, g, b, s, explained)
+                if tables:
+                    console.print(tlbi_table(summed, syscall))
+
+
+def _print_per_iteration(console: Any, outcome: Any, g: int, b: str, s: str,
+                         variants: list[str]) -> None:
+    """The first split and the steady state, for each variant explained."""
+    from .per_iteration import split_parts, steady_repeats, sentence
+    m = outcome.matrix
+    base = outcome.cells[(g, b, s, "vanilla")]
+    for v in variants:
+        cell = outcome.cells[(g, b, s, v)]
+        parts = split_parts(outcome.profile, s, m.iterations, base, cell)
+        repeats = steady_repeats(base, cell, parts[-1].phases) if s == "clear" else None
+        console.print(f"  {v}: " + sentence(s, m.iterations, parts, outcome.profile.name,
+                                            repeats), highlight=False)
+
+
+def tlbi_table(summed: dict[str, Any], syscall: str) -> Any:
+    """TLBI instructions by kind beside the calls, per variant."""
+    from rich.table import Table
+
+    from .kernel_counters import TLBI_KINDS, tlbi_instructions
+    t = Table(title=f"TLB invalidation in {syscall} (exact counts)", title_justify="left")
+    t.add_column("instruction")
+    t.add_column("what")
+    for v in summed:
+        t.add_column(v, justify="right")
+    kinds = {v: tlbi_instructions(c) for v, c in summed.items()}
+    t.add_row("hyp TLB calls", "__kvm_tlb_flush_vmid*", *(f"{c.tlbi_calls():,}"
+                                                            for c in summed.values()))
+    for name, what in TLBI_KINDS:
+        if any(k[name] for k in kinds.values()):
+            t.add_row(name, what, *(f"{kinds[v][name]:,}" for v in summed))
+    return t
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -218,7 +259,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if len(matrix.granules) * len(matrix.backings) * len(matrix.scenarios) > 3:
         raise S2Error("explain one cell at a time: give --granule, --backing and --scenario")
     outcome = _run_matrix(args, matrix, False)
-    print_explanations(rich_console(), outcome)
+    console = rich_console()
+    console.print(f"Times are estimates under profile {outcome.profile.name}, not "
+                  "measurements (only 's2split hw' measures); counts are exact.",
+                  highlight=False)
+    print_explanations(console, outcome)
     return 0
 
 

@@ -7,6 +7,14 @@ count x unit cost; the unit cost of ``(op, kind, level)`` is the most specific
 of ``op:kind@level``, ``op:kind``, ``kind@level``, ``kind`` present in the
 profile (0 otherwise). Every time computed here is an **estimate under a
 profile**, never a measurement; reports say so next to each number.
+
+A profile may also give each cost key a plausible range (``ranges_ns``:
+``key: [low, high]``, low <= point <= high) and where its value comes from
+(``provenance_by_key``). A key without a range is taken as exact (its point
+value), so older profiles load unchanged; a profile that inherits a key's cost
+inherits its range and provenance too, unless it sets the cost again (its own
+point, then its own range or none). :mod:`s2split.intervals` turns the ranges
+into exact intervals of every saving.
 """
 
 from __future__ import annotations
@@ -36,17 +44,48 @@ class Profile:
     unit_costs_ns: dict[str, float]
     notes: tuple[str, ...] = ()
     source: str = ""
+    ranges_ns: dict[str, tuple[float, float]] = field(default_factory=dict)
+    provenance_by_key: dict[str, str] = field(default_factory=dict)
     _array: np.ndarray = field(default=None, repr=False, compare=False)  # type: ignore
+    _gov: np.ndarray = field(default=None, repr=False, compare=False)  # type: ignore
 
     def __post_init__(self) -> None:
         keys = list(self.unit_costs_ns)
         values = np.array([self.unit_costs_ns[k] for k in keys] + [0.0])
+        gov = governing_keys(keys, self.name)
         # A cell no key prices indexes -1: the 0.0 appended.
-        object.__setattr__(self, "_array", values[governing_keys(keys, self.name)])
+        object.__setattr__(self, "_array", values[gov])
+        object.__setattr__(self, "_gov", gov)
 
     @property
     def array(self) -> np.ndarray:
         return self._array
+
+    @property
+    def keys(self) -> list[str]:
+        """The cost keys, in the order of :meth:`coefficients` and :meth:`bounds`."""
+        return list(self.unit_costs_ns)
+
+    def coefficients(self, counts: Counts) -> np.ndarray:
+        """Per cost key, the count it multiplies in :meth:`estimate_ns`: the
+        estimate is ``coefficients(counts) @ point`` (a linear form in the costs)."""
+        gov = self._gov.reshape(-1)
+        priced = gov >= 0
+        return np.bincount(gov[priced], weights=counts.array.reshape(-1)[priced].astype(float),
+                           minlength=len(self.unit_costs_ns))
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(low, point, high)`` per cost key; a key without a range has
+        low = point = high. A range that misses its point (only a profile made
+        in code can have one: files are checked, :func:`check_ranges`, e.g. a
+        ``dataclasses.replace`` of the costs) is widened to hold it."""
+        point = np.array([self.unit_costs_ns[k] for k in self.unit_costs_ns], dtype=float)
+        low, high = point.copy(), point.copy()
+        for i, k in enumerate(self.unit_costs_ns):
+            if k in self.ranges_ns:
+                lo, hi = self.ranges_ns[k]
+                low[i], high[i] = min(lo, point[i]), max(hi, point[i])
+        return low, point, high
 
     def unit_cost(self, op: str, kind: str, level: int | None) -> float:
         return float(self._array[OP[op], KIND[kind], slot(level)])
@@ -61,9 +100,31 @@ class Profile:
                 for o, k, s in zip(*np.nonzero(prod))}
 
     def to_json(self) -> dict:
-        return {"format": PROFILE_FORMAT, "name": self.name, "description": self.description,
-                "provenance": self.provenance, "features": vars(self.features) | {},
-                "unit_costs_ns": dict(self.unit_costs_ns), "notes": list(self.notes)}
+        out = {"format": PROFILE_FORMAT, "name": self.name, "description": self.description,
+               "provenance": self.provenance, "features": vars(self.features) | {},
+               "unit_costs_ns": dict(self.unit_costs_ns), "notes": list(self.notes)}
+        if self.ranges_ns:
+            out["ranges_ns"] = {k: list(v) for k, v in self.ranges_ns.items()}
+        if self.provenance_by_key:
+            out["provenance_by_key"] = dict(self.provenance_by_key)
+        return out
+
+
+def check_ranges(costs: dict[str, float], ranges: dict[str, tuple[float, float]],
+                 provenance: dict[str, str], where: str) -> None:
+    """Every range and provenance names a cost key of the profile, and every
+    range holds its point value: ``low <= point <= high`` (one-line errors)."""
+    for k, (low, high) in ranges.items():
+        if k not in costs:
+            raise S2Error(f"profile {where!r}: ranges_ns names {k!r}, which has no unit cost "
+                          "(add it to unit_costs_ns)")
+        if not low <= costs[k] <= high:
+            raise S2Error(f"profile {where!r}: ranges_ns[{k!r}] = [{low:g}, {high:g}] does not "
+                          f"hold its unit cost {costs[k]:g} (need low <= cost <= high)")
+    for k in provenance:
+        if k not in costs:
+            raise S2Error(f"profile {where!r}: provenance_by_key names {k!r}, which has no "
+                          "unit cost")
 
 
 def governing_keys(keys: list[str], where: str) -> np.ndarray:
@@ -139,6 +200,8 @@ def load_profile(name_or_path: str | None = None, _chain: tuple[str, ...] = ()) 
     data, source = _read(name_or_path or DEFAULT_PROFILE)
     chain = (*_chain, _identity(source))
     costs: dict[str, float] = {}
+    ranges: dict[str, tuple[float, float]] = {}
+    prov: dict[str, str] = {}
     feats = Features()
     if data.get("inherits"):
         parent = str(data["inherits"])
@@ -153,13 +216,25 @@ def load_profile(name_or_path: str | None = None, _chain: tuple[str, ...] = ()) 
             raise S2Error(f"{source}: inherits: inheritance cycle {loop}")
         base = load_profile(parent, chain)
         costs.update(base.unit_costs_ns)
+        ranges.update(base.ranges_ns)
+        prov.update(base.provenance_by_key)
         feats = base.features
     for k, v in data.get("unit_costs_ns", {}).items():
         costs[k] = float(v)  # the schema: non-negative numbers, finite as parsed
+        # A cost set again: the parent's range and provenance were about its value.
+        ranges.pop(k, None)
+        prov.pop(k, None)
+    for k, (low, high) in data.get("ranges_ns", {}).items():
+        ranges[k] = (float(low), float(high))
+    prov.update({k: str(v) for k, v in data.get("provenance_by_key", {}).items()})
     feats = Features(**{**vars(feats), **data.get("features", {})})
+    try:
+        check_ranges(costs, ranges, prov, str(data["name"]))
+    except S2Error as e:
+        raise S2Error(f"{source}: {e}") from None
     return Profile(str(data["name"]), str(data.get("description", "")),
                    str(data.get("provenance", "")), feats, costs,
-                   tuple(data.get("notes", ())), source)
+                   tuple(data.get("notes", ())), source, ranges, prov)
 
 
 def format_seconds(ns: float) -> str:

@@ -95,8 +95,13 @@ def sentences(phase_label: str, base: Counts, other: Counts, profile: Profile,
     if same_work(base, other):
         return [f"{variant} does exactly the work of vanilla in {phase_label}."]
     if est:
+        from .intervals import saving_interval
+        iv = saving_interval(profile, base, other)
+        rng = f"; {iv.low:.1f}-{iv.high:.1f}% over the profile's cost ranges" \
+            if iv is not None and iv.width > 0 else ""
         out.append(f"{variant} saves {100 * saved / est:.1f}% of the estimated time of "
-                   f"{phase_label} (profile {profile.name}).")
+                   f"{phase_label} (profile {profile.name}; an estimate, not a "
+                   f"measurement{rng}).")
     by_op_level: dict[tuple[str, int | None], tuple[int, int]] = {}
     for op, kind, level, before, after in base.diff(other):
         if kind in READ_KINDS:

@@ -139,3 +139,38 @@ def comparable_key(fn: str, key: str) -> bool:
     if key == "all" or key.startswith("level="):
         return True
     return False
+
+
+# -- TLBI instructions by kind -----------------------------------------------------------
+
+#: The TLBI instructions each counted hyp TLB call issues (Linux 6.12,
+#: arch/arm64/kvm/hyp/{vhe,nvhe}/tlb.c: VHE and nVHE issue the same ones; the
+#: features only decide which call is made, and that is already counted):
+#: a by-IPA call invalidates stage 2 for the IPA, then all of stage 1 for the
+#: VMID; the local (nsh) variant the same without broadcast; a range call its
+#: range instructions, then stage 1; a whole-VMID call one TLBI of both stages.
+#: A range call's instructions are RIPAS2E1IS but for a lone page (or, with
+#: LPA2, a page before a 64K-aligned start), which takes an IPAS2E1IS: the
+#: counters do not tell those apart, so they share one row.
+TLBI_KINDS: tuple[tuple[str, str], ...] = (
+    ("TLBI IPAS2E1IS", "stage 2 by IPA, broadcast (__kvm_tlb_flush_vmid_ipa)"),
+    ("TLBI IPAS2E1", "stage 2 by IPA, this CPU (__kvm_tlb_flush_vmid_ipa_nsh)"),
+    ("TLBI RIPAS2E1IS", "stage 2 by IPA range, broadcast (__kvm_tlb_flush_vmid_range; "
+                        "IPAS2E1IS for a lone page)"),
+    ("TLBI VMALLE1IS", "all of stage 1 for the VMID, broadcast (after every by-IPA and "
+                       "range call)"),
+    ("TLBI VMALLE1", "all of stage 1 for the VMID, this CPU (after the nsh call)"),
+    ("TLBI VMALLS12E1IS", "both stages for the VMID, broadcast (__kvm_tlb_flush_vmid)"),
+)
+
+
+def tlbi_instructions(counts: Counts) -> dict[str, int]:
+    """TLBI instructions by kind (:data:`TLBI_KINDS`), derived from the calls
+    counted. The one rule for every table that names them."""
+    ipa, nsh = counts.total("tlbi_ipa"), counts.total("tlbi_ipa_nsh")
+    s1 = counts.total("tlbi_s1")
+    return {"TLBI IPAS2E1IS": ipa, "TLBI IPAS2E1": nsh,
+            "TLBI RIPAS2E1IS": counts.total("tlbi_range_ops"),
+            # Every stage-1 invalidation but the local call's is broadcast.
+            "TLBI VMALLE1IS": s1 - nsh, "TLBI VMALLE1": nsh,
+            "TLBI VMALLS12E1IS": counts.total("tlbi_vmid")}

@@ -33,6 +33,11 @@ PROFILE = {
         "features": FEATURES,
         "unit_costs_ns": {"type": "object", "additionalProperties": NON_NEGATIVE},
         "notes": {"type": "array", "items": TEXT},
+        # per cost key: a plausible [low, high] (low <= the unit cost <= high,
+        # checked by s2split.cost.check_ranges) and where the value comes from
+        "ranges_ns": {"type": "object", "additionalProperties": {
+            "type": "array", "minItems": 2, "maxItems": 2, "items": NON_NEGATIVE}},
+        "provenance_by_key": {"type": "object", "additionalProperties": NAME},
         # how ``calibrate --savings`` fitted it (a record for readers; the
         # model reads only the costs and features)
         "calibration": {"type": "object", "required": ["kind"],

@@ -13,8 +13,8 @@ are missing are computed, exactly as ``s2split reproduce`` computes them):
 * **Exact invocations** -- the model's command per cell and variant, and the
   ``s2split hw run`` commands that measure each cell on a real host;
 * **Where the gains are** -- :mod:`s2split.explain`'s sentences;
-* **Sensitivity** -- the saving under every shipped profile, and the share of
-  vanilla's time it hinges on (:mod:`.sensitivity`);
+* **Sensitivity** -- each saving's exact range over the cost ranges under
+  every shipped profile, and the costs that move it most (:mod:`.sensitivity`);
 * **Per-operation breakdown** -- each cell's estimate per kernel operation
   (:mod:`.breakdown`), as tables and (``--plots DIR``) stacked bars.
 
@@ -39,6 +39,7 @@ from .. import __version__
 from ..arch import granule_name, size_name
 from ..errors import S2Error
 from .document import Bullets, Code, Column, Document, Para, Section, Table
+from .iterations import iterations_json, iterations_section
 
 REPORT_FORMAT = "s2split-report/1"
 FORMATS = ("text", "markdown", "json", "rich")
@@ -308,7 +309,7 @@ def report_command(data: ReportData) -> str:
 
 def savings_section(data: ReportData) -> Section:
     from ..reproduce import BACKING_LABELS, SCENARIOS
-    from .reproduce import savings
+    from .reproduce import _avg_exact, time_intervals
     o, m = data.outcome, data.matrix
     sec = Section("Estimated saving against vanilla", [Para(
         f"Per scenario and backing: vanilla's estimated time of the scenario's syscalls, "
@@ -327,10 +328,23 @@ def savings_section(data: ReportData) -> Section:
             for v in m.variants:
                 if v == "vanilla":
                     continue
-                row = savings(o, s, b, v, "time")
-                t.rows.append(["", v, *(_pct(row[g]) for g in m.granules), _pct(row["avg"])])
+                ivs = time_intervals(o, s, b, v)
+                t.rows.append(["", v, *(_pct_iv(ivs[g]) for g in m.granules),
+                               _pct_iv(ivs["avg"]) + ("" if _avg_exact(ivs) else "*")])
         sec.blocks.append(t)
+    sec.blocks.append(Para(
+        "In brackets under each saving: its exact minimum and maximum over the box of the "
+        f"profile's cost ranges (every unit cost of {o.profile.name} between its low and high "
+        "value at once; 'Sensitivity of each estimate' says which costs move it). avg is the "
+        "mean of the granules' savings; its bracket is the mean of their extremes, marked * "
+        "where that is an outer bound rather than the mean's own extremes (a mean of ratios "
+        "is not linear-fractional)."))
     return sec
+
+
+def _pct_iv(iv: Any) -> str:
+    from ..intervals import fmt_interval
+    return "n/a" if iv is None else fmt_interval(iv.point, iv.low, iv.high).replace(" (", "\n(")
 
 
 def measured_section(data: ReportData) -> Section:
@@ -430,86 +444,85 @@ def gains_section(data: ReportData) -> Section:
 
 
 def sensitivity_rows(data: ReportData) -> list[dict[str, Any]]:
-    """Per scenario, backing, variant and granule: the saving and its hinge
-    under every profile."""
-    from .sensitivity import hinge
-    m = data.matrix
+    """Per scenario, backing, variant and granule: the saving's interval under
+    every shipped profile, and what moves it under the report's profile
+    (:mod:`.sensitivity`); a variant doing exactly the work of one before it
+    shares that one's analysis."""
+    from ..explain import same_work
+    from ..intervals import saving_interval
+    from .sensitivity import analyse
+    m, o = data.matrix, data.outcome
     out = []
     for s in m.scenarios:
         for b in m.backings:
-            for v in m.variants:
-                if v == "vanilla":
-                    continue
-                for g in m.granules:
-                    entry: dict[str, Any] = {"scenario": s, "backing": b, "variant": v,
-                                             "granule": granule_name(g), "profiles": {}}
-                    for name, o in data.by_profile.items():
-                        h = hinge(o.phase_counts(g, b, s, "vanilla"),
-                                  o.phase_counts(g, b, s, v), o.profile)
-                        entry["profiles"][name] = h
+            for g in m.granules:
+                base = o.phase_counts(g, b, s, "vanilla")
+                done: dict[str, Any] = {}
+                for v in m.variants:
+                    if v == "vanilla":
+                        continue
+                    other = o.phase_counts(g, b, s, v)
+                    twin = next((e for e in done if same_work(other, o.phase_counts(
+                        g, b, s, e))), None)
+                    sens = done[twin] if twin else analyse(base, other, o.profile)
+                    done.setdefault(v, sens)
+                    entry: dict[str, Any] = {
+                        "scenario": s, "backing": b, "variant": v, "granule": granule_name(g),
+                        "same_work_as": twin, "sensitivity": sens, "profiles": {}}
+                    for name, po in data.by_profile.items():
+                        entry["profiles"][name] = saving_interval(
+                            po.profile, po.phase_counts(g, b, s, "vanilla"),
+                            po.phase_counts(g, b, s, v))
                     out.append(entry)
-    return out
+    order = {(s, b, v): i for i, (s, b, v) in enumerate(
+        (s, b, v) for s in m.scenarios for b in m.backings for v in m.variants)}
+    return sorted(out, key=lambda r: (order[(r["scenario"], r["backing"], r["variant"])],
+                                      m.granules.index(_granule_bytes(r["granule"]))))
+
+
+def _granule_bytes(name: str) -> int:
+    from ..arch import parse_granule
+    return parse_granule(name)
 
 
 def sensitivity_section(data: ReportData, rows: list[dict[str, Any]]) -> Section:
-    from ..explain import same_work
+    from ..intervals import fmt_interval
     from ..reproduce import BACKING_LABELS
     from .sensitivity import statement
     m = data.matrix
     names = list(data.by_profile)
     sec = Section("Sensitivity of each estimate", [Para(
-        "The saving under every shipped profile (each with its own CPU features, so its "
-        "own counts, and its own unit costs), and in brackets the share of vanilla's "
-        "estimated time spent in the one kernel operation the saving comes from (the "
-        "'hinge'). Where the variant no longer does that operation at all, the saving "
-        "equals that share up to the other, small changes: a reader whose hardware "
-        "spends another share of the syscall there gets that share instead. The profiles:"),
+        "Each saving is a ratio of two linear forms in the profile's unit costs, and every "
+        "cost has a plausible range (the profile's ranges_ns, with its provenance). In "
+        "brackets: the saving's exact minimum and maximum over the box of those ranges "
+        "(linear-fractional programming, not sampling), under every shipped profile (each "
+        "with its own CPU features, so its own counts, and its own costs and ranges). "
+        "Then, per cell under the report's profile, the costs that move the saving most: "
+        "Sobol total indices (the share of the saving's variance, interactions included, "
+        "when every ranged cost is drawn uniformly from its range; sampled with a fixed "
+        "seed), and whether the saving grows or falls as each rises. All of it is about "
+        "estimates, not measurements. The profiles:"),
         Bullets([f"{n}: {o.profile.description}" for n, o in data.by_profile.items()])])
     for s in m.scenarios:
         for b in m.backings:
             t = Table([Column("variant", wrap=26), Column("gran.")] +
-                      [Column(n.replace("-", "-\n", 1), right=True) for n in names], [],
-                      title=f"{s}, {BACKING_LABELS[b]}: saved (hinge share)")
+                      [Column(n.replace("-", "-\n", 1), right=True, wrap=12) for n in names],
+                      [], title=f"{s}, {BACKING_LABELS[b]}: estimated saving (exact range)")
             for r in rows:
                 if (r["scenario"], r["backing"]) != (s, b):
                     continue
-                t.rows.append([r["variant"], r["granule"],
-                               *(f"{h.saving:.1f}% ({h.share_before:.1f}%)"
-                                 for h in (r["profiles"][n] for n in names))])
+                t.rows.append([r["variant"], r["granule"], *(
+                    "n/a" if iv is None else fmt_interval(iv.point, iv.low, iv.high)
+                    .replace(" (", "\n(") for iv in (r["profiles"][n] for n in names))])
             sec.blocks.append(t)
-    # Statements under the report's profile, one per scenario, backing and variant.
-    o = data.outcome
-    items: list[str] = []
-    for s in m.scenarios:
-        for b in m.backings:
-            told: list[str] = []
-            for v in m.variants:
-                if v == "vanilla":
-                    continue
-                twin = next((e for e in told if all(same_work(
-                    o.phase_counts(g, b, s, v), o.phase_counts(g, b, s, e))
-                    for g in m.granules)), None)
-                if twin:
-                    items.append(f"{s}, {BACKING_LABELS[b]}: {v} does exactly the work of "
-                                 f"{twin}, so the same holds for it.")
-                    continue
-                told.append(v)
-                hs = [(g, r["profiles"][o.profile.name]) for r in rows for g in m.granules
-                      if (r["scenario"], r["backing"], r["variant"], r["granule"]) ==
-                      (s, b, v, granule_name(g))]
-                g0, h0 = hs[0]
-                text = f"{s}, {BACKING_LABELS[b]}, {v}, {granule_name(g0)}: " + \
-                    statement(v, h0, o.profile.name)
-                same = [(g, h) for g, h in hs[1:] if h.key == h0.key and h.gone == h0.gone]
-                if same:
-                    text += " The same at " + "; ".join(
-                        f"{granule_name(g)}: saving {h.saving:.1f}%, share {h.share_before:.1f}%"
-                        f", rest {h.rest:+.2f} points" for g, h in same) + "."
-                items.append(text)
-                for g, h in hs[1:]:
-                    if (g, h) not in same:
-                        items.append(f"{s}, {BACKING_LABELS[b]}, {v}, {granule_name(g)}: " +
-                                     statement(v, h, o.profile.name))
+    items = []
+    for r in rows:
+        where = f"{r['scenario']}, {BACKING_LABELS[r['backing']]}, {r['variant']}, " \
+            f"{r['granule']}: "
+        if r["same_work_as"]:
+            items.append(where + f"does exactly the work of {r['same_work_as']}: the same.")
+        else:
+            items.append(where + statement(r["sensitivity"], data.profile.name))
     sec.blocks.append(Bullets(items))
     return sec
 
@@ -539,8 +552,23 @@ def breakdown_section(data: ReportData) -> Section:
             t.rows.append([B.key_label(k), *(_num(parts[v].get(k, 0.0), unit)
                                              for v in m.variants)])
         t.rows.append(["total (estimate)", *(_num(totals[v], unit) for v in m.variants)])
+        t.notes += tlbi_notes({v: o.phase_counts(g, b, s, v) for v in m.variants})
         sec.blocks.append(t)
     return sec
+
+
+def tlbi_notes(counts: dict[str, Any]) -> list[str]:
+    """TLBI instructions by kind (exact), per variant; variants with the same
+    instructions share a line."""
+    from ..kernel_counters import tlbi_instructions
+    lines: dict[str, list[str]] = {}
+    for v, c in counts.items():
+        kinds = tlbi_instructions(c)
+        text = ", ".join(f"{n:,} {k.removeprefix('TLBI ')}" for k, n in kinds.items() if n) \
+            or "none"
+        lines.setdefault(f"{text} ({c.tlbi_calls():,} hyp TLB calls)", []).append(v)
+    return [f"TLBI instructions (exact), {' and '.join(vs)}: {text}"
+            for text, vs in lines.items()]
 
 
 def _num(ns: float, unit: tuple[str, float]) -> str:
@@ -555,9 +583,13 @@ def build_document(data: ReportData) -> Document:
         Section("About these numbers", [Para(
             f"Every time below is an estimate under the hardware profile "
             f"'{data.profile.name}' (s2split's cost model), not a measurement -- except "
-            "the measured column of 'Measured beside modelled'. Counts of work (entries "
-            "read, visitor calls, TLBIs, tables) are exact.")]),
-        setup_section(data), savings_section(data), measured_section(data),
+            "the measured column of 'Measured beside modelled', which 's2split hw' measured "
+            "on real hardware. Counts of work (entries read, visitor calls, TLBIs, tables) "
+            "are exact. Each estimated saving comes with its exact range over the profile's "
+            "cost ranges; the clear scenario's total depends on --iterations (see 'First "
+            "split and steady state').")]),
+        setup_section(data), savings_section(data), iterations_section(data),
+        measured_section(data),
         invocations_section(data), gains_section(data), sensitivity_section(data, rows),
         breakdown_section(data)]
     return doc
@@ -569,6 +601,7 @@ def report_json(data: ReportData) -> dict[str, Any]:
     from dataclasses import asdict
 
     from ..reproduce import matrix_summary, profile_option, reproduce_command
+    from ..kernel_counters import tlbi_instructions
     from ..versions import DEFAULT_KERNEL
     from . import breakdown as B
     from .reproduce import outcome_json
@@ -596,14 +629,15 @@ def report_json(data: ReportData) -> dict[str, Any]:
                     "p_adjusted": mc.row.p_adjusted, "verdict": mc.row.verdict,
                     "warnings": mc.row.warnings}
             measured["cells"].append(entry)
+    from .sensitivity import to_json as sensitivity_json
     sens = []
     for r in sensitivity_rows(data):
-        sens.append({k: r[k] for k in ("scenario", "backing", "variant", "granule")} | {
-            "profiles": {n: {"saved_pct": h.saving, "hinge": h.label, "gone": h.gone,
-                             "share_before_pct": h.share_before,
-                             "share_after_pct": h.share_after, "rest_points": h.rest,
-                             "unit_costs": [asdict(u) for u in h.unit_costs]}
-                         for n, h in r["profiles"].items()}})
+        sens.append({k: r[k] for k in ("scenario", "backing", "variant", "granule",
+                                       "same_work_as")} | {
+            "analysis": sensitivity_json(r["sensitivity"]),
+            "profiles": {n: None if iv is None else {"saved_pct": iv.point, "low_pct": iv.low,
+                                                     "high_pct": iv.high}
+                         for n, iv in r["profiles"].items()}})
     breakdown = []
     for cell in data.cells():
         g, b, s = cell
@@ -612,13 +646,16 @@ def report_json(data: ReportData) -> dict[str, Any]:
             parts = B.breakdown_ns(c, p)
             breakdown.append(cellinfo(cell) | {
                 "variant": v, "estimate_ns": p.estimate_ns(c),
+                "tlbi_instructions": tlbi_instructions(c), "tlbi_calls": c.tlbi_calls(),
                 "parts": [{"operation": k[0], "level": k[1], "ns": parts[k]}
                           for k in B.ordered_keys(parts)]})
     return {
         "format": REPORT_FORMAT,
         "version": __version__,
         "times_are": f"estimates under profile {p.name}, not measurements (except "
-                     "'measured')",
+                     "'measured', from 's2split hw')",
+        "intervals_are": "low/high: the exact extremes of each saving over the box of the "
+                         "profile's cost ranges (ranges_ns)",
         "setup": {"profile": p.name, "profile_description": p.description,
                   "profile_source": profile_option(p), "features": p.features.as_dict(),
                   "kernel": DEFAULT_KERNEL, "size": m.size, "granules": list(m.granules),
@@ -642,6 +679,7 @@ def report_json(data: ReportData) -> dict[str, Any]:
         "explanations": [cellinfo(c) | {"sentences": gains_sentences(o, c)}
                          for c in data.cells()],
         "sensitivity": sens,
+        "per_iteration": iterations_json(data),
         "breakdown": breakdown,
         "plots": data.plots,
     }

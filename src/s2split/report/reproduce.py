@@ -5,6 +5,9 @@ each variant saves against vanilla, per granule and averaged across granules
 (how the patch series reported its results), and the same for work (entries
 read, visitor calls), which is exact. Then, per cell, the one ``s2split
 perf-test`` command that reproduces it.
+
+Every estimated saving carries its exact range over the profile's cost ranges
+(:mod:`s2split.intervals`): ``15.1% (9.8-22.4)``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from rich.table import Table
 
 from ..arch import granule_name
 from ..counts import Counts
+from ..intervals import Interval, MeanInterval, fmt_interval, mean_interval, saving_interval
 from ..reproduce import BACKING_LABELS, SCENARIOS, Outcome, profile_option, \
     reproduce_command
 from . import saving
@@ -44,14 +48,46 @@ def savings(outcome: Outcome, scenario: str, backing: str, variant: str,
     return out
 
 
+def time_intervals(outcome: Outcome, scenario: str, backing: str, variant: str
+                   ) -> dict[int | str, "Interval | MeanInterval | None"]:
+    """The estimated time saved per granule with its exact interval over the
+    profile's cost ranges, and ('avg') their mean with the mean of the
+    extremes (see :func:`s2split.intervals.mean_interval`)."""
+    p = outcome.profile
+    out: dict[int | str, Interval | MeanInterval | None] = {}
+    parts, forms = [], []
+    for g in outcome.matrix.granules:
+        base = outcome.phase_counts(g, backing, scenario, "vanilla")
+        val = outcome.phase_counts(g, backing, scenario, variant)
+        iv = saving_interval(p, base, val)
+        out[g] = iv
+        if iv is not None:
+            parts.append(iv)
+            forms.append((p.coefficients(base), p.coefficients(val)))
+    out["avg"] = mean_interval(parts, forms)
+    return out
+
+
+#: What ``avg``'s interval is, as reproduce --json and the report say it.
+AVG_EXACT = "exact: one vertex of the cost box gives every granule its extreme, so the " \
+    "mean of the granules' extremes is the mean's own"
+AVG_OUTER = "outer bound: the mean of each granule's exact extremes; a mean of ratios is " \
+    "not linear-fractional, and the mean's own extremes lie within this"
+
+
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f}%"
+
+
+def _fmt_iv(iv: "Interval | MeanInterval | None") -> str:
+    return "n/a" if iv is None else fmt_interval(iv.point, iv.low, iv.high)
 
 
 def savings_table(outcome: Outcome, what: str) -> Table:
     m = outcome.matrix
     title = {"time": f"Estimated syscall time saved against vanilla (profile "
-                     f"{outcome.profile.name}; estimates, not measurements)",
+                     f"{outcome.profile.name}; estimates, not measurements; in brackets the "
+                     "exact range over the profile's cost ranges)",
              "reads": "Entries read saved against vanilla (exact)",
              "visits": "Visitor calls saved against vanilla (exact)"}[what]
     t = Table(title=title, title_justify="left")
@@ -66,10 +102,20 @@ def savings_table(outcome: Outcome, what: str) -> Table:
             for v in m.variants:
                 if v == "vanilla":
                     continue
+                if what == "time":
+                    ivs = time_intervals(outcome, s, b, v)
+                    t.add_row(s, BACKING_LABELS[b], v, *(_fmt_iv(ivs[g]) for g in m.granules),
+                              _fmt_iv(ivs["avg"]) + ("" if _avg_exact(ivs) else "*"))
+                    continue
                 row = savings(outcome, s, b, v, what)
                 t.add_row(s, BACKING_LABELS[b], v, *(_fmt(row[g]) for g in m.granules),
                           _fmt(row["avg"]))
     return t
+
+
+def _avg_exact(ivs: dict) -> bool:
+    avg = ivs["avg"]
+    return avg is None or avg.exact or avg.high - avg.low == 0
 
 
 def vanilla_table(outcome: Outcome) -> Table:
@@ -115,18 +161,84 @@ def outcome_json(outcome: Outcome) -> dict[str, Any]:
                     entry[f"{what}_saved_pct"] = {
                         granule_name(k) if isinstance(k, int) else k: val
                         for k, val in savings(outcome, s, b, v, what).items()}
+                ivs = time_intervals(outcome, s, b, v)
+                for end in ("low", "high"):
+                    entry[f"time_saved_pct_{end}"] = {
+                        granule_name(k) if isinstance(k, int) else k:
+                        None if iv is None else getattr(iv, end) for k, iv in ivs.items()}
+                entry["time_saved_pct_avg_interval"] = AVG_EXACT if _avg_exact(ivs) \
+                    else AVG_OUTER
+                entry["time_saved_by_part"] = parts_json(outcome, s, b, v)
                 entry["commands"] = {granule_name(g): reproduce_command(
                     outcome.params[(g, b, s)], v, profile_option(outcome.profile))
                     for g in m.granules}
                 rows.append(entry)
     return {"format": "s2split-reproduce/1", "profile": outcome.profile.name,
             "times_are": f"estimates under profile {outcome.profile.name}",
+            "measured": "nothing: counts are exact, times are estimates (only 's2split hw' "
+                        "measures times)",
+            "intervals_are": "time_saved_pct_low/high: the exact minimum and maximum of the "
+                             "saving over the box of the profile's cost ranges (ranges_ns; a "
+                             "cost without a range is exact), by linear-fractional "
+                             "programming",
+            "iterations": m.iterations,
             "scenarios": SCENARIOS, "rows": rows,
             "cells": {"computed": outcome.ran, "found": outcome.skipped}}
 
 
+def parts_json(outcome: Outcome, s: str, b: str, v: str) -> dict[str, list[dict[str, Any]]]:
+    """Per granule: the first split and the steady state (:mod:`s2split.per_iteration`)."""
+    from ..per_iteration import split_parts
+    out = {}
+    for g in outcome.matrix.granules:
+        parts = split_parts(outcome.profile, s, outcome.matrix.iterations,
+                            outcome.cells[(g, b, s, "vanilla")], outcome.cells[(g, b, s, v)])
+        out[granule_name(g)] = [{
+            "part": p.name, "phases": list(p.phases), "vanilla_est_ns": p.vanilla_ns,
+            "variant_est_ns": p.variant_ns, "points_of_total": p.points,
+            "own_saved_pct": p.own.point if p.own else None,
+            "own_saved_pct_low": p.own.low if p.own else None,
+            "own_saved_pct_high": p.own.high if p.own else None} for p in parts]
+    return out
+
+
+def parts_table(outcome: Outcome) -> Table:
+    """First split and steady state, per cell: where the total's dependence
+    on ``--iterations`` comes from."""
+    from ..per_iteration import split_parts
+    m = outcome.matrix
+    t = Table(title=f"Per syscall, first split and steady state ({m.iterations} iterations; "
+              f"estimates under profile {outcome.profile.name}): the part's own saving, and "
+              "its points of the total", title_justify="left")
+    for col in ("scenario", "backing", "variant", "granule", "part", "calls"):
+        t.add_column(col)
+    for col in ("vanilla est.", "own saving", "points"):
+        t.add_column(col, justify="right")
+    for s in m.scenarios:
+        for b in m.backings:
+            for v in m.variants:
+                if v == "vanilla":
+                    continue
+                for g in m.granules:
+                    for p in split_parts(outcome.profile, s, m.iterations,
+                                         outcome.cells[(g, b, s, "vanilla")],
+                                         outcome.cells[(g, b, s, v)]):
+                        t.add_row(s, BACKING_LABELS[b], v, granule_name(g), p.name,
+                                  str(p.calls), f"{p.vanilla_ns / 1e6:,.1f} ms",
+                                  _fmt_iv(p.own), f"{p.points:.1f}")
+    return t
+
+
 def print_outcome(console: Console, outcome: Outcome) -> None:
     console.print(savings_table(outcome, "time"))
+    if any(not _avg_exact(time_intervals(outcome, s, b, v)) for s in outcome.matrix.scenarios
+           for b in outcome.matrix.backings for v in outcome.matrix.variants if v != "vanilla"):
+        console.print("* avg: " + AVG_OUTER + ".", highlight=False)
+    if "clear" in outcome.matrix.scenarios:
+        console.print(parts_table(outcome))
+        console.print(f"The clear scenario's total depends on --iterations (here "
+                      f"{outcome.matrix.iterations}): the first KVM_CLEAR_DIRTY_LOG splits, "
+                      "the later ones only walk the split tables.", highlight=False)
     console.print(savings_table(outcome, "reads"))
     console.print(savings_table(outcome, "visits"))
     console.print(vanilla_table(outcome))

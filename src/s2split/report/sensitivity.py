@@ -1,16 +1,22 @@
-"""What a saving hinges on: the unit costs that decide it.
+"""What moves each saving: the costs that decide it over their ranges.
 
-A variant's saving is the vanilla estimate minus its own, over vanilla's:
-a sum, over the kernel operations of :mod:`.breakdown`, of the time each
-loses. Usually one operation at one level carries nearly all of it -- for
-skip-levels, the split walk at level 3, which it no longer does at all -- so
-the saving *equals the share of vanilla's estimated time spent there*, and a
-reader with other hardware only needs to know what that share is on theirs
-(the unit costs listed, against everything else the syscall does).
+A variant's saving in a cell is ``100 (1 - (v . c) / (b . c))`` in the unit
+costs ``c`` (:mod:`s2split.intervals`). Over the box of the profile's cost
+ranges it lies in an exact interval; this module says *which* costs move it
+there, two ways:
 
-:func:`hinge` finds that operation and checks the statement numerically:
-the saving, the share, and the rest (the other operations' changes, summed
-separately) must add up.
+* **Sobol total indices** (``SALib``, Saltelli sampling with a fixed seed, so
+  a report is reproducible): each ranged cost's share of the saving's variance
+  when every cost is drawn uniformly from its range, interactions included.
+  They are estimates of a global measure (the JSON gives their bootstrap
+  confidence); the interval itself is exact.
+* **Active bounds**: at the interval's two ends (vertices of the box), where
+  the most influential costs sit -- the direction in which each moves the
+  saving.
+
+Only costs some count of the cell multiplies, and whose range has a width,
+are drawn; a saving no ranged cost moves is exact under the profile and said
+so.
 """
 
 from __future__ import annotations
@@ -19,114 +25,126 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..counters import KINDS, slot_level
 from ..counts import Counts
-from .breakdown import BY_LEVEL, CATEGORIES, CATEGORY_INDEX, Key, breakdown_ns, key_label, \
-    key_phrase
+from ..intervals import Interval, saving_interval
 
-#: How counters read in a sentence.
-KIND_WORDS = {"read_table": "entries read", "read_leaf": "entries read",
-              "read_invalid": "entries read", "visit_leaf": "visitor calls",
-              "visit_pre": "visitor calls", "visit_post": "visitor calls",
-              "loops": "table loops", "reload": "entries re-read", "descent": "descents",
-              "walks": "walks", "calls": "calls", "pte_write": "PTE writes",
-              "pte_cas": "PTE compare-and-swaps", "bbm": "break-before-makes",
-              "get_page": "page references taken", "put_page": "page references dropped",
-              "skip_level": "skipped tables", "skip_children": "skipped tables"}
+#: Base samples of Saltelli's scheme (a power of two, as Sobol' sequences
+#: want); evaluations are N (D + 2) dot products, cheap.
+SAMPLES = 512
+SEED = 20240522
+
+#: How a cost key reads in a sentence (others read as the key itself).
+KEY_WORDS = {
+    "split:visit_leaf": "the split visitor's cost",
+    "wrprotect:visit_leaf": "the write-protect visitor's cost",
+    "create_unlinked:visit_leaf": "the cost of the visitor that builds new tables",
+    "read_leaf@3": "the level-3 entry read",
+    "read_invalid@3": "the level-3 invalid-entry read",
+    "read_leaf": "an entry read (levels 0-2)",
+    "read_table": "a table-entry read",
+    "reload": "an entry re-read",
+    "loops": "a table loop",
+    "descent": "a descent",
+    "dsb_ish": "DSB ISH",
+    "tlbi_ipa": "a by-IPA TLBI",
+    "tlbi_range_ops": "a range TLBI",
+    "page_taken": "taking a table page",
+    "get_page": "a page reference",
+    "pte_write": "an entry store",
+    "bitmap_words": "a dirty-bitmap word",
+    "log_dirty_masked": "a masked write-protect call",
+    "ioctls": "the ioctl's fixed cost",
+    "walks": "a walk's set-up",
+    "cache_pages_alloc": "a page allocated into a memory cache",
+}
+
+
+def key_words(key: str) -> str:
+    return f"{KEY_WORDS[key]} ({key})" if key in KEY_WORDS else key
 
 
 @dataclass
-class UnitCost:
-    what: str  # e.g. "entries read"
-    count: int  # in vanilla
-    unit_ns: float
-    share: float  # percent of vanilla's estimate
+class Sensitivity:
+    """One cell's saving, its exact interval and what moves it."""
+
+    interval: Interval | None
+    keys: list[str] = field(default_factory=list)  # ranged costs the cell uses
+    total_index: dict[str, float] = field(default_factory=dict)  # Sobol S_T
+    total_conf: dict[str, float] = field(default_factory=dict)  # its 95% half-width
+    at_low: dict[str, str] = field(default_factory=dict)  # key -> "low"/"high" bound
+    at_high: dict[str, str] = field(default_factory=dict)
+
+    def top(self, n: int = 3) -> list[tuple[str, float]]:
+        return sorted(self.total_index.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
 
-@dataclass
-class Hinge:
-    """What one variant's saving in one cell rests on (percentages of the
-    vanilla estimate of the cell)."""
-
-    saving: float
-    key: Key | None  # the (category, level) whose time falls most; None: nothing falls
-    share_before: float = 0.0
-    share_after: float = 0.0
-    rest: float = 0.0  # the other operations' changes, summed on their own
-    unit_costs: list[UnitCost] = field(default_factory=list)
-
-    @property
-    def gone(self) -> bool:
-        return self.key is not None and self.share_after == 0.0
-
-    @property
-    def residual(self) -> float:
-        """saving - (share_before - share_after) - rest: zero up to rounding."""
-        return self.saving - (self.share_before - self.share_after) - self.rest
-
-    @property
-    def label(self) -> str:
-        return key_label(self.key) if self.key else "-"
-
-
-def hinge(base: Counts, other: Counts, profile) -> Hinge:
-    """The operation a variant's saving comes from, with the numbers that
-    check it (see the module docstring)."""
-    total = profile.estimate_ns(base)
-    if total <= 0:
-        return Hinge(0.0, None)
-    saving = 100.0 * (total - profile.estimate_ns(other)) / total
-    b, o = breakdown_ns(base, profile), breakdown_ns(other, profile)
-    drops = {k: b.get(k, 0.0) - o.get(k, 0.0) for k in set(b) | set(o)}
-    if not drops or max(drops.values()) <= 0:
-        return Hinge(saving, None, rest=100.0 * sum(drops.values()) / total)
-    key = max(drops, key=lambda k: (drops[k], str(k)))
-    rest = 100.0 * sum(v for k, v in drops.items() if k != key) / total
-    return Hinge(saving, key, 100.0 * b.get(key, 0.0) / total, 100.0 * o.get(key, 0.0) / total,
-                 rest, unit_costs(base, profile, key, total))
+def analyse(base: Counts, other: Counts, profile) -> Sensitivity:
+    """The sensitivity of ``other``'s saving against ``base`` (one cell)."""
+    iv = saving_interval(profile, base, other)
+    if iv is None:
+        return Sensitivity(None)
+    b, v = profile.coefficients(base), profile.coefficients(other)
+    low, _, high = profile.bounds()
+    idx = [i for i in range(len(b)) if (b[i] or v[i]) and high[i] > low[i]]
+    keys = profile.keys
+    out = Sensitivity(iv, [keys[i] for i in idx])
+    if not idx or iv.width <= 0:
+        return out
+    for i in idx:
+        out.at_low[keys[i]] = "low" if iv.low_costs[i] == low[i] else "high"
+        out.at_high[keys[i]] = "low" if iv.high_costs[i] == low[i] else "high"
+    from SALib.analyze import sobol as sobol_analyze
+    from SALib.sample import sobol as sobol_sample
+    problem = {"num_vars": len(idx), "names": out.keys,
+               "bounds": [[float(low[i]), float(high[i])] for i in idx]}
+    x = sobol_sample.sample(problem, SAMPLES, calc_second_order=False, seed=SEED)
+    # The costs not drawn stay at their point (a constant part of each form).
+    c0 = np.array([profile.unit_costs_ns[k] for k in keys], dtype=float)
+    fixed = np.ones(len(b), dtype=bool)
+    fixed[idx] = False
+    bb = x @ b[idx] + float(b[fixed] @ c0[fixed])
+    vv = x @ v[idx] + float(v[fixed] @ c0[fixed])
+    y = 100.0 * (1.0 - vv / bb)
+    res = sobol_analyze.analyze(problem, y, calc_second_order=False, num_resamples=100,
+                                conf_level=0.95, seed=SEED, print_to_console=False)
+    for k, st, conf in zip(out.keys, res["ST"], res["ST_conf"]):
+        # A variance-based index is >= 0; tiny negative values are sampling noise.
+        out.total_index[k] = max(0.0, float(st))
+        out.total_conf[k] = float(conf)
+    return out
 
 
-def unit_costs(counts: Counts, profile, key: Key, total: float) -> list[UnitCost]:
-    """The counters of ``key`` in ``counts`` grouped by what they count and
-    their unit cost, largest share first."""
-    cat, level = key
-    ci = CATEGORIES.index(cat)
-    prod = counts.array * profile.array
-    groups: dict[tuple[str, float], list[float]] = {}
-    for o, k, s in zip(*np.nonzero(prod)):
-        if CATEGORY_INDEX[o, k] != ci:
-            continue
-        if cat in BY_LEVEL and slot_level(int(s)) != level:
-            continue
-        kind = KINDS[k]
-        what = KIND_WORDS.get(kind, kind.replace("_", " "))
-        g = groups.setdefault((what, float(profile.array[o, k, s])), [0, 0.0])
-        g[0] += int(counts.array[o, k, s])
-        g[1] += float(prod[o, k, s])
-    out = [UnitCost(what, int(n), cost, 100.0 * ns / total)
-           for (what, cost), (n, ns) in groups.items()]
-    return sorted(out, key=lambda u: -u.share)
+def statement(s: Sensitivity, profile_name: str) -> str:
+    """One sentence: the interval, and the costs that move the saving most."""
+    iv = s.interval
+    if iv is None:
+        return "no saving to speak of: vanilla's estimate can be zero."
+    head = f"the saving ({iv.point:.1f}%) lies in {iv.low:.1f}-{iv.high:.1f}%"
+    if iv.width <= 0 or not s.total_index:
+        return (f"the saving ({iv.point:.1f}%) is exact under profile {profile_name}: no cost "
+                "with a range moves it.")
+    top = s.top(3)
+    lead, rest = top[0], top[1:]
+
+    def direction(k: str) -> str:
+        return "grows" if s.at_high[k] == "high" else "falls"
+    text = (f"{head}; {100 * lead[1]:.0f}% of its variance over the cost ranges involves "
+            f"{key_words(lead[0])} (Sobol total index {lead[1]:.2f}; the saving "
+            f"{direction(lead[0])} with it)")
+    if rest:
+        text += ", then " + ", ".join(f"{key_words(k)} ({st:.2f}, it {direction(k)})"
+                                      for k, st in rest)
+    return text + f" (profile {profile_name}; {len(s.keys)} ranged costs drawn)."
 
 
-def _ns(x: float) -> str:
-    return f"{x:g} ns"
+def to_json(s: Sensitivity) -> dict:
+    iv = s.interval
+    return {"saved_pct": iv.point if iv else None, "low_pct": iv.low if iv else None,
+            "high_pct": iv.high if iv else None, "ranged_keys": s.keys,
+            "sobol_total": s.total_index, "sobol_total_conf95": s.total_conf,
+            "bounds_at_low": s.at_low, "bounds_at_high": s.at_high,
+            "sobol": {"samples": SAMPLES, "seed": SEED, "method": "Saltelli sampling, "
+                      "Sobol total indices (SALib), costs uniform over their ranges"}}
 
 
-def statement(variant: str, h: Hinge, profile_name: str, top: int = 3) -> str:
-    """The hinge as one sentence, with its numerical check."""
-    if h.key is None:
-        return (f"{variant} saves {h.saving:.1f}%: no operation's estimated time falls "
-                f"(profile {profile_name}).")
-    costs = ", ".join(f"{u.count:,} {u.what} at {_ns(u.unit_ns)}" for u in h.unit_costs[:top])
-    where = key_phrase(h.key)
-    if h.gone:
-        head = (f"the saving ({h.saving:.1f}%) equals the share of the syscall's estimated "
-                f"time spent in {where} ({h.share_before:.1f}%: {costs}), which {variant} "
-                "no longer does")
-    else:
-        head = (f"the saving ({h.saving:.1f}%) comes mostly from {where}, whose share of "
-                f"vanilla's estimated time falls from {h.share_before:.1f}% to "
-                f"{h.share_after:.1f}% ({costs})")
-    return (f"{head}; every other change together adds {h.rest:+.2f} points "
-            f"(check: {h.saving:.2f} = {h.share_before:.2f} - {h.share_after:.2f} "
-            f"{'+' if h.rest >= 0 else '-'} {abs(h.rest):.2f}; profile {profile_name}).")
+__all__ = ["Sensitivity", "analyse", "statement", "to_json", "key_words"]
