@@ -387,9 +387,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``s2split report`` (s2split.report.mail), on reproduce's machinery."""
+    from .report.cover import build_cover
     from .report.mail import run_report
     return run_report(args, matrix_from(args),
-                      lambda matrix, show: _run_matrix(args, matrix, show))
+                      lambda matrix, show: _run_matrix(args, matrix, show),
+                      lambda data: build_cover(data, args.full))
 
 
 def cmd_hw_plan(args: argparse.Namespace) -> int:

@@ -52,12 +52,11 @@ HW_PHASE = {"clear": "clear_dirty_log_total", "enable": "enable_dirty_logging"}
 DEFAULT_REPEAT = 9
 SELFTEST_NOTE = (
     "The upstream dirty_log_perf_test cannot enable eager splitting: it never "
-    "sets KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, which is 0 (off) by default. A "
-    "plain selftest run therefore does no splitting in the ioctls measured here "
-    "(huge pages are write-protected and split later, one write fault at a "
-    "time), so it measures none of the split walk that the variants change. "
-    "'s2split hw run' sets the capability (--chunk-size) right after creating "
-    "the VM and otherwise runs the selftest's phases in the selftest's order.")
+    "sets KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, which is 0 (off) by default, so it "
+    "measures none of the split walk the variants change. 's2split hw run' sets "
+    "it (--chunk-size) before the first memslot and otherwise runs the selftest's "
+    "phases in its order; contrib/dirty_log_perf_test-eager-split-chunk-size.patch "
+    "gives the selftest the same as -k SIZE ('s2split hw plan' prints both).")
 HOST_PAGE_NOTE = (
     "On arm64 the stage-2 granule is the host kernel's page size: a 16K or 64K "
     "cell is measured on a host kernel built with 16K or 64K pages (a 16K or "
@@ -697,12 +696,14 @@ def choose_format(given: str | None, output: str | None, isatty: bool) -> str:
     return "rich" if isatty else "text"
 
 
-def render(data: ReportData, fmt: str) -> str:
-    """The report in a file format (``rich`` as its plain-text export)."""
+def render(data: ReportData, fmt: str, build: Callable[[ReportData], Document] | None = None
+           ) -> str:
+    """The report in a file format (``rich`` as its plain-text export);
+    ``build`` makes the document (default: the whole report)."""
     from .document import render_markdown, render_rich, render_text
     if fmt == "json":
         return json.dumps(report_json(data), indent=1) + "\n"
-    doc = build_document(data)
+    doc = (build or build_document)(data)
     if fmt == "text":
         return render_text(doc)
     if fmt == "markdown":
@@ -715,8 +716,10 @@ def render(data: ReportData, fmt: str) -> str:
     return buf.getvalue()
 
 
-def run_report(args: argparse.Namespace, matrix: Any, run_matrix: RunMatrix) -> int:
-    """``s2split report`` (see the module docstring): gather, render, write."""
+def run_report(args: argparse.Namespace, matrix: Any, run_matrix: RunMatrix,
+               build: Callable[[ReportData], Document] | None = None) -> int:
+    """``s2split report`` (see the module docstring): gather, render, write;
+    ``build`` makes the document (default: the whole report)."""
     to_file = args.output not in (None, "-")
     fmt = choose_format(args.format, args.output, sys.stdout.isatty())
     if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
@@ -734,9 +737,9 @@ def run_report(args: argparse.Namespace, matrix: Any, run_matrix: RunMatrix) -> 
     if fmt == "rich" and not to_file:
         from ..console import rich_console
         from .document import render_rich
-        render_rich(build_document(data), rich_console())
+        render_rich((build or build_document)(data), rich_console())
         return 0
-    text = render(data, fmt)
+    text = render(data, fmt, build)
     if to_file:
         from ..output import write_atomic
         write_atomic(args.output, text)
@@ -782,6 +785,8 @@ def add_report_options(p: argparse.ArgumentParser) -> None:
     o.add_argument("--repeat", type=int_arg("--repeat", 1), default=DEFAULT_REPEAT,
                    metavar="N", help="repetitions in the printed 'hw run' commands "
                    f"(default: {DEFAULT_REPEAT})")
+    o.add_argument("--full", action="store_true",
+                   help="the cover letter and the whole report as its appendix")
     o.add_argument("--plots", metavar="DIR",
                    help="write the per-operation stacked bars into DIR (PNG and SVG)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
