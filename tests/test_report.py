@@ -632,3 +632,28 @@ def test_cover_letter_measured_is_hw_compares(measured):
             "-" if r is None else f"{-100 * r['change']:.1f}%"
     assert {(s, b): m for s, b, m in got} == want
     assert "m: measured on real hardware" in " ".join(body.split())
+
+
+def test_measured_labels_per_granule(measured, tmp_path):
+    """--measured 'base-{granule}' 'patched-{granule}' (hw plan's labels) reads
+    the same measurements as the plain labels they were stored under."""
+    import shutil
+    db = tmp_path / "g.sqlite"
+    shutil.copy(measured["db"], db)
+    store = Store.open(str(db))
+    for old, new in (("BASE", "base-4K"), ("PATCHED", "patched-4K")):
+        store.add_measurements([dict(r, label=new) for r in store.measurements(old)])
+    store.close()
+    code, doc, err = run(["report", *MATRIX, "--db", str(db), "--measured", "base-{granule}",
+                          "patched-{granule}", "--format", "json", "--no-progress"])
+    assert code == 0, err
+    got = json.loads(doc)["measured"]["cells"]
+    want = measured["json"]["measured"]["cells"]
+    assert [c["measured"] and c["measured"]["saved_pct"] for c in got] == \
+        [c["measured"] and c["measured"]["saved_pct"] for c in want]
+    # a granule without its labels is a one-line error
+    code, out, err = run(["report", *MATRIX[:2], "--granule", "4K,16K", *MATRIX[4:],
+                          "--db", str(db), "--measured", "base-{granule}", "patched-{granule}",
+                          "--no-progress"])
+    assert code == 2
+    one_line(err, "no measurements labelled 'base-16K'")
