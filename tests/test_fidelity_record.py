@@ -460,6 +460,9 @@ def test_kvm_mode():
     assert R.kvm_mode("", "kvm [1]: Hyp nVHE mode initialized successfully") == "nvhe"
     assert R.kvm_mode("", "kvm [1]: Protected nVHE mode initialized successfully") == \
         "protected"
+    assert R.kvm_mode("", "kvm [1]: Hyp hVHE mode initialized successfully") == "nvhe"
+    assert R.kvm_mode("", "kvm [1]: VHE+NV2 mode initialized successfully") == "vhe"
+    assert R.kvm_mode("", "kvm [1]: Hyp mode initialized successfully") == "nvhe"
     assert R.kvm_mode("", "") is None
 
 
@@ -486,6 +489,6 @@ def test_el2_functions_named_in_one_line_and_the_rest_recorded(fake_host, monkey
     else:
         assert el2 == gone
         assert "stage2_split_walker" in doc["traced_functions"]
-    assert doc["kvm_mode"] == mode
+    assert doc["recorder"]["kvm_mode"] == mode
     assert not set(doc["traced_functions"]) & el2
     assert fake_host.empty

@@ -135,11 +135,14 @@ def kvm_mode(cmdline: str, kernel_log: str = "") -> str | None:
     m = re.search(r"(?:^|\s)kvm-arm\.mode=(\S+)", cmdline)
     if m and m.group(1) in ("nvhe", "protected"):
         return m.group(1)
-    if "Protected nVHE mode initialized" in kernel_log:
+    # KVM's line at initialisation: "VHE", "VHE+NV2", "Hyp nVHE", "Hyp hVHE",
+    # "Protected nVHE" ... "mode initialized successfully" (hVHE: the
+    # hypervisor still runs apart, at EL2); before 5.x "Hyp mode initialized".
+    if re.search(r"Protected [nh]VHE(\+NV2)? mode initialized", kernel_log):
         return "protected"
-    if "Hyp nVHE mode initialized" in kernel_log or "Hyp mode initialized" in kernel_log:
+    if re.search(r"Hyp ([nh]VHE(\+NV2)? )?mode initialized", kernel_log):
         return "nvhe"
-    if "VHE mode initialized" in kernel_log:
+    if re.search(r"(?<![nh])VHE(\+NV2)? mode initialized", kernel_log):
         return "vhe"
     return None
 

@@ -525,12 +525,11 @@ def cmd_record(args: argparse.Namespace) -> int:
         "caveats": caveats,
         "selftest_variant": "s2split-hw-seedfix" if args.seed_synced else "s2split-hw",
         "recorder": {"tracefs": tracefs, "probes": {
-            p.function: f"{p.fetch} | {p.trigger()}" for p in recorder.probes}},
+            p.function: f"{p.fetch} | {p.trigger()}" for p in recorder.probes},
+            "kvm_mode": recorder.mode, "probe_methods": recorder.how},
         "host": host,
         "traced_functions": recorder.traced,
         "missing_functions": recorder.missing,
-        "kvm_mode": recorder.mode,
-        "probe_methods": recorder.how,
         "runs": runs,
     }
     if args.kernel_variant is not None:
