@@ -388,7 +388,8 @@ def measured_section(data: ReportData) -> Section:
 def invocations_section(data: ReportData) -> Section:
     from ..reproduce import profile_option, reproduce_command
     o, m = data.outcome, data.matrix
-    base, patched = data.labels or ("BASE", "PATCHED")
+    # one label per kernel and granule, as hw plan labels its boots
+    base, patched = data.labels or ("baseline-{granule}", "patched-{granule}")
     model: list[str] = []
     hw: list[str] = []
     for cell in data.cells():
@@ -396,10 +397,11 @@ def invocations_section(data: ReportData) -> Section:
         p = o.params[cell]
         model.append(f"# {_label(cell)}")
         model += [reproduce_command(p, v, profile_option(o.profile)) for v in m.variants]
-        hw += [f"# {_label(cell)}", hw_run_command(p, data.repeat, base)]
-    hw += [f"# then boot the patched kernel, run the same commands with --label "
-           f"{shlex.quote(patched)}, and compare:",
-           f"s2split hw compare {shlex.quote(base)} {shlex.quote(patched)}"]
+        hw += [f"# {_label(cell)}", hw_run_command(p, data.repeat, label_for(base, g))]
+    hw += [f"# then boot the patched kernels, run the same commands with --label "
+           f"{shlex.quote(patched)}, and compare each granule:",
+           *dict.fromkeys(f"s2split hw compare {shlex.quote(label_for(base, g))} "
+                          f"{shlex.quote(label_for(patched, g))}" for g in m.granules)]
     return Section("Exact invocations", [
         Para("The model, one command per cell and variant; each prints the selftest's "
              "phase lines (times estimated) and the exact work of every phase:"),
@@ -605,7 +607,7 @@ def report_json(data: ReportData) -> dict[str, Any]:
     from . import breakdown as B
     from .reproduce import outcome_json
     o, m, p = data.outcome, data.matrix, data.profile
-    base, patched = data.labels or ("BASE", "PATCHED")
+    base, patched = data.labels or ("baseline-{granule}", "patched-{granule}")
 
     def cellinfo(cell: Cell) -> dict[str, Any]:
         g, b, s = cell
@@ -670,10 +672,13 @@ def report_json(data: ReportData) -> dict[str, Any]:
             "cells": [cellinfo(c) | {
                 "model": {v: reproduce_command(o.params[c], v, profile_option(p))
                           for v in m.variants},
-                "hw_run": {base: hw_run_command(o.params[c], data.repeat, base),
-                           patched: hw_run_command(o.params[c], data.repeat, patched)}}
+                "hw_run": {x: hw_run_command(o.params[c], data.repeat, label_for(x, c[0]))
+                           for x in (base, patched)}}
                 for c in data.cells()],
-            "hw_compare": f"s2split hw compare {shlex.quote(base)} {shlex.quote(patched)}",
+            # one comparison per granule when the labels name it ({granule})
+            "hw_compare": "; ".join(dict.fromkeys(
+                f"s2split hw compare {shlex.quote(label_for(base, g))} "
+                f"{shlex.quote(label_for(patched, g))}" for g in m.granules)),
             "notes": [SELFTEST_NOTE, HOST_PAGE_NOTE]},
         "explanations": [cellinfo(c) | {"sentences": gains_sentences(o, c)}
                          for c in data.cells()],
