@@ -209,9 +209,18 @@ def test_script_runs_its_commands_when_the_checks_pass(default_plan, tmp_path):
     assert r.returncode == 0, r.stderr
     ran = log.read_text().splitlines()
     assert ran == [r["command"].removeprefix("s2split ") for r in boot["runs"]]
+    # a setting that does not hold (the write goes nowhere) stops the script
+    (thp / "enabled").unlink()
+    (thp / "enabled").symlink_to("/dev/null")
+    log.unlink(missing_ok=True)
+    r = subprocess.run(["bash", str(path)], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "transparent_hugepage/enabled is not madvise" in r.stderr
+    assert not log.exists()
+    (thp / "enabled").unlink()
+    (thp / "enabled").write_text("always [madvise] never\n")
     # a pool one page short fails the check, and nothing runs
     (pool / "free_hugepages").write_text("2047\n")
-    log.unlink()
+    log.unlink(missing_ok=True)
     r = subprocess.run(["bash", str(path)], capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "fewer than 2048 free 32M hugepages" in r.stderr
     assert not log.exists()

@@ -363,8 +363,11 @@ def boot_script(plan: Plan, boot: Boot) -> str:
                      f'*) fail "kernel command line lacks {arg}" ;; esac')
     for key, value in boot.settings:
         if key.startswith("/"):
+            # read back: the value itself, or selected in brackets (THP's
+            # "always [madvise] never")
             lines += [f"echo {q(value)} > {q(key)}",
-                      f'grep -qw -- {q(value)} {q(key)} || fail "{key} is not {value}"']
+                      f'case "$(cat {q(key)})" in {q(value)}|*{q("[" + value + "]")}*) ;; '
+                      f'*) fail "{key} is not {value}" ;; esac']
         else:
             lines += [f"sysctl -qw {q(key + '=' + value)}",
                       f'[ "$(sysctl -n {q(key)})" = {q(value)} ] || fail "{key} is not {value}"']
