@@ -23,8 +23,10 @@ class FakeTracefs(R.Tracefs):
     (function -> {key tuple: (hitcount, {val: sum})}) in the kernel's format,
     and kprobe_profile."""
 
-    def __init__(self, absent=(), refuse_trigger=()):
+    def __init__(self, absent=(), refuse_trigger=(), files=None, refuse_btf=False):
         super().__init__("/nonexistent")
+        self.files = dict(files or {})  # e.g. available_filter_functions, README
+        self.refuse_btf = refuse_btf  # a kernel whose BTF lacks the argument names
         self.absent = set(absent)
         self.refuse_trigger = set(refuse_trigger)
         self.kprobes = {}  # "grp/fn" -> definition
@@ -38,6 +40,10 @@ class FakeTracefs(R.Tracefs):
         raise OSError(code, os.strerror(code))
 
     def read(self, rel):
+        if rel in ("available_filter_functions", "README"):
+            if rel not in self.files:
+                self._err(errno.ENOENT)
+            return self.files[rel]
         if rel == "error_log":
             return "\n".join(self.log) + "\n"
         if rel == "kprobe_profile":
@@ -77,6 +83,11 @@ class FakeTracefs(R.Tracefs):
                 del self.kprobes[ev]
                 return
             head, fn = text.split()[0], text.split()[1]
+            if self.refuse_btf and any("->" in a or ("=" in a and a.split("=")[1][:1].isalpha())
+                                       for a in text.split()[2:]):
+                self.log += ["[ 1.5] trace_kprobe: error: No BTF entry for this argument",
+                             f"  Command: {text}", "            ^"]
+                self._err(errno.ENOENT)
             if fn in self.absent:
                 self.log += [f"[ 1.0] trace_kprobe: error: Invalid probed address or symbol",
                              f"  Command: {text}", "            ^"]
@@ -204,6 +215,10 @@ def fake_host(monkeypatch, tmp_path):
     fs = FakeTracefs(absent={"kvm_mmu_split_huge_pages"})
     monkeypatch.setattr(R, "cannot_record", lambda kvm, tracefs: None)
     monkeypatch.setattr(R, "Tracefs", lambda root: fs)
+    # this test host's own kernel stays out of it: no kallsyms, command line or log
+    monkeypatch.setattr(R, "KALLSYMS", str(tmp_path / "no-kallsyms"))
+    monkeypatch.setattr(R, "CMDLINE", str(tmp_path / "no-cmdline"))
+    monkeypatch.setattr(R, "_kernel_log", lambda: "")
     return fs
 
 
@@ -363,3 +378,117 @@ def test_refused_trigger_is_missing_and_undone():
     assert "g/__kvm_pgtable_walk" not in fs.kprobes  # taken out at once
     assert "__kvm_pgtable_walk" not in rec.traced and "stage2_map_walker" in rec.traced
     assert rec.remove() == [] and fs.empty
+
+
+# -- real kernels: clones, BTF arguments, EL2, the 6.17+ teardown -------------------------
+
+AFF = "\n".join([
+    "kvm_pgtable_walk", "__kvm_pgtable_walk", "stage2_map_walker", "stage2_attr_walker",
+    # GCC emitted the split walker only as a clone (and a .cold part, not an entry)
+    "stage2_split_walker.isra.0", "stage2_split_walker.cold",
+    "stage2_unmap_walker", "stage2_free_walker", "leaf_walker", "kvm_pgtable_stage2_map",
+    "kvm_pgtable_stage2_unmap", "kvm_pgtable_stage2_wrprotect",
+    "kvm_pgtable_stage2_relax_perms", "kvm_pgtable_stage2_split",
+    "kvm_pgtable_stage2_create_unlinked", "kvm_pgtable_stage2_free_unlinked",
+    "kvm_pgtable_stage2_destroy_range", "kvm_pgtable_stage2_destroy_pgd",
+    "kvm_arch_mmu_enable_log_dirty_pt_masked [kvm]", "__kvm_mmu_topup_memory_cache",
+    "kvm_handle_guest_abort", "__kvm_tlb_flush_vmid_ipa", "__kvm_tlb_flush_vmid_ipa_nsh",
+    "kvm_tlb_flush_vmid_range", "__kvm_tlb_flush_vmid_range", "__kvm_tlb_flush_vmid",
+    # a different function whose name starts the same way: not a clone of it
+    "stage2_split_walker_helper.isra.0"]) + "\n"
+
+
+def test_record_resolves_an_isra_clone_from_available_filter_functions():
+    fs = FakeTracefs(files={"available_filter_functions": AFF})
+    rec = R.Recorder(fs, group="g", symbols=R.Symbols.parse(AFF))
+    rec.install()
+    # the clone is probed under an event name without dots, counted whole
+    assert fs.kprobes["g/stage2_split_walker_isra_0"] == \
+        "p:g/stage2_split_walker_isra_0 stage2_split_walker.isra.0 k=\\0"
+    assert "stage2_split_walker" in rec.traced
+    assert "stage2_split_walker.isra.0" in rec.how["stage2_split_walker"]
+    assert not any("helper" in k or "cold" in k for k in fs.kprobes)
+    # absent from both lists: inlined (and the pre-6.17 destroy), not guessed
+    assert "kallsyms" in rec.missing["kvm_mmu_split_huge_pages"]
+    assert "kallsyms" in rec.missing["kvm_pgtable_stage2_destroy"]
+    # the 6.17+ teardown is probed
+    assert {"kvm_pgtable_stage2_destroy_range", "kvm_pgtable_stage2_destroy_pgd"} <= \
+        set(rec.traced)
+    # the clone's counts are the function's
+    fs.counts = {"stage2_split_walker_isra_0": {(("k", 0),): (7, {})}}
+    assert rec.snapshot()["stage2_split_walker"] == {"all": {"hitcount": 7}}
+    assert rec.hits()["stage2_split_walker"] == (7, 0)
+    rec.remove()
+    assert fs.empty
+
+
+def test_symbols_from_kallsyms_and_clone_pattern():
+    syms = R.Symbols.parse("", "ffff800080001000 t foo.constprop.0\n"
+                           "ffff800080002000 T bar\nffff800080003000 d baz.isra.0\n"
+                           "ffff800080004000 t qux.part.0.isra.0\n")
+    assert syms.resolve("foo") == ["foo.constprop.0"]
+    assert syms.resolve("bar") == ["bar"]
+    assert syms.resolve("baz") == []  # a data symbol is no function
+    assert syms.resolve("qux") == ["qux.part.0.isra.0"]
+
+
+def test_btf_arguments_first_registers_as_fallback():
+    readme = "\t  fetcharg: ..., [(structname[,field])]<argname>[->field[->field|.field...]],\n"
+    assert R.btf_args(readme) and not R.btf_args("no such thing")
+    fs = FakeTracefs()
+    rec = R.Recorder(fs, group="g", btf=True)
+    rec.install()
+    assert fs.kprobes["g/stage2_split_walker"].endswith("level=ctx->level:s8 visit=visit:u32")
+    assert fs.kprobes["g/__kvm_pgtable_walk"].endswith("level=level:s8")
+    assert rec.how["__kvm_pgtable_walk"] == "BTF arguments"
+    rec.remove()
+    # a kernel that has BTF but refuses the names: the registers, and why
+    fs = FakeTracefs(refuse_btf=True)
+    rec = R.Recorder(fs, group="g", btf=True)
+    rec.install()
+    assert fs.kprobes["g/stage2_split_walker"].endswith("level=+56(%x0):s8 visit=%x1:u32")
+    assert "No BTF entry" in rec.how["stage2_split_walker"]
+    assert "stage2_split_walker" in rec.traced
+    rec.remove()
+    assert fs.empty
+
+
+def test_kvm_mode():
+    assert R.kvm_mode("root=/dev/vda kvm-arm.mode=nvhe") == "nvhe"
+    assert R.kvm_mode("kvm-arm.mode=protected quiet") == "protected"
+    assert R.kvm_mode("", "kvm [1]: VHE mode initialized successfully") == "vhe"
+    assert R.kvm_mode("", "kvm [1]: Hyp nVHE mode initialized successfully") == "nvhe"
+    assert R.kvm_mode("", "kvm [1]: Protected nVHE mode initialized successfully") == \
+        "protected"
+    assert R.kvm_mode("", "kvm [1]: Hyp hVHE mode initialized successfully") == "nvhe"
+    assert R.kvm_mode("", "kvm [1]: VHE+NV2 mode initialized successfully") == "vhe"
+    assert R.kvm_mode("", "kvm [1]: Hyp mode initialized successfully") == "nvhe"
+    assert R.kvm_mode("", "") is None
+
+
+@pytest.mark.parametrize("mode, gone", [
+    ("nvhe", {"__kvm_tlb_flush_vmid_ipa", "__kvm_tlb_flush_vmid_ipa_nsh",
+              "__kvm_tlb_flush_vmid_range", "__kvm_tlb_flush_vmid"}),
+    ("protected", None),
+])
+def test_el2_functions_named_in_one_line_and_the_rest_recorded(fake_host, monkeypatch,
+                                                                tmp_path, capsys, mode, gone):
+    monkeypatch.setattr(R, "record_runs", lambda args, rec, write: _runs(fake_host, args))
+    (tmp_path / "cmdline").write_text(f"root=/dev/vda kvm-arm.mode={mode}\n")
+    monkeypatch.setattr(R, "CMDLINE", str(tmp_path / "cmdline"))
+    out = tmp_path / "k.json"
+    assert main(["fidelity", "record", "-b", "1M", "--tracefs", "/t", "--output",
+                 str(out)]) == 0
+    doc = json.loads(out.read_text())
+    lines = [l for l in capsys.readouterr().out.splitlines() if "EL2" in l]
+    assert len(lines) == 1 and lines[0].startswith(f"KVM runs in {mode} mode: ")
+    el2 = {fn for fn, why in doc["missing_functions"].items() if "EL2" in why}
+    if gone is None:  # protected: the table code too, but not the EL1 MMU layer
+        assert {"stage2_split_walker", "kvm_pgtable_walk", "__kvm_tlb_flush_vmid"} <= el2
+        assert "kvm_handle_guest_abort" in doc["traced_functions"]
+    else:
+        assert el2 == gone
+        assert "stage2_split_walker" in doc["traced_functions"]
+    assert doc["recorder"]["kvm_mode"] == mode
+    assert not set(doc["traced_functions"]) & el2
+    assert fake_host.empty

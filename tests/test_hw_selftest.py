@@ -163,3 +163,27 @@ def test_cli_import_errors_are_one_line(tmp_path, capsys):
                  str(tmp_path / "r.sqlite")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not look like dirty_log_perf_test output" in err[0]
+
+
+def test_patched_selftest_chunk_size_gives_hw_runs_key():
+    """The output of the selftest with contrib/'s -k patch: the line it prints
+    sets the chunk size, so the import has the key 'hw run --chunk-size'
+    stores; -k in --args must agree with it."""
+    from s2split.hw.params import HwParams
+    from s2split.modes import parse_mode
+    text = (DATA / "v6.12-arm64-thp-3modes.txt").read_text().replace(
+        "Testing guest mode: PA-bits:40,  VA-bits:48,  4K pages\n",
+        "Testing guest mode: PA-bits:40,  VA-bits:48,  4K pages\n"
+        "Eager split chunk size: 0x200000\n")
+    parsed = parse_output(text, "k.txt")
+    rows, _ = import_rows(parsed, "k", "-m 6 -s anonymous_thp -b 1G -k 2M")
+    want = HwParams(vcpu_memory_bytes=1 << 30, backing="anonymous_thp", mode=parse_mode(6),
+                    chunk_size=2 << 20).config_key()
+    assert want.endswith("--chunk-size 2M")
+    keys = {r["config_key"] for r in rows}
+    assert want in keys
+    # only the mode whose output printed the chunk size gets it without -k
+    rows, _ = import_rows(parsed, "k", "-s anonymous_thp -b 1G")
+    assert sum(1 for k in {r["config_key"] for r in rows} if "--chunk-size 2M" in k) == 1
+    with pytest.raises(S2Error, match="-k 0x100000 but the VM reported"):
+        import_rows(parsed, "k", "-s anonymous_thp -b 1G -k 1M")

@@ -55,11 +55,13 @@ def small(tmp_path_factory):
     db = str(d / "r.sqlite")
     code, repro, err = run(["reproduce", *MATRIX, "--db", db, "--json", "--no-progress"])
     assert code == 0, err
-    code, text, err = run(["report", *MATRIX, "--db", db, "--no-progress"])
+    code, text, err = run(["report", *MATRIX, "--db", db, "--no-progress", "--full"])
+    assert code == 0, err
+    code, cover, err = run(["report", *MATRIX, "--db", db, "--no-progress"])
     assert code == 0, err
     code, doc, err = run(["report", *MATRIX, "--db", db, "--format", "json", "--no-progress"])
     assert code == 0, err
-    return {"db": db, "dir": d, "repro": json.loads(repro), "text": text,
+    return {"db": db, "dir": d, "repro": json.loads(repro), "text": text, "cover": cover,
             "json": json.loads(doc)}
 
 
@@ -403,13 +405,16 @@ def measured(small, tmp_path_factory):
                           "--no-model"])
     assert code == 0, err
     code, text, err = run(["report", *MATRIX, "--db", str(db), "--measured", "BASE",
-                           "PATCHED", "--no-progress"])
+                           "PATCHED", "--no-progress", "--full"])
+    assert code == 0, err
+    code, cover, err = run(["report", *MATRIX, "--db", str(db), "--measured", "BASE",
+                            "PATCHED", "--no-progress"])
     assert code == 0, err
     code, doc, err = run(["report", *MATRIX, "--db", str(db), "--measured", "BASE",
                           "PATCHED", "--format", "json", "--no-progress"])
     assert code == 0, err
     return {"db": str(db), "keys": keys, "compare": json.loads(out), "text": text,
-            "json": json.loads(doc)}
+            "cover": cover, "json": json.loads(doc)}
 
 
 def test_measured_equals_hw_compare(measured):
@@ -474,7 +479,7 @@ def test_output_files_by_suffix(small, tmp_path):
                               "--no-progress"])
         assert code == 0, err
         assert out.strip() == f"wrote the report ({path.suffix.strip('.').replace('md', 'markdown')}) to {path}"
-    assert "| backing | variant | 4K | avg |" in md.read_text()
+    assert "| cell | 4K | avg |" in md.read_text()  # the cover letter's table
     assert json.loads(js.read_text())["format"] == "s2split-report/1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # no temp files
 
@@ -525,3 +530,130 @@ def test_bad_input_is_one_line_exit_2_and_no_file(small, tmp_path, case):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db.sqlite"]
     if case in ("empty-file", "foreign"):
         assert db.read_bytes() == before  # refused untouched
+
+
+# -- the cover letter (the default text) ------------------------------------------------------
+
+def _unwrap(text: str) -> str:
+    """The text with wrapped command lines joined again."""
+    return re.sub(r" \\\n\s+", " ", text)
+
+
+@pytest.fixture(scope="module")
+def default_cover(tmp_path_factory):
+    """The default matrix (64G, three granules, backings, scenarios, variants):
+    the cover letter, the report's JSON and hw plan's JSON on the same cells."""
+    db = str(tmp_path_factory.mktemp("cover") / "r.sqlite")
+    code, cover, err = run(["report", "--db", db, "--no-progress"])
+    assert code == 0, err
+    code, doc, err = run(["report", "--db", db, "--no-progress", "--format", "json"])
+    assert code == 0, err
+    code, plan, err = run(["hw", "plan", "--db", db, "--no-progress", "--format", "json"])
+    assert code == 0, err
+    return {"db": db, "cover": cover, "json": json.loads(doc), "plan": json.loads(plan)}
+
+
+def test_cover_letter_fits_for_the_default_matrix(default_cover):
+    text = default_cover["cover"]
+    lines = text.splitlines()
+    assert text.isascii() and len(lines) <= 100 and max(len(x) for x in lines) <= 80
+    titles = [lines[i - 1] for i, x in enumerate(lines) if i and re.fullmatch(r"-+", x)]
+    assert titles == ["Setup", "Estimated saving", "Where the gains are", "Measuring it",
+                      "Reproducing this report"]
+
+
+def test_cover_letter_savings_are_reproduces(default_cover):
+    """Every saving and its range in the cover's table is reproduce --json's."""
+    from s2split.intervals import fmt_interval
+    body = section(default_cover["cover"], "Estimated saving")
+    label = {"regular": "regular pages", "thp": "THP", "hugetlb": "hugetlb"}
+    # the table's cells, rejoined: "30.3% (8.7-58.2)" per granule
+    rows = re.findall(r"^(clear|enable), (\S+(?: pages)?)?\s+(.*)\n(?:pages)?\s+(.*)$", body,
+                      re.M)
+    assert len(rows) == 6
+    for r in default_cover["json"]["rows"]:
+        if r["variant"] != "skip-levels":
+            continue
+        want = [fmt_interval(r["time_saved_pct"][g], r["time_saved_pct_low"][g],
+                             r["time_saved_pct_high"][g]) for g in ("4K", "16K", "64K")]
+        row = next(x for x in rows if x[0] == r["scenario"] and
+                   label[r["backing"]].startswith(x[1].strip()))
+        points, ranges = row[2].split(), row[3].split()
+        assert [f"{p} {q}" for p, q in zip(points, ranges)][:3] == want
+
+
+def test_cover_letter_prints_twins_once_with_the_reason(default_cover):
+    text = default_cover["cover"]
+    body = section(text, "Estimated saving")
+    flat = " ".join(body.split())
+    assert flat.count("skip-levels+skip-children: the same work as skip-levels in every "
+                      "cell, because") == 1
+    assert "skip-levels+skip-children" not in body.split("- In brackets")[0]
+    # the reason's figures: skips moved from one kind to the other, summed over the cells
+    moved = re.search(r"\(-([\d,]+) skip-level, \+([\d,]+) skip-children", flat)
+    assert moved and moved.group(1) == moved.group(2)
+
+
+def test_cover_letter_plan_summary_and_command(default_cover, capsys):
+    flat = " ".join(default_cover["cover"].split())
+    for line in default_cover["plan"]["summary"]:
+        assert " ".join(line.split()) in flat
+    assert "s2split hw plan --size 64G --format sh -o hw-plan" in flat
+    # the one command reproduces the report: run it, get the same text
+    cmd = next(x for x in _unwrap(section(default_cover["cover"],
+                                          "Reproducing this report")).splitlines()
+               if x.strip().startswith("s2split report"))
+    argv = cmd.split()[1:] + ["--db", default_cover["db"], "--no-progress"]
+    code, again, err = run(argv)
+    assert code == 0, err
+    assert again == default_cover["cover"]
+
+
+def test_full_is_the_cover_and_the_whole_report(small):
+    full, cover = small["text"], small["cover"]
+    assert full.startswith(cover.rstrip("\n").rsplit("\n", 3)[0])
+    for title in ("Appendix", "Estimated saving against vanilla", "Exact invocations",
+                  "Per-operation breakdown"):
+        assert section(full, title) is not None
+    assert "Exact invocations" not in cover
+
+
+def test_cover_letter_measured_is_hw_compares(measured):
+    """m under each measured saving is hw compare's -change, per cell."""
+    body = section(measured["cover"], "Estimated saving")
+    rows = {(r["config_key"], r["phase"]): r for r in measured["compare"]["rows"]}
+    got = re.findall(r"^(clear|enable), (\S+).*\n.*\n\s+m (\S+)$", body, re.M)
+    # cells without measurements under both labels say so: "m -"
+    want = {(s, b): "-" for s in ("clear", "enable") for b in ("regular", "THP")}
+    for (backing, manual), key in measured["keys"].items():
+        r = rows.get((key, "clear_dirty_log_total" if manual else "enable_dirty_logging"))
+        name = {"anonymous": "regular", "anonymous_thp": "THP"}[backing]
+        want[("clear" if manual else "enable", name)] = \
+            "-" if r is None else f"{-100 * r['change']:.1f}%"
+    assert {(s, b): m for s, b, m in got} == want
+    assert "m: measured on real hardware" in " ".join(body.split())
+
+
+def test_measured_labels_per_granule(measured, tmp_path):
+    """--measured 'base-{granule}' 'patched-{granule}' (hw plan's labels) reads
+    the same measurements as the plain labels they were stored under."""
+    import shutil
+    db = tmp_path / "g.sqlite"
+    shutil.copy(measured["db"], db)
+    store = Store.open(str(db))
+    for old, new in (("BASE", "base-4K"), ("PATCHED", "patched-4K")):
+        store.add_measurements([dict(r, label=new) for r in store.measurements(old)])
+    store.close()
+    code, doc, err = run(["report", *MATRIX, "--db", str(db), "--measured", "base-{granule}",
+                          "patched-{granule}", "--format", "json", "--no-progress"])
+    assert code == 0, err
+    got = json.loads(doc)["measured"]["cells"]
+    want = measured["json"]["measured"]["cells"]
+    assert [c["measured"] and c["measured"]["saved_pct"] for c in got] == \
+        [c["measured"] and c["measured"]["saved_pct"] for c in want]
+    # a granule without its labels is a one-line error
+    code, out, err = run(["report", *MATRIX[:2], "--granule", "4K,16K", *MATRIX[4:],
+                          "--db", str(db), "--measured", "base-{granule}", "patched-{granule}",
+                          "--no-progress"])
+    assert code == 2
+    one_line(err, "no measurements labelled 'base-16K'")

@@ -391,9 +391,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``s2split report`` (s2split.report.mail), on reproduce's machinery."""
+    from .report.cover import build_cover
     from .report.mail import run_report
     return run_report(args, matrix_from(args),
-                      lambda matrix, show: _run_matrix(args, matrix, show))
+                      lambda matrix, show: _run_matrix(args, matrix, show),
+                      lambda data: build_cover(data, args.full))
+
+
+def cmd_hw_plan(args: argparse.Namespace) -> int:
+    """``s2split hw plan`` (s2split.report.plan), on reproduce's machinery."""
+    from .report.plan import run_plan
+    return run_plan(args, matrix_from(args),
+                    lambda matrix, show: _run_matrix(args, matrix, show))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -468,4 +477,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     rr.set_defaults(func=cmd_report)
 
     from .hw.cli import register as register_hw
-    register_hw(sub)
+    hsub = register_hw(sub)
+    from .report.plan import add_plan_options
+    pl = hsub.add_parser("plan", help="the measurement plan of a matrix, boot by boot",
+                         description="The measurement plan of reproduce's matrix on real "
+                         "arm64 hosts: one boot per granule (the host kernel's page size) and "
+                         "kernel under test, each with its kernel command line, settings, host "
+                         "memory, 'hw run' commands (one label per kernel and granule) and "
+                         "repetitions for the asked interval width; the expected wall time "
+                         "(an estimate), and the 'hw compare' and 'report --measured' "
+                         "commands that read the results.")
+    add_matrix_options(pl)
+    add_plan_options(pl)
+    pl.set_defaults(func=cmd_hw_plan)

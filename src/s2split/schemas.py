@@ -103,6 +103,10 @@ MEASUREMENT_ROW = {
         # must not make the whole database unreadable; hw compare refuses a
         # median of 0 itself.
         "repetition": COUNT, "seconds": NON_NEGATIVE, "host": HOST, "source": TEXT,
+        # hw run's backing check: the smallest coverage of the test memslots
+        "backing": {"type": "object", "required": ["coverage"], "properties": {
+            "coverage": {"type": "number", "minimum": 0, "maximum": 1},
+            "allow_partial": BOOL, "slots": {"type": "array"}}},
     },
 }
 HW_RUN = {

@@ -8,7 +8,9 @@ Schema (version :data:`SCHEMA_VERSION`):
 * ``phases`` -- per cell and phase: the exact counts (sparse JSON) and the
   estimate under the cell's profile;
 * ``measurements`` -- timings from real hosts (``s2split hw``): a label (e.g.
-  a kernel), the configuration key, phase, repetition, seconds and the host.
+  a kernel), the configuration key, phase, repetition, seconds, the host and
+  (schema 2) what backed the guest memory (``hw run``'s coverage check; NULL
+  for imported or older rows). A schema-1 file gains the column on open.
 
 Each cell is written in one transaction, so an interrupted run leaves only
 whole cells behind and resumes by skipping the keys already present.
@@ -30,7 +32,7 @@ from . import __version__
 from .counts import Counts
 from .errors import S2Error
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APP = "s2split"
 DEFAULT_DB = "s2split-results.sqlite"
 
@@ -66,7 +68,8 @@ CREATE TABLE measurements (
     host TEXT NOT NULL,
     source TEXT NOT NULL,
     tool_version TEXT NOT NULL,
-    created TEXT NOT NULL
+    created TEXT NOT NULL,
+    backing TEXT
 );
 CREATE INDEX measurements_label ON measurements(label, config_key, phase);
 """
@@ -163,6 +166,13 @@ class Store:
         if version > SCHEMA_VERSION:
             raise S2Error(f"{p}: written by a newer s2split (schema {version}, this one reads "
                           f"{SCHEMA_VERSION}); upgrade s2split")
+        if version == 1:
+            # Schema 2 adds measurements.backing (NULL for the old rows).
+            with self._errors():
+                conn.executescript(
+                    "BEGIN IMMEDIATE;\nALTER TABLE measurements ADD COLUMN backing TEXT;\n"
+                    "UPDATE meta SET value = '2' WHERE key = 'schema_version';\nCOMMIT;\n")
+            version = 2
         if version < SCHEMA_VERSION:
             raise S2Error(f"{p}: schema {version} is older than {SCHEMA_VERSION}; no migration "
                           "exists yet -- use a new file with --db")
@@ -250,16 +260,19 @@ class Store:
         with self._errors(), self.conn:
             self.conn.executemany(
                 "INSERT INTO measurements (label, config_key, config, phase, repetition, seconds,"
-                " host, source, tool_version, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " host, source, tool_version, created, backing)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(r["label"], r["config_key"], json.dumps(r["config"], sort_keys=True),
                   r["phase"], int(r["repetition"]), float(r["seconds"]),
                   json.dumps(r.get("host", {}), sort_keys=True), r.get("source", "hw run"),
-                  __version__, now()) for r in rows])
+                  __version__, now(),
+                  json.dumps(r["backing"], sort_keys=True) if r.get("backing") else None)
+                 for r in rows])
         return len(rows)
 
     def measurements(self, label: str | None = None) -> list[dict[str, Any]]:
-        q = "SELECT id, label, config_key, config, phase, repetition, seconds, host, source " \
-            "FROM measurements"
+        q = "SELECT id, label, config_key, config, phase, repetition, seconds, host, source, " \
+            "backing FROM measurements"
         args: tuple = ()
         if label is not None:
             q += " WHERE label = ?"
@@ -277,6 +290,8 @@ class Store:
                "phase": r[4], "repetition": r[5], "seconds": r[6],
                "host": loads(r[7], f"{where}: host") if isinstance(r[7], str) else r[7],
                "source": r[8]}
+        if r[9] is not None:
+            row["backing"] = loads(r[9], f"{where}: backing") if isinstance(r[9], str) else r[9]
         check(row, MEASUREMENT_ROW, where)
         finite(row["seconds"], f"{where}: seconds")
         return row

@@ -80,6 +80,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     h.add_argument("--verify", action="store_true",
                    help="check every dirty bitmap against the pages the guest wrote, and the "
                    "memory against the values written (exit 1 on a mismatch)")
+    h.add_argument("--allow-partial", action="store_true",
+                   help="time THP or hugetlb memory that is not fully backed by its page size "
+                   "(after populate, from /proc/self/smaps) and record the coverage, instead "
+                   "of refusing")
     h.add_argument("--keep-bitmaps", action="store_true",
                    help="put each iteration's dirty bitmap in the JSON output")
     h.add_argument("--kvm", default="/dev/kvm", metavar="PATH", help="the KVM device")
@@ -136,6 +140,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         host = fingerprint(kvm)
         label = args.label or platform.release()
+        from .backing_check import damon_stat_on
+        if damon_stat_on(host.get("settings")):
+            print("warning: DAMON_STAT is on (damon_stat.enabled=N on the kernel command "
+                  "line turns it off): it samples the guest memory during the runs",
+                  file=sys.stderr)
         rows: list[dict[str, Any]] = []
         runs: list[dict[str, Any]] = []
         problems = 0
@@ -148,13 +157,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                     print(f"# repetition {rep + 1}/{args.repeat}: {p.config_key()}")
                 result = run_config(p, print, verify=args.verify,
                                     keep_bitmaps=args.keep_bitmaps, kvm=kvm,
-                                    pass_timeout=pass_timeout_option(args.pass_timeout))
+                                    pass_timeout=pass_timeout_option(args.pass_timeout),
+                                    backing_check="record" if args.allow_partial else "refuse")
                 rows += measurement_rows(result, label, rep, host)
                 run = {"config_key": p.config_key(), "repetition": rep,
                        "capabilities": result.capabilities, "layout":
                        {"gpa": result.layout.gpa, "size": result.layout.size,
                         "slots": [list(s) for s in result.layout.slots]},
-                       "checks": result.checks, "problems": result.problems}
+                       "checks": result.checks, "problems": result.problems,
+                       "backing": result.backing()}
                 if args.keep_bitmaps:
                     npages = {s: pages * p.granule // _host_page() for s, _, pages in
                               result.layout.slots}
@@ -312,7 +323,9 @@ def pass_timeout_option(seconds: float | None) -> float | None:
     return seconds or None
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The hw subcommands; returns their subparsers, for the subcommands that
+    need the model (``hw plan``, registered by :mod:`s2split.commands`)."""
     hw = sub.add_parser("hw", help="real KVM: time the dirty-log ioctls, import upstream "
                         "results, compare kernels",
                         description="The real-KVM harness: 'run' times the "
@@ -374,3 +387,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--bootstrap-seed", type=int, default=0, help=argparse.SUPPRESS)
     cp.add_argument("--json", action="store_true", help="print the comparison as JSON")
     cp.set_defaults(func=cmd_compare)
+    return hsub

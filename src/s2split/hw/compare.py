@@ -135,6 +135,9 @@ class Report:
     notes: list[str] = field(default_factory=list)
     model_notes: dict[str, str] = field(default_factory=dict)
     profile: str = ""
+    #: config_key -> (label A's, label B's) smallest backing coverage (None:
+    #: not checked, e.g. imported upstream output)
+    coverage: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
 
     @property
     def regressions(self) -> list[Row]:
@@ -143,6 +146,7 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {"a": self.a, "b": self.b, "threshold": self.threshold, "alpha": self.alpha,
                 "profile": self.profile, "notes": self.notes, "model_notes": self.model_notes,
+                "coverage": {k: list(v) for k, v in self.coverage.items()},
                 "rows": [{"config_key": r.config_key, "phase": r.phase, **asdict(r.stats),
                           "p_adjusted": r.p_adjusted, "verdict": r.verdict,
                           "regression": r.regression, "warnings": r.warnings,
@@ -193,6 +197,16 @@ def compare_measurements(ma: list[dict[str, Any]], mb: list[dict[str, Any]], a: 
     if not keys:
         raise S2Error(f"'{a}' and '{b}' have no configuration and phase in common")
     report.notes += _host_notes(hosts_a, hosts_b, a, b)
+    report.notes += _settings_notes(ma, a) + _settings_notes(mb, b)
+    cov_a, cov_b = _coverage(ma), _coverage(mb)
+    for key in sorted({k for k, _ in keys}):
+        ca, cb = cov_a.get(key), cov_b.get(key)
+        report.coverage[key] = (ca, cb)
+        for label, c in ((a, ca), (b, cb)):
+            if c is not None and c < 1:
+                report.notes.append(f"'{label}', configuration '{key}': only {c:.1%} of the "
+                                    "guest memory was backed by its backing's page size "
+                                    "(hw run --allow-partial)")
     for key, phase in keys:
         st = sample_stats(sa[(key, phase)], sb[(key, phase)], seed=seed)
         report.rows.append(Row(key, phase, st))
@@ -238,6 +252,29 @@ def _judge(row: Row, threshold: float, alpha: float, min_reps: int, max_cv: floa
         row.verdict = f"{direction} by {st.change:+.1%}"
     else:
         row.verdict = f"{direction} by {st.change:+.1%} (within the {threshold:.0%} threshold)"
+
+
+def _coverage(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """config_key -> the smallest backing coverage of its checked runs."""
+    out: dict[str, float] = {}
+    for m in rows:
+        b = m.get("backing")
+        if b and b.get("coverage") is not None:
+            k = m["config_key"]
+            out[k] = min(out.get(k, 1.0), float(b["coverage"]))
+    return out
+
+
+def _settings_notes(rows: list[dict[str, Any]], label: str) -> list[str]:
+    """A warning when DAMON_STAT was on during a label's runs: its page aging
+    samples the guest memory while the ioctls are timed."""
+    from .backing_check import damon_stat_on
+    n = sum(1 for m in rows if damon_stat_on((m.get("host") or {}).get("settings")))
+    if not n:
+        return []
+    return [f"warning: DAMON_STAT was on during {n} of the {len(rows)} measurements of "
+            f"'{label}' (it samples memory in the background; boot with "
+            "damon_stat.enabled=N)"]
 
 
 def _host_notes(ha: dict, hb: dict, a: str, b: str) -> list[str]:
@@ -347,6 +384,12 @@ def print_comparison(report: Report, write=print) -> None:
             write(f"configuration: {current}")
             if current in report.model_notes:
                 write(f"  model: {report.model_notes[current]}")
+            cov = report.coverage.get(current, (None, None))
+            if cov != (None, None):
+                write("  backing: " + ", ".join(
+                    f"{label} {'not checked' if c is None else f'{c:.1%}'}"
+                    for label, c in zip((report.a, report.b), cov)) +
+                      " of the guest memory in its backing's page size")
             write(f"  {'phase':24} {'n A/B':>7} {'median A':>11} {'median B':>11} "
                   f"{'change [95% CI]':>26} {'p (adj)':>9} {'model est.':>11}  verdict")
         st = row.stats

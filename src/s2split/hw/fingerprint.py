@@ -14,6 +14,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from .backing_check import host_settings
 from .kvm import (CAP_NAMES, KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
                   KVM_CAP_ARM_VM_IPA_SIZE, KVM_CAP_DIRTY_LOG_RING,
                   KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_MAX_VCPUS, KVM_CAP_NR_MEMSLOTS,
@@ -146,6 +147,7 @@ def fingerprint(kvm: Kvm | None = None) -> dict[str, Any]:
         "machine": machine(),
         "kvm_capabilities": kvm_capabilities(kvm),
         "kvm_module_params": kvm_module_params(),
+        "settings": host_settings(),
         "python": platform.python_version(),
     }
 

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..arch import size_name
 from ..errors import S2Error
 from ..phases import format_seconds, upstream_label
 from ..uapi import KVM_MEM_LOG_DIRTY_PAGES
@@ -61,6 +62,19 @@ class RunResult:
     bitmaps: list[dict[int, list[int]]] = field(default_factory=list)  # per iteration
     checks: list[str] = field(default_factory=list)  # what verify checked
     problems: list[str] = field(default_factory=list)  # what verify found wrong
+    #: per test memslot: what backed it after populate (backing_check.Coverage)
+    coverage: list[Any] = field(default_factory=list)
+    pools: dict[str, dict[str, int]] = field(default_factory=dict)  # hugetlb, before populate
+    allow_partial: bool = False
+
+    def backing(self) -> dict[str, Any] | None:
+        """What is stored with every result: the smallest coverage of the
+        test memslots, each memslot's, and whether partial was allowed."""
+        if not self.coverage:
+            return None
+        return {"coverage": min(c.fraction for c in self.coverage),
+                "allow_partial": self.allow_partial, "pools": self.pools,
+                "slots": [c.to_dict() for c in self.coverage]}
 
     def seconds(self, phase: str) -> float:
         return dict(self.phases)[phase] / 1e9
@@ -109,13 +123,20 @@ def default_pass_timeout(layout: Layout) -> float:
 def run_config(p: HwParams, write: Writer = print, verify: bool = False,
                keep_bitmaps: bool = False, kvm: Kvm | None = None,
                pass_timeout: float | None = -1.0,
-               on_phase: Callable[[str], None] | None = None) -> RunResult:
+               on_phase: Callable[[str], None] | None = None,
+               backing_check: str | None = None,
+               smaps: Callable[[], str] | None = None) -> RunResult:
     """Run one configuration; print its lines with ``write``. A guest pass that
     takes longer than ``pass_timeout`` seconds is stopped and fails the run
     (negative: :func:`default_pass_timeout`; ``None``: no limit).
     ``on_phase(name)`` is called at every phase boundary, outside the timed
     part, when the phase ``name`` has ended (``create_vm`` just before
-    populate, ``destroy_vm`` once the VM is closed)."""
+    populate, ``destroy_vm`` once the VM is closed).
+
+    ``backing_check``: after populate, read what backs the test memory
+    (:mod:`.backing_check`, from ``smaps()``, default /proc/self/smaps) and
+    ``"refuse"`` to time memory not fully backed by its backing's page size
+    (an S2Error), or ``"record"`` the coverage only; None: no check."""
     arch = host_arch()
     if arch == "x86_64" and p.granule != 4096:
         raise S2Error(f"guest mode {p.mode.id if p.mode.id >= 0 else p.mode.name} has "
@@ -130,7 +151,8 @@ def run_config(p: HwParams, write: Writer = print, verify: bool = False,
         pass_timeout = default_pass_timeout(layout)
     try:
         with Machine(kvm, p.mode.pa_bits, p.granule, p.x86_map, pass_timeout) as m:
-            _run(m, p, layout, result, write, verify, keep_bitmaps, on_phase)
+            _run(m, p, layout, result, write, verify, keep_bitmaps, on_phase, backing_check,
+                 smaps)
     finally:
         if own:
             kvm.close()
@@ -148,7 +170,8 @@ def check_backing_name(p: HwParams) -> None:
 
 def _run(m: Machine, p: HwParams, layout: Layout, result: RunResult, write: Writer,
          verify: bool, keep_bitmaps: bool,
-         on_phase: Callable[[str], None] | None = None) -> None:
+         on_phase: Callable[[str], None] | None = None, backing_check: str | None = None,
+         smaps: Callable[[], str] | None = None) -> None:
     vm = m.vm
     caps = result.capabilities
     write(f"Testing guest mode: {p.mode.string}")
@@ -202,7 +225,14 @@ def _run(m: Machine, p: HwParams, layout: Layout, result: RunResult, write: Writ
             expected.run_pass(0, 100, False)
         if on_phase:
             on_phase("create_vm")
+        if backing_check and p.backing.startswith("anonymous_hugetlb"):
+            from .backing_check import hugetlb_pool
+            bps = backing_page_size(p.backing)
+            result.pools[size_name(bps)] = hugetlb_pool(bps)
         timed("populate", m.run_pass)
+        if backing_check:
+            _check_backing(m, result, [ms for ms in (vm.memslots[s] for s in slot_ranges)],
+                           backing_check, smaps)
         timed("enable_dirty_logging", set_flags(KVM_MEM_LOG_DIRTY_PAGES))
         get_total = clear_total = 0
         for it in range(1, p.iterations + 1):
@@ -231,6 +261,20 @@ def _run(m: Machine, p: HwParams, layout: Layout, result: RunResult, write: Writ
     if manual:
         write(f"Clear dirty log over {n} iterations took {format_seconds(clear_total)}. "
               f"(Avg {format_seconds(clear_total // n)}/iteration)")
+
+
+def _check_backing(m: Machine, result: RunResult, memslots: list[Any], mode: str,
+                   smaps: Callable[[], str] | None) -> None:
+    """After populate, outside the timed part: what backs each test memslot."""
+    from .backing_check import SMAPS, coverage, parse_smaps, read_smaps, refusal
+    vmas = parse_smaps(smaps()) if smaps else read_smaps(SMAPS)
+    result.allow_partial = mode != "refuse"
+    for ms in memslots:
+        mem = ms.memory
+        c = coverage(vmas, mem.address, mem.size, mem.backing, mem.page_size)
+        result.coverage.append(c)
+        if not c.full and mode == "refuse":
+            raise S2Error(refusal(c))
 
 
 def _check_bitmaps(result: RunResult, it: int, got: dict[int, list[int]],
@@ -279,6 +323,8 @@ def measurement_rows(result: RunResult, label: str, repetition: int, host: dict[
     config = result.params.to_config() | {"arch": host.get("arch"),
                                           "capabilities": result.capabilities}
     key = result.params.config_key()
+    backing = result.backing()
     return [{"label": label, "config_key": key, "config": config, "phase": phase,
-             "repetition": repetition, "seconds": ns / 1e9, "host": host, "source": source}
+             "repetition": repetition, "seconds": ns / 1e9, "host": host, "source": source,
+             **({"backing": backing} if backing is not None else {})}
             for phase, ns in result.phases]

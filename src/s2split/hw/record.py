@@ -47,62 +47,20 @@ import platform
 import re
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import S2Error
+from .probes import (PROBES, VISIT_CTX_LEVEL_OFFSET, Probe, Symbols, btf_args,  # noqa: F401
+                     el2_functions, kvm_mode)
 
 #: ``s2split.fidelity.FIXTURE_FORMAT`` (not imported: that module needs numpy).
 FIXTURE_FORMAT = "s2split-real-kernel-counts/1"
-#: ``offsetof(struct kvm_pgtable_visit_ctx, level)`` in Linux 6.12 (arm64).
-VISIT_CTX_LEVEL_OFFSET = 56
-_WALKER_ARGS = f"level=+{VISIT_CTX_LEVEL_OFFSET}(%x0):s8 visit=%x1:u32"
-_ALL = "k=\\0"
 TRACEFS_MOUNTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+KALLSYMS = "/proc/kallsyms"
+CMDLINE = "/proc/cmdline"
 
-
-@dataclass(frozen=True)
-class Probe:
-    """One kprobe event and its hist trigger: ``fetch`` are the kprobe's
-    arguments, ``keys`` the hist keys, ``vals`` fields summed besides the
-    hit count."""
-
-    function: str
-    fetch: str
-    keys: str
-    vals: tuple[str, ...] = ()
-
-    def trigger(self) -> str:
-        vals = ",".join(("hitcount", *self.vals))
-        return f"hist:keys={self.keys}:vals={vals}:sort=hitcount:size=256"
-
-
-PROBES = (
-    Probe("kvm_pgtable_walk", "size=%x2:u64 cb=+0(%x3):u64", "cb.sym", ("size",)),
-    Probe("__kvm_pgtable_walk", "level=%x3:s8", "level"),
-    *(Probe(cb, _WALKER_ARGS, "level,visit") for cb in (
-        "stage2_map_walker", "stage2_attr_walker", "stage2_split_walker",
-        "stage2_unmap_walker", "stage2_free_walker", "leaf_walker")),
-    Probe("kvm_pgtable_stage2_map", "size=%x2:u64", "size"),
-    Probe("kvm_pgtable_stage2_unmap", f"{_ALL} size=%x2:u64", "k", ("size",)),
-    Probe("kvm_pgtable_stage2_wrprotect", f"{_ALL} size=%x2:u64", "k", ("size",)),
-    Probe("kvm_pgtable_stage2_relax_perms", _ALL, "k"),
-    Probe("kvm_pgtable_stage2_split", f"{_ALL} size=%x2:u64", "k", ("size",)),
-    Probe("kvm_pgtable_stage2_create_unlinked", "level=%x2:s8 force_pte=%x5:u8",
-          "level,force_pte"),
-    Probe("kvm_pgtable_stage2_free_unlinked", "level=%x2:s8", "level"),
-    Probe("kvm_pgtable_stage2_destroy", _ALL, "k"),
-    Probe("kvm_mmu_split_huge_pages", _ALL, "k"),
-    Probe("kvm_arch_mmu_enable_log_dirty_pt_masked", _ALL, "k"),
-    Probe("__kvm_mmu_topup_memory_cache", "min=%x2:s32", "min"),
-    Probe("kvm_handle_guest_abort", _ALL, "k"),
-    Probe("__kvm_tlb_flush_vmid_ipa", "level=%x2:s32", "level"),
-    Probe("__kvm_tlb_flush_vmid_ipa_nsh", "level=%x2:s32", "level"),
-    Probe("kvm_tlb_flush_vmid_range", f"{_ALL} size=%x2:u64", "k", ("size",)),
-    Probe("__kvm_tlb_flush_vmid_range", f"{_ALL} pages=%x2:u64", "k", ("pages",)),
-    Probe("__kvm_tlb_flush_vmid", _ALL, "k"),
-)
 
 #: function -> key -> field -> cumulative count
 Snapshot = dict[str, dict[str, dict[str, int]]]
@@ -246,7 +204,16 @@ class Recorder:
     fs: Tracefs
     group: str = field(default_factory=lambda: f"s2split_{os.getpid()}")
     probes: tuple[Probe, ...] = PROBES
+    #: the kernel's function names (None: probe every function by its name)
+    symbols: Symbols | None = None
+    btf: bool = False  # fetch arguments by name (BTF) first, registers as the fallback
+    #: function -> why it cannot be counted (e.g. it runs at EL2); not defined
+    unreachable: dict[str, str] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
+    #: function -> how it is probed, when not plainly: "BTF arguments", "registers
+    #: (the kernel refused the BTF arguments: ...)", "GCC clone(s) ..., counted whole"
+    how: dict[str, str] = field(default_factory=dict)
+    mode: str = "unknown"  # KVM's mode: vhe, nvhe, protected
     dropped: dict[str, int] = field(default_factory=dict)  # events hist tables dropped
     traced: list[str] = field(default_factory=list)  # functions defined, in order
     _events: list[Probe] = field(default_factory=list)
@@ -259,7 +226,7 @@ class Recorder:
         return f"instances/{self.group}"
 
     def _event_dir(self, probe: Probe) -> str:
-        return f"{self.instance}/events/{self.group}/{probe.function}"
+        return f"{self.instance}/events/{self.group}/{probe.event}"
 
     def _log_lines(self) -> list[str]:
         try:
@@ -295,35 +262,78 @@ class Recorder:
             raise S2Error(f"cannot make the tracefs instance {self.instance}: "
                           f"{e.strerror}") from None
         for probe in self.probes:
-            definition = f"p:{self.group}/{probe.function} {probe.function} {probe.fetch}"
-            seen = len(self._log_lines())
-            try:
-                self.fs.write("kprobe_events", definition, append=True)
-            except OSError as e:
-                why = os.strerror(e.errno) if e.errno else str(e)
-                if e.errno in (errno.ENOENT, errno.EINVAL, errno.EADDRNOTAVAIL):
-                    log = self._error_log(seen)
-                    self.missing[probe.function] = f"{why}{': ' + log if log else ''}"
-                    continue
-                raise S2Error(f"cannot define a kprobe on {probe.function}: {why}") from None
-            self._events.append(probe)
-            try:
-                self.fs.write(f"{self._event_dir(probe)}/trigger", probe.trigger())
-                self._triggers.append(probe)
-                self.fs.write(f"{self._event_dir(probe)}/enable", "1")
-                self._enabled.append(probe)
-            except OSError as e:
-                # a kernel that refuses this trigger (or event): not counted
-                log = self._error_log(seen)
-                self.missing[probe.function] = (f"hist trigger or enable refused: {e.strerror}"
-                                                f"{': ' + log if log else ''}")
-                self._undo(probe)
+            if probe.function in self.unreachable:
+                self.missing[probe.function] = self.unreachable[probe.function]
                 continue
-            self.traced.append(probe.function)
+            symbols = self.symbols.resolve(probe.function) if self.symbols else \
+                [probe.function]
+            if not symbols:
+                self.missing[probe.function] = ("not in available_filter_functions or "
+                                                "kallsyms (inlined, renamed or absent)")
+                continue
+            clones = [s for s in symbols if s != probe.function]
+            if clones:
+                self.how[probe.function] = (
+                    f"GCC clone{'s' if len(clones) > 1 else ''} {', '.join(clones)}, counted "
+                    "whole (a clone's arguments need not be the original's)")
+            installed = 0
+            for sym in symbols:
+                target = replace(probe, symbol=sym if sym != probe.function else "")
+                if clones:
+                    target = target.counted_whole()
+                installed += self._install_one(target)
+            if installed:
+                self.traced.append(probe.function)
         if not self._events:
             fn, why = next(iter(self.missing.items()))
             raise S2Error(f"none of the stage-2 functions can be probed on this kernel "
                           f"({fn}: {why})")
+
+    def _define(self, probe: Probe, fetch: str) -> str | None:
+        """Write one kprobe definition; None when defined, else the reason."""
+        definition = f"p:{self.group}/{probe.event} {probe.target} {fetch}".rstrip()
+        seen = len(self._log_lines())
+        try:
+            self.fs.write("kprobe_events", definition, append=True)
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else str(e)
+            if e.errno in (errno.ENOENT, errno.EINVAL, errno.EADDRNOTAVAIL):
+                log = self._error_log(seen)
+                return f"{why}{': ' + log if log else ''}"
+            raise S2Error(f"cannot define a kprobe on {probe.target}: {why}") from None
+        return None
+
+    def _install_one(self, probe: Probe) -> int:
+        """Define, trigger and enable one probe: by BTF argument names first
+        when the kernel has them, by registers otherwise; 1 when it counts."""
+        why = None
+        if self.btf and probe.btf:
+            why = self._define(probe, probe.btf)
+            if why is None:
+                probe = replace(probe, fetch=probe.btf)
+                self.how.setdefault(probe.function, "BTF arguments")
+            else:
+                self.how[probe.function] = f"registers (the kernel refused the BTF arguments: {why})"
+        if why is not None or not (self.btf and probe.btf):
+            why = self._define(probe, probe.fetch)
+            if why is not None:
+                self.missing[probe.function] = why
+                return 0
+        self._events.append(probe)
+        seen = len(self._log_lines())
+        try:
+            self.fs.write(f"{self._event_dir(probe)}/trigger", probe.trigger())
+            self._triggers.append(probe)
+            self.fs.write(f"{self._event_dir(probe)}/enable", "1")
+            self._enabled.append(probe)
+        except OSError as e:
+            # a kernel that refuses this trigger (or event): not counted
+            log = self._error_log(seen)
+            self.missing[probe.function] = (f"hist trigger or enable refused: {e.strerror}"
+                                            f"{': ' + log if log else ''}")
+            self._undo(probe)
+            return 0
+        return 1
 
     def snapshot(self) -> Snapshot:
         """Every probe's cumulative counts."""
@@ -331,8 +341,13 @@ class Recorder:
         for probe in self._triggers:
             counts, dropped = parse_hist(self.fs.read(f"{self._event_dir(probe)}/hist"))
             if dropped:
-                self.dropped[probe.function] = dropped  # cumulative, like the counts
-            out[probe.function] = counts
+                self.dropped[probe.event] = dropped  # cumulative, like the counts
+            # a function probed as several clones: their counts add up
+            slot = out.setdefault(probe.function, {})
+            for key, fields in counts.items():
+                into = slot.setdefault(key, {})
+                for name, v in fields.items():
+                    into[name] = into.get(name, 0) + v
         return out
 
     def hits(self) -> dict[str, tuple[int, int]]:
@@ -341,7 +356,12 @@ class Recorder:
             profile = parse_kprobe_profile(self.fs.read("kprobe_profile"))
         except OSError:
             return {}
-        return {p.function: profile[p.function] for p in self._events if p.function in profile}
+        out: dict[str, tuple[int, int]] = {}
+        for p in self._events:
+            if p.event in profile:
+                h, m = out.get(p.function, (0, 0))
+                out[p.function] = (h + profile[p.event][0], m + profile[p.event][1])
+        return out
 
     def _undo(self, probe: Probe) -> None:
         """Take one probe out again (best effort: :meth:`remove` retries)."""
@@ -349,7 +369,7 @@ class Recorder:
             if probe in self._triggers:
                 self.fs.write(f"{self._event_dir(probe)}/trigger", "!" + probe.trigger())
                 self._triggers.remove(probe)
-            self.fs.write("kprobe_events", f"-:{self.group}/{probe.function}", append=True)
+            self.fs.write("kprobe_events", f"-:{self.group}/{probe.event}", append=True)
             self._events.remove(probe)
         except OSError:
             pass
@@ -378,9 +398,9 @@ class Recorder:
                 left.append(f"remove {self.instance}: {e.strerror}")
         for probe in reversed(self._events):
             try:
-                self.fs.write("kprobe_events", f"-:{self.group}/{probe.function}", append=True)
+                self.fs.write("kprobe_events", f"-:{self.group}/{probe.event}", append=True)
             except OSError as e:
-                left.append(f"remove kprobe {self.group}/{probe.function}: {e.strerror}")
+                left.append(f"remove kprobe {self.group}/{probe.event}: {e.strerror}")
         self._events.clear()
         return left
 
@@ -463,7 +483,11 @@ def cmd_record(args: argparse.Namespace) -> int:
     why = cannot_record(args.kvm, tracefs)
     if why:
         raise S2Error(f"cannot record on this host: {why}")
-    recorder = Recorder(Tracefs(tracefs))
+    recorder = host_recorder(Tracefs(tracefs), args.kvm_mode)
+    if recorder.unreachable:
+        print(f"KVM runs in {recorder.mode} mode: {', '.join(recorder.unreachable)} run at EL2, "
+              "where kprobes cannot see them, and are not counted; recording the other "
+              f"{len(recorder.probes) - len(recorder.unreachable)} functions")
     old = {s: signal.signal(s, _raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
     left: list[str] = []
     try:
@@ -501,7 +525,8 @@ def cmd_record(args: argparse.Namespace) -> int:
         "caveats": caveats,
         "selftest_variant": "s2split-hw-seedfix" if args.seed_synced else "s2split-hw",
         "recorder": {"tracefs": tracefs, "probes": {
-            p.function: f"{p.fetch} | {p.trigger()}" for p in recorder.probes}},
+            p.function: f"{p.fetch} | {p.trigger()}" for p in recorder.probes},
+            "kvm_mode": recorder.mode, "probe_methods": recorder.how},
         "host": host,
         "traced_functions": recorder.traced,
         "missing_functions": recorder.missing,
@@ -514,6 +539,45 @@ def cmd_record(args: argparse.Namespace) -> int:
           f"{f', {len(recorder.missing)} missing' if recorder.missing else ''}, to {args.output}"
           f"; compare with: s2split fidelity {args.output}")
     return 1 if any(r["problems"] for r in runs) else 0
+
+
+def _kernel_log() -> str:
+    """What the kernel log still holds (/dev/kmsg, read without blocking)."""
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    lines = []
+    try:
+        while True:
+            try:
+                lines.append(os.read(fd, 8192).decode(errors="replace"))
+            except BlockingIOError:
+                break
+            except OSError:  # EPIPE: a record was overwritten; keep reading
+                continue
+    finally:
+        os.close(fd)
+    return "".join(lines)
+
+
+def host_recorder(fs: Tracefs, mode: str | None = None) -> Recorder:
+    """A recorder for this kernel: its function names (clones resolved), BTF
+    arguments if it has them, and the functions KVM's mode puts at EL2."""
+    def read(path: str, rel: bool = False) -> str:
+        try:
+            return fs.read(path) if rel else Path(path).read_text()
+        except OSError:
+            return ""
+    aff = read("available_filter_functions", rel=True)
+    kallsyms = read(KALLSYMS)
+    symbols = Symbols.parse(aff, kallsyms) if (aff or kallsyms) else None
+    mode = mode or kvm_mode(read(CMDLINE), _kernel_log())
+    rec = Recorder(fs, symbols=symbols, btf=btf_args(read("README", rel=True)))
+    rec.mode = mode or "unknown"
+    rec.unreachable = {fn: f"runs at EL2 in KVM's {mode} mode; kprobes see EL1 only"
+                       for fn in el2_functions(mode)}
+    return rec
 
 
 def _check_variant(name: str) -> None:
@@ -536,6 +600,10 @@ def add_record_options(p: argparse.ArgumentParser) -> None:
     r.add_argument("--cpu", default=None, metavar="FEATURES",
                    help="this host's CPU features for the model, as perf-test's --cpu (e.g. "
                    "'vhe,fwb,tlbirange,dic'; default: the QEMU host of the shipped fixtures)")
+    r.add_argument("--kvm-mode", choices=("vhe", "nvhe", "protected"), default=None,
+                   help="KVM's mode, when the kernel command line (kvm-arm.mode=) and log do "
+                   "not tell: under nvhe the TLB functions, under protected also the stage-2 "
+                   "table code run at EL2 and cannot be counted")
     r.add_argument("--tracefs", default=None, metavar="DIR",
                    help="the tracefs mount (default: /sys/kernel/tracing, or under debugfs)")
 

@@ -34,6 +34,8 @@ RE = {
     "seed": re.compile(r"^Random seed: (0x[0-9a-fA-F]+|\d+)\s*$"),
     "memory": re.compile(r"^guest physical test memory: \[(0x[0-9a-fA-F]+), (0x[0-9a-fA-F]+)\)"),
     "offset": re.compile(r"^guest physical test memory offset: (0x[0-9a-fA-F]+)"),
+    # printed by the test with s2split's patch (contrib/), which adds -k
+    "chunk": re.compile(r"^Eager split chunk size: (0x[0-9a-fA-F]+)\s*$"),
     "populate": re.compile(rf"^Populate memory time: {_T}\s*$"),
     "enable": re.compile(rf"^Enabling dirty logging time: {_T}\s*$"),
     "iteration": re.compile(
@@ -65,6 +67,7 @@ class ModeRun:
     totals: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # n, total, avg
     memory: tuple[int, int] | None = None  # [start, end)
     offset: int | None = None
+    chunk_size: int | None = None  # the eager-split chunk size the VM reported (-k)
     message: str = ""
 
     @property
@@ -152,6 +155,10 @@ def parse_output(text: str, path: str = "<output>") -> ParsedOutput:
         m = RE["offset"].match(line)
         if m:
             run.offset = int(m.group(1), 16)
+            continue
+        m = RE["chunk"].match(line)
+        if m:
+            run.chunk_size = int(m.group(1), 16)
             continue
         for key, phase in (("populate", "populate"), ("enable", "enable_dirty_logging"),
                            ("disable", "disable_dirty_logging")):
@@ -250,9 +257,16 @@ def _add_selftest_options(p) -> None:
     p.add_argument("-c", dest="pin", default=None)
     p.add_argument("-e", dest="evil", action="store_true")
     p.add_argument("-f", dest="wr_fract", type=int_arg("-f", 1), default=None)
+    p.add_argument("-k", dest="chunk_size", type=_chunk_size, default=None)
     p.add_argument("-n", dest="nested", action="store_true")
     p.add_argument("-p", dest="phys_offset", default=None)
     p.set_defaults(vcpu_memory_bytes=None, iterations=None, seed=None)
+
+
+def _chunk_size(text: str) -> int:
+    """``-k`` of the patched test (contrib/): a size, ``0`` for off."""
+    from ..options import size_arg
+    return 0 if text.strip() == "0" else size_arg("-k")(text)
 
 
 def _parse_args(text: str) -> dict[str, Any]:
@@ -329,11 +343,17 @@ def import_rows(parsed: ParsedOutput, label: str, args: str = "",
             per_vcpu = 1 << 30
             notes.append(f"guest mode '{run.mode}': the output does not give the memory size; "
                          "assumed the default -b 1G (give --args)")
+        chunk = opts["chunk_size"]
+        if run.chunk_size is not None:
+            if chunk is not None and chunk != run.chunk_size:
+                raise S2Error(f"{parsed.path}: --args says -k {chunk:#x} but the VM reported "
+                              f"an eager-split chunk size of {run.chunk_size:#x}")
+            chunk = run.chunk_size
         params = HwParams(vcpu_memory_bytes=per_vcpu, vcpus=vcpus, backing=opts["backing"],
                           manual_protect=run.manual_protect, iterations=iterations, mode=mode,
                           slots=opts["slots"], write_percent=opts["write_percent"],
                           random_access=opts["random_access"], partition=not opts["overlap"],
-                          seed=seed)
+                          seed=seed, chunk_size=chunk)
         config = params.to_config() | {
             "arch": "arm64" if mode.arm64 else "x86_64", "selftest_args": args,
             "mode_string": run.mode,

@@ -52,12 +52,11 @@ HW_PHASE = {"clear": "clear_dirty_log_total", "enable": "enable_dirty_logging"}
 DEFAULT_REPEAT = 9
 SELFTEST_NOTE = (
     "The upstream dirty_log_perf_test cannot enable eager splitting: it never "
-    "sets KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, which is 0 (off) by default. A "
-    "plain selftest run therefore does no splitting in the ioctls measured here "
-    "(huge pages are write-protected and split later, one write fault at a "
-    "time), so it measures none of the split walk that the variants change. "
-    "'s2split hw run' sets the capability (--chunk-size) right after creating "
-    "the VM and otherwise runs the selftest's phases in the selftest's order.")
+    "sets KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, which is 0 (off) by default, so it "
+    "measures none of the split walk the variants change. 's2split hw run' sets "
+    "it (--chunk-size) before the first memslot and otherwise runs the selftest's "
+    "phases in its order; contrib/dirty_log_perf_test-eager-split-chunk-size.patch "
+    "gives the selftest the same as -k SIZE ('s2split hw plan' prints both).")
 HOST_PAGE_NOTE = (
     "On arm64 the stage-2 granule is the host kernel's page size: a 16K or 64K "
     "cell is measured on a host kernel built with 16K or 64K pages (a 16K or "
@@ -146,7 +145,8 @@ def gather(args: argparse.Namespace, matrix: Any, run_matrix: RunMatrix,
 
     _check_db(args.db)
     if args.measured:
-        _check_labels(args.db, args.measured)
+        _check_labels(args.db, [label_for(x, g) for x in args.measured
+                                for g in matrix.granules])
     others = [v for v in matrix.variants if v != "vanilla"]
     variant = args.measured_variant or (others[0] if others else "vanilla")
     if variant not in matrix.variants:
@@ -162,6 +162,13 @@ def gather(args: argparse.Namespace, matrix: Any, run_matrix: RunMatrix,
     if args.measured:
         _add_measurements(data, args.db, *args.measured)
     return data
+
+
+def label_for(label: str, granule: int) -> str:
+    """A ``--measured`` label for one granule: ``{granule}`` stands for the
+    granule's name (``baseline-{granule}`` -> ``baseline-4K``), as ``hw plan``
+    labels its boots."""
+    return label.replace("{granule}", granule_name(granule))
 
 
 def _check_labels(db: str, labels: list[str]) -> None:
@@ -185,16 +192,28 @@ def _add_measurements(data: ReportData, db: str, base: str, patched: str) -> Non
     from ..hw.compare import compare_labels
     from ..store import Store
     store = Store.open(db, create=False)
+    rows: dict[tuple[int, str, str], Any] = {}
+    data.compare_notes = []
     try:
-        report = compare_labels(store, base, patched, model=False)
+        # One comparison per pair of labels: with {granule} in them, one per
+        # granule (each granule is its own host kernel, 'hw plan').
+        pairs: dict[tuple[str, str], list[int]] = {}
+        for g in data.matrix.granules:
+            pairs.setdefault((label_for(base, g), label_for(patched, g)), []).append(g)
+        for (a, b), granules in pairs.items():
+            report = compare_labels(store, a, b, model=False)
+            for r in report.rows:
+                for g in granules:
+                    rows[(g, r.config_key, r.phase)] = r
+            prefix = f"{a} vs {b}: " if len(pairs) > 1 else ""
+            data.compare_notes += [prefix + n for n in report.notes]
     finally:
         store.close()
-    rows = {(r.config_key, r.phase): r for r in report.rows}
     data.labels = (base, patched)
-    data.compare_notes = list(report.notes)
     for g, b, s in data.cells():
         key = hw_params(data.outcome.params[(g, b, s)]).config_key()
-        data.measured[(g, b, s)] = MeasuredCell(key, HW_PHASE[s], rows.get((key, HW_PHASE[s])))
+        data.measured[(g, b, s)] = MeasuredCell(key, HW_PHASE[s],
+                                                rows.get((g, key, HW_PHASE[s])))
     if all(m.row is None for m in data.measured.values()):
         some = next(iter(data.measured.values()))
         raise S2Error(f"'{base}' and '{patched}' have no measurement of this matrix's "
@@ -369,7 +388,8 @@ def measured_section(data: ReportData) -> Section:
 def invocations_section(data: ReportData) -> Section:
     from ..reproduce import profile_option, reproduce_command
     o, m = data.outcome, data.matrix
-    base, patched = data.labels or ("BASE", "PATCHED")
+    # one label per kernel and granule, as hw plan labels its boots
+    base, patched = data.labels or ("baseline-{granule}", "patched-{granule}")
     model: list[str] = []
     hw: list[str] = []
     for cell in data.cells():
@@ -377,10 +397,11 @@ def invocations_section(data: ReportData) -> Section:
         p = o.params[cell]
         model.append(f"# {_label(cell)}")
         model += [reproduce_command(p, v, profile_option(o.profile)) for v in m.variants]
-        hw += [f"# {_label(cell)}", hw_run_command(p, data.repeat, base)]
-    hw += [f"# then boot the patched kernel, run the same commands with --label "
-           f"{shlex.quote(patched)}, and compare:",
-           f"s2split hw compare {shlex.quote(base)} {shlex.quote(patched)}"]
+        hw += [f"# {_label(cell)}", hw_run_command(p, data.repeat, label_for(base, g))]
+    hw += [f"# then boot the patched kernels, run the same commands with --label "
+           f"{shlex.quote(patched)}, and compare each granule:",
+           *dict.fromkeys(f"s2split hw compare {shlex.quote(label_for(base, g))} "
+                          f"{shlex.quote(label_for(patched, g))}" for g in m.granules)]
     return Section("Exact invocations", [
         Para("The model, one command per cell and variant; each prints the selftest's "
              "phase lines (times estimated) and the exact work of every phase:"),
@@ -586,7 +607,7 @@ def report_json(data: ReportData) -> dict[str, Any]:
     from . import breakdown as B
     from .reproduce import outcome_json
     o, m, p = data.outcome, data.matrix, data.profile
-    base, patched = data.labels or ("BASE", "PATCHED")
+    base, patched = data.labels or ("baseline-{granule}", "patched-{granule}")
 
     def cellinfo(cell: Cell) -> dict[str, Any]:
         g, b, s = cell
@@ -651,10 +672,13 @@ def report_json(data: ReportData) -> dict[str, Any]:
             "cells": [cellinfo(c) | {
                 "model": {v: reproduce_command(o.params[c], v, profile_option(p))
                           for v in m.variants},
-                "hw_run": {base: hw_run_command(o.params[c], data.repeat, base),
-                           patched: hw_run_command(o.params[c], data.repeat, patched)}}
+                "hw_run": {x: hw_run_command(o.params[c], data.repeat, label_for(x, c[0]))
+                           for x in (base, patched)}}
                 for c in data.cells()],
-            "hw_compare": f"s2split hw compare {shlex.quote(base)} {shlex.quote(patched)}",
+            # one comparison per granule when the labels name it ({granule})
+            "hw_compare": "; ".join(dict.fromkeys(
+                f"s2split hw compare {shlex.quote(label_for(base, g))} "
+                f"{shlex.quote(label_for(patched, g))}" for g in m.granules)),
             "notes": [SELFTEST_NOTE, HOST_PAGE_NOTE]},
         "explanations": [cellinfo(c) | {"sentences": gains_sentences(o, c)}
                          for c in data.cells()],
@@ -677,12 +701,14 @@ def choose_format(given: str | None, output: str | None, isatty: bool) -> str:
     return "rich" if isatty else "text"
 
 
-def render(data: ReportData, fmt: str) -> str:
-    """The report in a file format (``rich`` as its plain-text export)."""
+def render(data: ReportData, fmt: str, build: Callable[[ReportData], Document] | None = None
+           ) -> str:
+    """The report in a file format (``rich`` as its plain-text export);
+    ``build`` makes the document (default: the whole report)."""
     from .document import render_markdown, render_rich, render_text
     if fmt == "json":
         return json.dumps(report_json(data), indent=1) + "\n"
-    doc = build_document(data)
+    doc = (build or build_document)(data)
     if fmt == "text":
         return render_text(doc)
     if fmt == "markdown":
@@ -695,8 +721,10 @@ def render(data: ReportData, fmt: str) -> str:
     return buf.getvalue()
 
 
-def run_report(args: argparse.Namespace, matrix: Any, run_matrix: RunMatrix) -> int:
-    """``s2split report`` (see the module docstring): gather, render, write."""
+def run_report(args: argparse.Namespace, matrix: Any, run_matrix: RunMatrix,
+               build: Callable[[ReportData], Document] | None = None) -> int:
+    """``s2split report`` (see the module docstring): gather, render, write;
+    ``build`` makes the document (default: the whole report)."""
     to_file = args.output not in (None, "-")
     fmt = choose_format(args.format, args.output, sys.stdout.isatty())
     if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
@@ -714,9 +742,9 @@ def run_report(args: argparse.Namespace, matrix: Any, run_matrix: RunMatrix) -> 
     if fmt == "rich" and not to_file:
         from ..console import rich_console
         from .document import render_rich
-        render_rich(build_document(data), rich_console())
+        render_rich((build or build_document)(data), rich_console())
         return 0
-    text = render(data, fmt)
+    text = render(data, fmt, build)
     if to_file:
         from ..output import write_atomic
         write_atomic(args.output, text)
@@ -753,13 +781,17 @@ def add_report_options(p: argparse.ArgumentParser) -> None:
                    "standard output)")
     o.add_argument("--measured", nargs=2, type=_labels, metavar=("BASE", "PATCHED"),
                    default=None, help="put the savings measured by 'hw run' under these two "
-                   "labels (e.g. kernels) beside the model's, as 'hw compare' computes them")
+                   "labels (e.g. kernels) beside the model's, as 'hw compare' computes them; "
+                   "{granule} in a label stands for each granule (4K, 16K, 64K), as 'hw "
+                   "plan' labels its boots")
     o.add_argument("--measured-variant", default=None, metavar="NAME",
                    help="the variant the patched kernel implements (default: the first "
                    "variant after vanilla)")
     o.add_argument("--repeat", type=int_arg("--repeat", 1), default=DEFAULT_REPEAT,
                    metavar="N", help="repetitions in the printed 'hw run' commands "
                    f"(default: {DEFAULT_REPEAT})")
+    o.add_argument("--full", action="store_true",
+                   help="the cover letter and the whole report as its appendix")
     o.add_argument("--plots", metavar="DIR",
                    help="write the per-operation stacked bars into DIR (PNG and SVG)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
