@@ -149,7 +149,9 @@ def add_perf_test_options(p: argparse.ArgumentParser,
                    help="hardware profile for the time estimates and CPU features "
                    "(default: server-vhe)")
     m.add_argument("--cpu", default=None, metavar="FEATURES",
-                   help="override the profile's CPU features, e.g. '-fwb,-tlbirange,vhe'")
+                   help="override the profile's CPU features, e.g. '-fwb,-tlbirange,vhe'; "
+                   "errata too: '+ampere-ac04-cpu-23' (AmpereOne, on kernels with the "
+                   "workaround)")
     m.add_argument("--engine", choices=("auto", "reference", "fast"), default="auto",
                    help="auto: fast engine from 64M of guest memory (default: auto)")
     m.add_argument("--seed-synced", action="store_true",
