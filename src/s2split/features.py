@@ -30,6 +30,13 @@ class Features:
       it; the ``bbml2`` variants need it. Off unless a profile or ``--cpu
       +bbml2`` says so, and then left out of :meth:`as_dict`, :meth:`spec` and
       :meth:`describe`, so that runs without it keep their keys and texts.
+    * ``ampere_ac04_cpu_23`` (``--cpu +ampere-ac04-cpu-23``): the CPU has
+      AmpereOne's erratum AC04_CPU_23 and the kernel works around it (6.16+,
+      ``CONFIG_AMPERE_ERRATUM_AC04_CPU_23``): every write of HCR_EL2 becomes
+      DSB NSH; MSR; ISB. On VHE each hyp TLB call writes HCR_EL2 twice
+      (:func:`s2split.rules.hcr_erratum_barriers`). An erratum is a CPU
+      feature like ``bbml2``: off unless named, and then left out of the
+      keys and texts.
 
     The defaults are the features of the default profile (``server-vhe``).
     """
@@ -39,20 +46,22 @@ class Features:
     tlbirange: bool = True
     dic: bool = True
     bbml2: bool = False
+    ampere_ac04_cpu_23: bool = False
 
     def as_dict(self) -> dict[str, bool]:
-        """The features by name (``bbml2`` only when on)."""
+        """The features by name (``bbml2`` and errata only when on)."""
         d = asdict(self)
-        if not d["bbml2"]:
-            del d["bbml2"]
+        for name in _OPTIONAL:
+            if not d[name]:
+                del d[name]
         return d
 
     def describe(self) -> str:
-        return ", ".join(f"{k}={'on' if v else 'off'}" for k, v in self.as_dict().items())
+        return ", ".join(f"{_spell(k)}={'on' if v else 'off'}" for k, v in self.as_dict().items())
 
     def spec(self) -> str:
         """The ``--cpu`` text naming every feature: ``"vhe,-fwb,..."``."""
-        return ",".join(("" if v else "-") + k for k, v in self.as_dict().items())
+        return ",".join(("" if v else "-") + _spell(k) for k, v in self.as_dict().items())
 
     @classmethod
     def parse(cls, text: str, base: "Features | None" = None) -> "Features":
@@ -63,7 +72,22 @@ class Features:
         for token in filter(None, (t.strip() for t in text.split(","))):
             on = not token.startswith(("-", "no-"))
             name = token.removeprefix("+") if on else token.lstrip("-").removeprefix("no-")
+            name = name.replace("-", "_")
             if name not in values:
-                raise S2Error(f"unknown CPU feature {name!r}: choose from {', '.join(values)}")
+                raise S2Error(f"unknown CPU feature {_spell(name)!r}: choose from "
+                              f"{', '.join(map(_spell, values))}")
             values[name] = on
         return cls(**values)
+
+
+#: CPU errata whose kernel workarounds change what the stage-2 code executes,
+#: by their ``--cpu`` names; which kernels have each: versions.KernelRules.errata.
+ERRATA = ("ampere-ac04-cpu-23",)
+#: Features left out of keys and texts while off (runs without them keep theirs).
+_OPTIONAL = ("bbml2", *(e.replace("-", "_") for e in ERRATA))
+
+
+def _spell(field_name: str) -> str:
+    """A feature's name as ``--cpu`` spells it (errata with dashes)."""
+    dashed = field_name.replace("_", "-")
+    return dashed if dashed in ERRATA else field_name

@@ -25,10 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .background import (BACKGROUND_WALKERS, LOOPS, WALK, Background, loop_bound,
+                         run_background, walk_bound)
+from .background import note as background_note
 from .errors import S2Error
 from .interleaving import FAULT_PATH, NO_HINT_FUNCTION, NO_HINT_NOTE, PassBound
 from .kernel_counters import LOWER_BOUND, comparable_key, kernel_counts
 from .pgtable.variants import VANILLA, Variant
+from .versions import DEFAULT_KERNEL, KernelRules, kernel_for_release, kernel_rules
 from .workload import PerfTestParams, RunResult, run_perf_test
 
 FIXTURE_FORMAT = "s2split-real-kernel-counts/1"
@@ -144,6 +148,8 @@ class Description:
     seed_synced: bool
     variant: Variant
     notes: list[str]
+    kernel: str = DEFAULT_KERNEL  # whose rules the model applies (kernel_release)
+    selftest: str | None = None   # whose selftest source ran (None: the kernel's)
 
 
 def describe_fixture(path: str, data: dict[str, Any]) -> Description:
@@ -176,11 +182,35 @@ def describe_fixture(path: str, data: dict[str, Any]) -> Description:
     if isinstance(missing, dict) and missing:
         notes.append("not traced on that kernel: " + ", ".join(
             f"{fn} ({why})" for fn, why in sorted(missing.items())))
-    return Description(seed_synced, variant, notes)
+    kernel, why = kernel_for_release(str(data.get("kernel_release", "")))
+    if why:
+        notes.append(why)
+    selftest = selftest_source(data)
+    notes.append(f"modelled kernel: Linux {kernel} ({kernel_summary(kernel_rules(kernel))})"
+                 + (f"; selftest built from Linux {selftest}'s source" if selftest else ""))
+    return Description(seed_synced, variant, notes, kernel, selftest)
+
+
+def selftest_source(data: dict[str, Any]) -> str | None:
+    """The modelled kernel whose selftest source a fixture ran, when its
+    ``how`` names another tree (``linux-source-6.12``); None: the kernel's own."""
+    import re
+
+    from .versions import nearest_kernel
+    m = re.search(r"linux-source-(\d+\.\d+)", str(data.get("how", "")))
+    return nearest_kernel(m.group(1)) if m else None
+
+
+def kernel_summary(rules: KernelRules) -> str:
+    return (f"teardown {' + '.join(rules.destroy_functions)}"
+            f"{', chunked' if rules.chunked_destroy else ''}, "
+            f"free walker {'6.19+' if rules.free_clears_tables else '6.12'}, "
+            f"errata: {', '.join(sorted(rules.errata)) or 'none'}")
 
 
 def params_from_command(command: str, fixture: str, host_va_bits: int = 52,
-                        seed_synced: bool = False) -> PerfTestParams:
+                        seed_synced: bool = False, kernel: str = DEFAULT_KERNEL,
+                        selftest: str | None = None) -> PerfTestParams:
     """The model configuration of a recorded ``dirty_log_perf_test`` command
     (upstream's options and the fixtures' ``-k``, read as ``perf-test`` reads
     them), with the CPU features of the QEMU host the fixtures were traced on.
@@ -192,6 +222,7 @@ def params_from_command(command: str, fixture: str, host_va_bits: int = 52,
     if extra:
         raise _fail(fixture, f"option(s) {' '.join(extra)} of {command!r} are not modelled")
     args.profile, args.host_va_bits = "qemu-tcg", host_va_bits
+    args.kernel, args.selftest = kernel, selftest
     args.seed_synced = args.seed_synced or seed_synced
     params = perf_test_params(args)
     if len(params) != 1:
@@ -211,11 +242,45 @@ def _bounded_row(phase: str, fn: str, key: str, fld: str, kv: int, mv: int, comp
                NO_HINT_NOTE if no_hint else "interleaving-dependent", lo, hi)
 
 
+def _widen(row: Row, add_lo: int, add_hi: int, why: str) -> Row:
+    """A row with the background's share added to what it allows."""
+    lo = (row.lo if row.bound else row.model) + add_lo
+    hi = None if row.bound and row.hi is None else \
+        (row.hi if row.bound else row.model) + add_hi
+    ok = row.kernel >= lo and (hi is None or row.kernel <= hi)
+    return Row(row.phase, row.function, row.key, row.field, row.kernel, row.model,
+               row.compared, ok, why, lo, hi)
+
+
+def _background_rows(rows: list[Row], bg: Background, levels: int) -> list[Row]:
+    """Background walks: their own ``cb=`` keys are shown, not compared; the
+    walk and loop counts are widened by what they may add (background.py)."""
+    out = []
+    for r in rows:
+        cb = r.key.removeprefix("cb=") if r.function == WALK else ""
+        if cb in BACKGROUND_WALKERS:
+            out.append(Row(r.phase, r.function, r.key, r.field, r.kernel, r.model, False,
+                           True, "background: " + BACKGROUND_WALKERS[cb]))
+        elif r.function == WALK and r.key == "":
+            lo, hi = walk_bound(0, bg)
+            out.append(_widen(r, lo, hi, f"model + {bg.own} background walk(s)"))
+        elif r.function == LOOPS and r.field == "hitcount" or \
+                r.function == LOOPS and r.key == "":
+            per = levels if r.key == "" else 1
+            lo, hi = loop_bound(0, bg, per)
+            out.append(_widen(r, lo, hi, f"up to {bg.near} background walk(s) x {per} "
+                                         "level(s)"))
+        else:
+            out.append(r)
+    return out
+
+
 def _compare_phase(phase: str, kernel: dict, model_counts, traced: set[str],
                    bound: PassBound | None = None,
-                   uncompared: dict[str, set[str]] | None = None) -> list[Row]:
+                   uncompared: dict[str, set[str]] | None = None,
+                   rules: KernelRules | None = None) -> list[Row]:
     compared = phase not in INFO_PHASES
-    model = kernel_counts(model_counts)
+    model = kernel_counts(model_counts, rules)
     rows: list[Row] = []
     kcalls = kernel.get("calls", {})
     kdetail = kernel.get("detail", {})
@@ -310,10 +375,11 @@ def phase_bounds(params: PerfTestParams, res: RunResult) -> dict[str, PassBound]
     if not depends_on_interleaving(params):
         return {}
     writes = write_accesses(params, res.layout)
-    out = {"populate": pass_bound(kernel_counts(res.phase("populate")), None)}
+    rules = kernel_rules(params.kernel)
+    out = {"populate": pass_bound(kernel_counts(res.phase("populate"), rules), None)}
     for it in range(1, params.iterations + 1):
         name = f"iter{it}_dirty"
-        out[name] = pass_bound(kernel_counts(res.phase(name)), writes[it])
+        out[name] = pass_bound(kernel_counts(res.phase(name), rules), writes[it])
     return out
 
 
@@ -321,7 +387,8 @@ def check_run(fixture: str, run: dict, engine: str = "auto", host_va_bits: int =
               description: Description | None = None,
               traced: set[str] | None = None) -> tuple[RunCheck, RunResult]:
     desc = description or Description(False, VANILLA, [])
-    params = params_from_command(run["command"], fixture, host_va_bits, desc.seed_synced)
+    params = params_from_command(run["command"], fixture, host_va_bits, desc.seed_synced,
+                                 desc.kernel, desc.selftest)
     res = run_perf_test(params, desc.variant, engine)
     check = RunCheck(fixture, str(run.get("label", "")), run["command"], params,
                      variant=desc.variant.name, fixture_notes=desc.notes)
@@ -344,15 +411,29 @@ def check_run(fixture: str, run: dict, engine: str = "auto", host_va_bits: int =
     bounds = phase_bounds(params, res)
     check.bound_notes = {name: b.reason for name, b in bounds.items()}
     names = set(res.phase_names)
+    rules = kernel_rules(params.kernel)
+    background = run_background(run["phases"])
+    levels = params.geometry().levels
     uncompared: dict[str, set[str]] = {}
+    counted = {ph["phase"] for ph in run["phases"]}
+    skipped = [n for n in res.phase_names if n not in counted]
+    if skipped:
+        check.notes.append(f"not counted in this fixture, so not compared: {', '.join(skipped)}")
     for ph in run["phases"]:
         name = ph["phase"]
         if name not in names:
             check.rows.append(Row(name, "(phase)", "", "", 1, 0, name not in INFO_PHASES, False,
                                   "the model has no such phase"))
             continue
-        check.rows.extend(_compare_phase(name, ph, res.phase(name), traced, bounds.get(name),
-                                         uncompared))
+        rows = _compare_phase(name, ph, res.phase(name), traced, bounds.get(name), uncompared,
+                              rules)
+        bg = background.get(name)
+        if bg is not None and bg.any:
+            rows = _background_rows(rows, bg, levels)
+            why = background_note(bg)
+            check.bound_notes[name] = f"{check.bound_notes[name]}; {why}" \
+                if name in check.bound_notes else why
+        check.rows.extend(rows)
     if uncompared:
         check.notes.append("not compared (the model does not count them): " + "; ".join(
             f"{fn} {', '.join(sorted(k + ('=*' if '.' not in k and k != 'all' else '') for k in keys))}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .counters import WALK_OPS
 from .counts import Counts
+from .versions import DEFAULT_KERNEL, DESTROY_612, DESTROY_617, KernelRules, kernel_rules
 
 #: TLBI_TTL_UNKNOWN as the kernel passes it (INT_MAX).
 TTL_UNKNOWN = 2147483647
@@ -36,7 +37,7 @@ KERNEL_FUNCTIONS = (
     "kvm_pgtable_stage2_map", "kvm_pgtable_stage2_unmap", "kvm_pgtable_stage2_wrprotect",
     "kvm_pgtable_stage2_relax_perms", "kvm_pgtable_stage2_split",
     "kvm_pgtable_stage2_create_unlinked", "kvm_pgtable_stage2_free_unlinked",
-    "kvm_pgtable_stage2_destroy",
+    *DESTROY_612, *DESTROY_617,
     "kvm_mmu_split_huge_pages", "kvm_arch_mmu_enable_log_dirty_pt_masked",
     "__kvm_mmu_topup_memory_cache", "kvm_handle_guest_abort",
     "__kvm_tlb_flush_vmid_ipa", "__kvm_tlb_flush_vmid_ipa_nsh",
@@ -46,7 +47,7 @@ KERNEL_FUNCTIONS = (
 _API = {
     "kvm_pgtable_stage2_map": "map", "kvm_pgtable_stage2_unmap": "unmap",
     "kvm_pgtable_stage2_wrprotect": "wrprotect", "kvm_pgtable_stage2_relax_perms": "relax_perms",
-    "kvm_pgtable_stage2_split": "split", "kvm_pgtable_stage2_destroy": "destroy",
+    "kvm_pgtable_stage2_split": "split",
 }
 
 
@@ -54,8 +55,10 @@ def _level_key(level: int | None) -> str:
     return f"level={TTL_UNKNOWN if level is None else level}"
 
 
-def kernel_counts(c: Counts) -> dict[str, dict]:
-    """Kernel-named counts of one phase; functions with no calls are left out."""
+def kernel_counts(c: Counts, rules: KernelRules | None = None) -> dict[str, dict]:
+    """Kernel-named counts of one phase under a kernel's function names
+    (default: the default kernel's); functions with no calls are left out."""
+    rules = rules or kernel_rules(DEFAULT_KERNEL)
     out: dict[str, dict] = {}
 
     def put(fn: str, calls: int, detail: dict[str, dict]) -> None:
@@ -93,6 +96,15 @@ def kernel_counts(c: Counts) -> dict[str, dict]:
         if op in WALK_OPS and op != "relax_perms":
             d["all"]["size"] = c.get(op, "walk_bytes")
         put(fn, n, d)
+
+    # The teardown: one call per free walk; since 6.17 each walk is a
+    # destroy_range call and the root goes in one destroy_pgd call after the
+    # last (kvm/mmu.py kvm_stage2_destroy: a phase that destroys runs it once).
+    n = c.get("destroy", "calls")
+    put(rules.destroy_range_function, n,
+        {"all": {"hitcount": n, "size": c.get("destroy", "walk_bytes")}})
+    if rules.destroy_pgd_function is not None and n:
+        put(rules.destroy_pgd_function, 1, {"all": {"hitcount": 1}})
 
     cu = c.by_level("create_unlinked", "calls")
     forced = c.by_level("create_unlinked", "calls_force_pte")

@@ -1,4 +1,11 @@
-"""The selftests' guest modes (``enum vm_guest_mode``, Linux 6.12 numbering).
+"""The selftests' guest modes (``enum vm_guest_mode``).
+
+Two numberings: Linux 6.12's, and 6.16's and later's, in which
+``VM_MODE_P47V47_16K`` (LoongArch's) was inserted before
+``VM_MODE_P36V47_16K``, so that arm64's ``P36V47_16K`` is mode 16 instead of 15
+(tools/testing/selftests/kvm/include/kvm_util.h). Modes 0-14 are the same.
+:data:`MODES` is 6.12's; :func:`parse_mode` takes the numbering of the
+kernel whose selftest runs (``versions.KernelRules.mode_numbering``).
 
 ``dirty_log_perf_test -m N`` selects mode ``N``; s2split also accepts the
 mode's name (``P40V48_4K``) or its string. On arm64 the stage-2 IPA size is the
@@ -43,11 +50,25 @@ _MODES = [
 ]
 MODES: tuple[GuestMode, ...] = tuple(
     GuestMode(i, n, pa, va, ps, arm64=i not in (9, 10, 11)) for i, n, pa, va, ps in _MODES)
+#: 6.16+: P47V47_16K (not an arm64 mode) takes id 15.
+MODES_616: tuple[GuestMode, ...] = (*MODES[:15], GuestMode(15, "P47V47_16K", 47, 47, 16384,
+                                                           arm64=False),
+                                    GuestMode(16, *_MODES[15][1:]))
+NUMBERINGS = {"6.12": MODES, "6.16": MODES_616}
 DEFAULT_MODE = MODES[6]  # VM_MODE_DEFAULT on an arm64 host with a >= 40-bit IPA
 
 
-def parse_mode(text: str | int) -> GuestMode:
-    """``-m 6``, ``-m P40V48_4K`` or ``-m "PA-bits:40,  VA-bits:48,  4K pages"``."""
+def numbering(kernel: str | None) -> tuple[GuestMode, ...]:
+    """The guest modes of the selftest of ``kernel`` (None: the default kernel's)."""
+    from .versions import DEFAULT_KERNEL, kernel_rules
+    return NUMBERINGS[kernel_rules(kernel or DEFAULT_KERNEL).mode_numbering]
+
+
+def parse_mode(text: str | int, kernel: str | None = None) -> GuestMode:
+    """``-m 6``, ``-m P40V48_4K`` or ``-m "PA-bits:40,  VA-bits:48,  4K pages"``,
+    numbered as the selftest of ``kernel`` numbers them (None: the default
+    kernel's)."""
+    modes = numbering(kernel)
     number = None
     if isinstance(text, int):
         number = text
@@ -58,13 +79,13 @@ def parse_mode(text: str | int) -> GuestMode:
             pass
     if number is not None:
         i = number
-        if not 0 <= i < len(MODES):
-            raise S2Error(f"guest mode ID {i} too big: modes are 0..{len(MODES) - 1} (see -h)")
-        mode = MODES[i]
+        if not 0 <= i < len(modes):
+            raise S2Error(f"guest mode ID {i} too big: modes are 0..{len(modes) - 1} (see -h)")
+        mode = modes[i]
     else:
         key = str(text).strip().upper().removeprefix("VM_MODE_")
         norm = " ".join(str(text).split()).lower()
-        found = [m for m in MODES if m.name == key or " ".join(m.string.split()).lower() == norm]
+        found = [m for m in modes if m.name == key or " ".join(m.string.split()).lower() == norm]
         if not found:
             raise S2Error(f"unknown guest mode {text!r}: use an ID or a name such as P40V48_4K "
                           "(list them with -h)")
@@ -83,12 +104,14 @@ def mode_for(granule: int, ipa_bits: int) -> GuestMode:
     return GuestMode(-1, f"P{ipa_bits}V48_{granule // 1024}K", ipa_bits, 48, granule)
 
 
-def modes_help() -> str:
-    lines = [" -m: specify the guest mode ID (or name) to test",
+def modes_help(kernel: str | None = None) -> str:
+    from .versions import DEFAULT_KERNEL
+    lines = [" -m: specify the guest mode ID (or name) to test, numbered as Linux "
+             f"{kernel or DEFAULT_KERNEL}'s selftest numbers them (--kernel/--selftest)",
              f"     (default: {DEFAULT_MODE.id}, {DEFAULT_MODE.name}; upstream tests every "
              "supported mode by default)",
              "     Guest mode IDs:"]
-    for m in MODES:
+    for m in numbering(kernel):
         if m.arm64:
             lines.append(f"         {m.id}:    {m.string}  [{m.name}]")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ def perf_test_params(args: argparse.Namespace) -> list[PerfTestParams]:
             random_access=args.random_access, partition=not args.overlap, seed=args.seed,
             chunk_size=args.chunk_size or 0, seed_synced=args.seed_synced, features=features,
             host_va_bits=args.host_va_bits, lpa2=args.lpa2, kernel=args.kernel,
-            host_page_size=host_page)
+            selftest=getattr(args, "selftest", None), host_page_size=host_page)
         p.geometry()  # validate the IPA size for this granule now
         p.backing_type()
         out.append(p)

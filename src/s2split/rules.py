@@ -155,6 +155,21 @@ def lpa2_range_align(page_shift: int, lpa2: bool) -> int:
     return (1 << 16) >> page_shift if lpa2 else 0
 
 
+#: HCR_EL2 writes per hyp TLB call on VHE: ``enter_vmid_context()`` clears
+#: TGE, ``exit_vmid_context()`` restores the host's value (hyp/vhe/tlb.c). The
+#: nVHE TLB functions never write HCR_EL2 (hyp/nvhe/tlb.c).
+VHE_TLB_HCR_WRITES = 2
+
+
+def hcr_erratum_barriers(vhe: bool, ac04_cpu_23: bool) -> int:
+    """Extra DSB NSH -- and as many extra ISBs -- per hyp TLB call from the
+    AC04_CPU_23 workaround (``write_sysreg_hcr()``: DSB NSH before and ISB
+    after each HCR_EL2 write): two on VHE, none on nVHE."""
+    if not ac04_cpu_23 or not vhe:
+        return 0
+    return VHE_TLB_HCR_WRITES
+
+
 def unmap_defers_tlbi(tlbirange: bool, fwb: bool) -> bool:
     """``stage2_unmap_defer_tlb_flush()``: with range TLBIs and FWB the
     per-page invalidations of an unmap become one range flush at the end."""

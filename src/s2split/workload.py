@@ -68,7 +68,10 @@ class PerfTestParams:
     features: Features = field(default_factory=Features)
     host_va_bits: int = 48
     lpa2: bool = False
-    kernel: str = DEFAULT_KERNEL  # the teardown rules of newer kernels (versions.py)
+    kernel: str = DEFAULT_KERNEL  # the kernel's rules (versions.py)
+    #: The kernel whose source tree the selftest was built from (its teardown
+    #: and mode numbering); None: the kernel's own.
+    selftest: str | None = None
     #: The host kernel's page size, which is the stage-2 granule (and the unit
     #: of backing pages and dirty bitmaps); None: the guest mode's page size.
     host_page_size: int | None = None
@@ -76,6 +79,10 @@ class PerfTestParams:
     def __post_init__(self) -> None:
         check_upstream_options(self)
         kernel_rules(self.kernel)
+        if self.selftest == self.kernel:
+            object.__setattr__(self, "selftest", None)  # one spelling per config
+        if self.selftest is not None:
+            kernel_rules(self.selftest)
         if not 32 <= self.host_va_bits <= 52:
             raise S2Error(f"host VA bits {self.host_va_bits}: must be 32..52")
         if self.host_page_size == self.mode.page_size:
@@ -118,6 +125,8 @@ class PerfTestParams:
             out.append("--lpa2")
         if self.kernel != DEFAULT_KERNEL:
             out += ["--kernel", self.kernel]
+        if self.selftest is not None:
+            out += ["--selftest", self.selftest]
         if self.host_page_size is not None:
             out += ["--host-page-size", size_name(self.host_page_size)]
         return out
@@ -130,7 +139,14 @@ class PerfTestParams:
         d["granule"] = self.granule
         d["guest_page_size"] = self.guest_page_size
         d["features"] = self.features.as_dict()
+        if d["selftest"] is None:
+            del d["selftest"]  # runs of a kernel's own selftest keep their keys
         return d
+
+    @property
+    def selftest_rules(self):
+        """The rules of the kernel whose selftest runs (teardown, mode ids)."""
+        return kernel_rules(self.selftest or self.kernel)
 
 
 def memstress_layout(p: PerfTestParams) -> Layout:
@@ -199,10 +215,17 @@ def phase_steps(p: PerfTestParams, layout: Layout) -> list[tuple[str, Callable[[
         for slot_id in slot_ids:
             vm.clear_dirty_log(slot_id, 0, host_pages_per_slot, ctx[slot_id])
 
+    munmap = p.selftest_rules.selftest_teardown == "munmap"
+
     def destroy(vm: Any, ctx: dict) -> None:
+        # kvm_vm_free(): up to 7.2 it deletes each memslot; 7.3 unmaps the
+        # regions with the slots in place (versions.TEARDOWNS).
         ctx["tables"] = vm.dump_tables() if ctx.get("keep_tables") else b""
         for slot_id in slot_ids:
-            vm.delete_memslot(slot_id)
+            if munmap:
+                vm.unmap_memslot_memory(slot_id)
+            else:
+                vm.delete_memslot(slot_id)
         vm.destroy()
 
     steps: list[tuple[str, Callable[[Any, dict], None]]] = [

@@ -55,6 +55,7 @@ class S(enum.IntEnum):
     FWB = enum.auto()
     TLBIRANGE = enum.auto()
     DIC = enum.auto()
+    AC04_CPU_23 = enum.auto()       # an erratum workaround the kernel applies
     FREE_CLEARS = enum.auto()       # kernel rules (versions.py)
     CHUNKED_DESTROY = enum.auto()
     NEXT_PAGE = enum.auto()         # table pages: next never used, free stack top, capacity

@@ -29,6 +29,9 @@ def _vmid_context(M, op, ish, body_dsbs):
         count(M, op, C.K_DSB_ISHST if ish else C.K_DSB_NSHST, NOLV, TLB.VHE_DSB_ST)
         count(M, op, dsb, NOLV, body_dsbs)
         count(M, op, C.K_ISB, NOLV, TLB.VHE_ISBS)
+        extra = R.hcr_erratum_barriers(True, M[S.AC04_CPU_23] != 0)
+        count(M, op, C.K_DSB_NSH, NOLV, extra)
+        count(M, op, C.K_ISB, NOLV, extra)
     else:
         count(M, op, C.K_HYP_CALL, NOLV, 1)
         count(M, op, dsb, NOLV, TLB.NVHE_DSB + body_dsbs)

@@ -100,6 +100,7 @@ class FastVM(VMBase):
         M[S.LPA2] = int(g.lpa2)
         f = self.features
         M[S.VHE], M[S.FWB], M[S.TLBIRANGE], M[S.DIC] = f.vhe, f.fwb, f.tlbirange, f.dic
+        M[S.AC04_CPU_23] = f.ampere_ac04_cpu_23
         M[S.MIN_BLOCK_LEVEL] = g.min_block_level
         M[S.HOST_VA_BITS] = host_va_bits
         M[S.LAST_SLOT] = -1
@@ -233,6 +234,10 @@ class FastVM(VMBase):
                                lambda addr, size: stage2_unmap(self.T, self.M, addr, size))
         self.M[self._slot_col(slot, SlotCol.ACTIVE)] = 0
         self.M[S.LAST_SLOT] = -1
+
+    def _slot_unmapped(self, slot: Memslot) -> None:
+        KM.stage2_apply_range(self.geom, slot.base_gpa, slot.end_gpa,
+                               lambda addr, size: stage2_unmap(self.T, self.M, addr, size))
 
     def _get_dirty_log(self, slot: Memslot) -> np.ndarray:
         out = np.zeros(slot.nwords, dtype=np.int64)

@@ -59,7 +59,7 @@ class VMBase:
                  kernel: str = DEFAULT_KERNEL):
         self.geom = geom
         self.rules = kernel_rules(kernel)
-        self.features = features or Features()
+        self.features = self.rules.cpu_features(features or Features())
         self.variant = variant
         self.host_va_bits = host_va_bits
         self.memslots: dict[int, Memslot] = {}
@@ -88,6 +88,9 @@ class VMBase:
         raise NotImplementedError
 
     def _slot_deleted(self, slot: Memslot) -> None:
+        raise NotImplementedError
+
+    def _slot_unmapped(self, slot: Memslot) -> None:
         raise NotImplementedError
 
     def _get_dirty_log(self, slot: Memslot) -> Sequence[int]:
@@ -235,6 +238,17 @@ class VMBase:
         self._slot_deleted(slot)
         mmu.kvm_arch_commit_memory_region(self, slot, None, "delete")
 
+    def unmap_memslot_memory(self, slot_id: int) -> None:
+        """``munmap()`` of a slot's host memory while the slot stays (the 7.3
+        selftest's ``kvm_vm_free()``): the MMU notifier's
+        ``kvm_unmap_gfn_range()`` unmaps the slot's stage-2 range -- the same
+        ``kvm_stage2_unmap_range()`` walks as deleting the slot, with no ioctl
+        and no commit."""
+        slot = self.memslots.get(slot_id)
+        if slot is None:
+            raise KernelError(EINVAL, f"memslot {slot_id} does not exist")
+        self._slot_unmapped(slot)
+
     # -- dirty log -----------------------------------------------------------
     def _slot_with_log(self, slot_id: int) -> Memslot:
         # an id no slot can have (or another address space) is EINVAL; only
@@ -309,6 +323,9 @@ class VM(VMBase):
 
     def _slot_deleted(self, slot: Memslot) -> None:
         self._last_slot = None
+        mmu.kvm_stage2_unmap_range(self, slot.base_gpa, slot.size)
+
+    def _slot_unmapped(self, slot: Memslot) -> None:
         mmu.kvm_stage2_unmap_range(self, slot.base_gpa, slot.size)
 
     def _get_dirty_log(self, slot: Memslot) -> list[int]:

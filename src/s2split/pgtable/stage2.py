@@ -91,7 +91,7 @@ class Stage2PageTable:
                  mem: TableMemory | None = None, kernel: str = DEFAULT_KERNEL):
         self.geom = geom
         self.rules = kernel_rules(kernel)
-        self.features = features or Features()
+        self.features = self.rules.cpu_features(features or Features())
         variant.check_cpu(self.features)
         self.variant = variant
         # Visitors written with the API take a context (visitor_api.VisitCtx).

@@ -21,6 +21,9 @@ Around that body (:func:`_vmid_context`):
   switches to the guest's VMID and back, each followed by an ISB: 1 more DSB
   xSH, 3 ISBs in all. (The ARM64_WORKAROUND_SPECULATIVE_AT errata paths are
   not modelled.)
+* AmpereOne's AC04_CPU_23 workaround (``features.ampere_ac04_cpu_23``, on
+  kernels that have it): each HCR_EL2 write gains a DSB NSH and an ISB
+  (:func:`s2split.rules.hcr_erratum_barriers`).
 
 ``kvm_tlb_flush_vmid_range()`` splits a range into calls of at most
 ``MAX_TLBI_RANGE_PAGES`` pages, or falls back to a whole-VMID flush without
@@ -35,7 +38,7 @@ from ..counters import (K_DCACHE_BYTES, K_DCACHE_OPS, K_DSB_ISH, K_DSB_ISHST, K_
                         K_TLBI_RANGE, K_TLBI_RANGE_OPS, K_TLBI_RANGE_PAGES, K_TLBI_S1,
                         K_TLBI_VMID, NOLEVEL, SLOTS)
 from ..arch import LAST_LEVEL
-from ..rules import MAX_TLBI_RANGE_PAGES, lpa2_range_align, range_tlbi_ops
+from ..rules import MAX_TLBI_RANGE_PAGES, hcr_erratum_barriers, lpa2_range_align, range_tlbi_ops
 from ..features import Features
 
 def _n(kind: int) -> int:
@@ -70,6 +73,9 @@ def _vmid_context(c: list[int], features: Features, body_dsbs: int,
         c[dsb_st] += VHE_DSB_ST
         c[dsb] += body_dsbs
         c[_ISB] += VHE_ISBS
+        extra = hcr_erratum_barriers(True, features.ampere_ac04_cpu_23)
+        c[_DSB_NSH] += extra
+        c[_ISB] += extra
     else:
         c[_HYP] += 1
         c[dsb] += NVHE_DSB + body_dsbs

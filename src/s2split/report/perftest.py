@@ -12,6 +12,7 @@ from ..arch import size_name
 from ..cost import Profile, format_seconds
 from ..counts import Counts
 from ..kernel_counters import kernel_counts
+from ..versions import kernel_rules
 from ..phases import upstream_label
 from ..workload import RunResult
 from . import saving
@@ -65,6 +66,8 @@ def header_lines(res: RunResult) -> list[str]:
         f"Backing: {p.backing_type().describe()}, {p.slots} memslot(s), {p.vcpus} vCPU(s), "
         f"eager-split chunk {size_name(p.chunk_size) if p.chunk_size else '0 (off)'}, "
         f"{'manual-protect + initially-set' if p.manual_protect else 'no manual-protect (-g)'}",
+        f"Modelled kernel: Linux {p.kernel}"
+        + (f", selftest of Linux {p.selftest}" if p.selftest else ""),
     ]
 
 
@@ -138,7 +141,8 @@ def result_json(results: list[RunResult], profile: Profile) -> dict[str, Any]:
             r.variant: {
                 "engine": r.engine,
                 "phases": [{"phase": n, "estimate_ns": profile.estimate_ns(c),
-                            "counts": c.to_dict(), "kernel": kernel_counts(c)}
+                            "counts": c.to_dict(),
+                            "kernel": kernel_counts(c, kernel_rules(r.params.kernel))}
                            for n, c in r.phases],
             } for r in results
         },
