@@ -4,10 +4,14 @@ Each wrong variant below breaks exactly one of the four rules and must be
 reported by it, naming the IPA and level; vanilla, every built-in variant and
 the two-phase batched split must pass.
 """
+import subprocess
+import sys
+
 import pytest
 
 from s2split import rules as R
 from s2split.arch import Geometry
+from s2split.errors import S2Error
 from s2split.features import Features
 from s2split.kvm import dirty_log
 from s2split.kvm.backing import parse_backing
@@ -265,3 +269,66 @@ def test_no_model_no_events():
     mc.topup(16, 4)
     pgt.map(GIB, 2 * MIB, GIB, Prot.RW, mc)
     assert model.n == 0
+
+
+# -- the two-phase API ----------------------------------------------------------------------
+def split_defers_never_makes(ctx):
+    """Breaks and defers like the batched split, with no hook to make them."""
+    return AV.batched_split_walker(ctx)
+
+
+def test_deferred_makes_must_be_made_and_only_after_a_break():
+    never = Variant("never-made", "wrong on purpose", walk_flags={"split": SKIP_BBM_TLBI},
+                    visitors={"split": split_defers_never_makes}, same_maintenance=False)
+    with pytest.raises(S2Error, match="broken with defer_make were never made"):
+        apply_ops(G4, never, [Op("map", GIB, GIB, (1 << 44) + GIB), Op("split", GIB, GIB, 513)])
+
+    def defer_live(ctx):
+        if api.level(ctx) < api.LAST_LEVEL and api.is_valid(api.old(ctx)):
+            api.defer_make(ctx, api.old(ctx))
+        return 0
+
+    live = Variant("defer-live", "wrong on purpose", visitors={"split": defer_live})
+    problems = check_variant(live, examples=1)
+    assert len(problems) == 1 and "defer_make at IPA 0x40000000, level 1 over a live entry" \
+        in problems[0]
+
+
+def test_the_batched_split_is_reference_only_and_says_so():
+    v = get("split-batched-tlbi")
+    assert not v.fast_capable and get("bbml2").fast_capable
+    r = subprocess.run([sys.executable, "-m", "s2split", "perf-test", "-b", "8M", "-s",
+                        "anonymous_thp", "-g", "-k", "2M", "--variant", "split-batched-tlbi",
+                        "--engine", "fast"], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "only the reference engine can run it" in r.stderr
+
+
+def test_the_batched_split_counts_by_hand():
+    # One 1G chunk holding two 2M blocks (4K, VHE, TLBIRANGE), split with a full
+    # cache: vanilla breaks each with one by-IPA TLBI at level 2; the batched split
+    # breaks both (LOCKED writes, no TLBI), then one range flush of [1G, 1G + 4M):
+    # 1024 pages = one range op (scale 1, num 15: (15 + 1) << 6), then two makes.
+    def run(name):
+        pgt = Stage2PageTable(G4, variant=get(name))
+        mc = MemoryCache(pgt.mem)
+        mc.topup(16, 4)
+        assert pgt.map(GIB, 4 * MIB, GIB, Prot.RW, mc) == 0
+        pgt.tally.reset()
+        cache = MemoryCache(pgt.mem)
+        cache.topup(4, 4)
+        assert pgt.split(GIB, 4 * MIB, cache) == 0
+        return pgt, pgt.tally.take()
+
+    p0, c0 = run("vanilla")
+    p1, c1 = run("split-batched-tlbi")
+    assert p0.dump() == p1.dump()
+    assert c0.by_level(None, "tlbi_ipa") == {2: 2} and c0.total("tlbi_range") == 0
+    assert c1.by_level(None, "tlbi_ipa") == {} and c1.total("tlbi_range") == 1
+    assert c1.total("tlbi_range_pages") == 1024 and c1.total("tlbi_range_ops") == 1
+    assert c1.by_level("split", "pte_write") == c0.by_level("split", "pte_write") == {2: 4}
+    assert c1.by_level(None, "bbm") == c0.by_level(None, "bbm")
+    assert c1.by_level("split", "bbm") == {2: 2}
+    # vanilla walks both new level-3 tables (2 x 512 reads); the batched split does not
+    assert c0.by_level("split", "read_leaf")[3] == 1024
+    assert c1.by_level("split", "read_leaf").get(3, 0) == 0
