@@ -71,7 +71,8 @@ def require_flag_only(variant: Variant) -> None:
     only the reference engine runs those."""
     if not variant.fast_capable:
         raise S2Error(f"variant {variant.name!r} replaces a visitor not written with the "
-                      "visitor API (s2split.pgtable.visitor_api); only the reference engine "
+                      "visitor API (s2split.pgtable.visitor_api), or uses its reference-only "
+                      "functions (defer_make, make_deferred); only the reference engine "
                       "can run it")
 
 
