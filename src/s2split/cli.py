@@ -159,7 +159,14 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """``s2split ARGV``: its exit status. Everything, argument parsing
+    included, runs inside the error boundary (:func:`console.error_boundary`)."""
+    from .console import error_boundary
+    args = list(sys.argv[1:] if argv is None else argv)
+    return error_boundary("s2split", lambda: _main(args))
+
+
+def _main(argv: list[str]) -> int:
     try:
         if argv[:2] == ["fidelity", "record"]:  # a command of its own (numpy-free)
             from .hw.record import main as record_main
