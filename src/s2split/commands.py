@@ -11,7 +11,12 @@ from typing import Any
 
 from .console import rich_console
 from .errors import S2Error
+from .memstress import INT_MAX
 from .options import int_arg, size_arg
+
+#: More worker processes than this exhaust descriptors and memory before
+#: they help (each holds a pipe and a model).
+MAX_WORKERS = 1024
 from .output import write_atomic
 
 
@@ -45,7 +50,9 @@ def add_matrix_options(p: argparse.ArgumentParser, single: bool = False) -> None
                    "skip-levels+skip-children)")
     g.add_argument("--chunk-size", type=size_arg("--chunk-size"), default=None, metavar="SIZE",
                    help="eager-split chunk size (default: the PMD block size of each granule)")
-    g.add_argument("--iterations", type=int_arg("--iterations", 2), default=2, metavar="N",
+    # -i of dirty_log_perf_test is an int: the stored commands must rerun
+    g.add_argument("--iterations", type=int_arg("--iterations", 2, INT_MAX), default=2,
+                   metavar="N",
                    help="iterations of the test (default: 2)")
     g.add_argument("--ipa-bits", type=int_arg("--ipa-bits", 32, 52), default=40, metavar="N",
                    help="guest physical address bits (default: 40)")
@@ -61,7 +68,8 @@ def add_matrix_options(p: argparse.ArgumentParser, single: bool = False) -> None
     r.add_argument("--engine", choices=("auto", "reference", "fast"), default="auto",
                    help="auto: the fast engine from 64M of guest memory (default: auto)")
     if not single:
-        r.add_argument("--workers", type=int_arg("--workers", 1), default=None, metavar="N",
+        r.add_argument("--workers", type=int_arg("--workers", 1, MAX_WORKERS), default=None,
+                       metavar="N",
                        help="parallel processes (default: one per CPU)")
         r.add_argument("--dask", default=None, metavar="ADDRESS",
                        help="run groups on a Dask cluster, e.g. tcp://10.0.0.5:8786")
