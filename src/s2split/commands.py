@@ -350,7 +350,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``s2split report`` (s2split.report.mail), on reproduce's machinery."""
+    from .output import note_input, refuse_input
     from .report.mail import run_report
+    note_input(args.db)
+    if args.output:
+        refuse_input(args.output, "-o")  # before the matrix runs, which may take hours
     return run_report(args, matrix_from(args),
                       lambda matrix, show: _run_matrix(args, matrix, show))
 

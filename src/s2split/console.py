@@ -94,12 +94,13 @@ def error_boundary(who: str, run: Any) -> int:
     except ImportError as e:
         # A module that cannot load for want of memory or descriptors
         # (ulimit -v / -n) is a limit, not a bug; anything else is a bug.
-        text = str(e)
-        if not any(w in text.lower() for w in ("memory", "too many open files",
-                                                "failed to map", "errno")):
+        limits = ("memory", "too many open files", "failed to map", "errno")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if any(w in ln.lower() for w in limits)), None)
+        if why is None:
             raise
-        return _say(f"{who}: error: cannot load a module ({text.splitlines()[0]}); "
-                    "a resource limit?", BAD_INPUT)
+        return _say(f"{who}: error: cannot load a module ({why[:200]}); a resource limit "
+                    "(ulimit -v, ulimit -n)?", BAD_INPUT)
 
 
 def describe_os_error(e: OSError) -> str:
