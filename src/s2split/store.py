@@ -178,6 +178,10 @@ class Store:
                     "SELECT name FROM sqlite_master WHERE type='table'")}
         if "meta" not in tables:
             raise S2Error(f"{p}: not an s2split results database (no meta table)")
+        # Created in one transaction: a table missing is damage, not an old version.
+        missing = sorted({"cells", "phases", "measurements"} - tables)
+        if missing:
+            raise S2Error(f"{p}: damaged results database (no {missing[0]} table)")
         with self._errors():
             meta = dict(conn.execute("SELECT key, value FROM meta"))
         if meta.get("app") != APP:
@@ -288,17 +292,7 @@ class Store:
         that read it back (:meth:`_measurement`), so that nothing is stored
         that a later command would refuse."""
         rows = list(rows)
-        for i, r in enumerate(rows):
-            try:
-                self._measurement((f"new measurement {i}", r.get("label"), r.get("config_key"),
-                                   json.dumps(r.get("config"), sort_keys=True),
-                                   r.get("phase"), r.get("repetition"), r.get("seconds"),
-                                   json.dumps(r.get("host", {}), sort_keys=True),
-                                   r.get("source", "hw run")), new=True)
-            except (TypeError, ValueError) as e:
-                if isinstance(e, S2Error):
-                    raise
-                raise S2Error(f"{self.path}: new measurement {i}: not storable ({e})") from None
+        check_new_measurements(rows, self.path)
         with self._errors(), self.conn:
             self.conn.executemany(
                 "INSERT INTO measurements (label, config_key, config, phase, repetition, seconds,"
@@ -321,17 +315,7 @@ class Store:
         return [self._measurement(r) for r in rows]
 
     def _measurement(self, r: tuple, new: bool = False) -> dict[str, Any]:
-        from .schemas import MEASUREMENT_ROW
-        from .validate import check, finite, loads
-        where = f"{self.path}: {r[0] if new else f'measurements row {r[0]}'}"
-        row = {"label": r[1], "config_key": r[2],
-               "config": loads(r[3], f"{where}: config") if isinstance(r[3], str) else r[3],
-               "phase": r[4], "repetition": r[5], "seconds": r[6],
-               "host": loads(r[7], f"{where}: host") if isinstance(r[7], str) else r[7],
-               "source": r[8]}
-        check(row, MEASUREMENT_ROW, where)
-        finite(row["seconds"], f"{where}: seconds")
-        return row
+        return _measurement_row(self.path, r, new)
 
     def labels(self) -> list[str]:
         with self._errors():
@@ -369,3 +353,39 @@ class Store:
             w.writerow(["measurement", m["config_key"], m["label"], "", m["phase"], "", "seconds",
                         m["repetition"], m["seconds"], ""])
         return out.getvalue()
+
+
+def check_new_measurements(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Refuse (one line) any row the store would not read back: the check of
+    :meth:`Store.add_measurements`, also for importers that check before they
+    create a database."""
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise S2Error(f"{path}: new measurement {i}: not an object")
+        try:
+            _measurement_row(str(path), (f"new measurement {i}", r.get("label"),
+                                         r.get("config_key"),
+                                         json.dumps(r.get("config"), sort_keys=True),
+                                         r.get("phase"), r.get("repetition"), r.get("seconds"),
+                                         json.dumps(r.get("host", {}), sort_keys=True),
+                                         r.get("source", "hw run")), True)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, S2Error):
+                raise
+            raise S2Error(f"{path}: new measurement {i}: not storable ({e})") from None
+
+
+def _measurement_row(path: str, r: tuple, new: bool = False) -> dict[str, Any]:
+    """A measurements row (r: id, label, config_key, config, phase,
+    repetition, seconds, host, source) checked; NEW: about to be stored."""
+    from .schemas import MEASUREMENT_ROW
+    from .validate import check, finite, loads
+    where = f"{path}: {r[0] if new else f'measurements row {r[0]}'}"
+    row = {"label": r[1], "config_key": r[2],
+           "config": loads(r[3], f"{where}: config") if isinstance(r[3], str) else r[3],
+           "phase": r[4], "repetition": r[5], "seconds": r[6],
+           "host": loads(r[7], f"{where}: host") if isinstance(r[7], str) else r[7],
+           "source": r[8]}
+    check(row, MEASUREMENT_ROW, where)
+    finite(row["seconds"], f"{where}: seconds")
+    return row

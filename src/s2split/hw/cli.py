@@ -226,6 +226,16 @@ def _add_rows(store, rows: list[dict[str, Any]] | list[list[dict[str, Any]]]) ->
     return store.add_measurements(out)
 
 
+def _check_rows(batches: list[list[dict[str, Any]]], db: str) -> None:
+    """Every row passes the store's own check (repetitions are numbered
+    after the stored ones later, and checked again then)."""
+    try:
+        from ..store import check_new_measurements
+    except ImportError:
+        return  # _open_store says why the store cannot be used
+    check_new_measurements([r for b in batches for r in b], db)
+
+
 # -- import ------------------------------------------------------------------------------
 def cmd_import(args: argparse.Namespace) -> int:
     from .selftest import import_rows, parse_output
@@ -239,6 +249,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         for note in notes:
             print(f"{path}: {note}")
         every.append(rows)
+    _check_rows(every, args.db)  # before a database is created
     store = _open_store(args.db)
     try:
         total = _add_rows(store, every) if any(every) else 0  # all rows or none
@@ -268,6 +279,7 @@ def cmd_import_json(args: argparse.Namespace) -> int:
         bad = sum(len(r.get("problems", [])) for r in doc.get("runs", []))
         if bad:
             print(f"{path}: warning: verification found {bad} problem(s) in these runs")
+    _check_rows(every, args.db)  # before a database is created
     store = _open_store(args.db)
     try:
         total = _add_rows(store, every) if any(every) else 0  # all rows or none
