@@ -114,7 +114,8 @@ def read_bytes(path: str | Path, what: str) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise S2Error(f"{path}: is {file_kind(st.st_mode)}; a {what} must be a regular file")
+            raise S2Error(f"{path}: cannot read {what} (is {file_kind(st.st_mode)}, not a "
+                          "regular file)")
         limit = max_input_bytes()
         if st.st_size > limit:
             raise S2Error(f"{path}: {st.st_size} bytes, more than the {limit}-byte limit of a "
