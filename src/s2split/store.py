@@ -178,10 +178,6 @@ class Store:
                     "SELECT name FROM sqlite_master WHERE type='table'")}
         if "meta" not in tables:
             raise S2Error(f"{p}: not an s2split results database (no meta table)")
-        # Created in one transaction: a table missing is damage, not an old version.
-        missing = sorted({"cells", "phases", "measurements"} - tables)
-        if missing:
-            raise S2Error(f"{p}: damaged results database (no {missing[0]} table)")
         with self._errors():
             meta = dict(conn.execute("SELECT key, value FROM meta"))
         if meta.get("app") != APP:
@@ -196,6 +192,10 @@ class Store:
         if version < SCHEMA_VERSION:
             raise S2Error(f"{p}: schema {version} is older than {SCHEMA_VERSION}; no migration "
                           "exists yet -- use a new file with --db")
+        # Created in one transaction: a table missing is damage, not an old version.
+        missing = sorted({"cells", "phases", "measurements"} - tables)
+        if missing:
+            raise S2Error(f"{p}: damaged results database (no {missing[0]} table)")
 
     def close(self) -> None:
         self.conn.close()
