@@ -188,7 +188,7 @@ def test_cli_exit_status(tmp_path, capsys):
 
 
 def test_cli_unknown_label_is_one_line(tmp_path, capsys):
-    db = store_with(tmp_path, rows("v6.12", {"p": [1.0]}))
+    db = store_with(tmp_path, rows("v6.12", {"populate": [1.0]}))
     assert main(["hw", "compare", "v6.12", "nope", "--db", db]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no measurements labelled 'nope'" in err[0] and "v6.12" in err[0]
@@ -202,7 +202,8 @@ def test_cli_unknown_label_is_one_line(tmp_path, capsys):
     ("--max-cv", "lots", "--max-cv 'lots' is not a number"),
 ])
 def test_cli_bad_statistics_options_are_one_line(tmp_path, capsys, opt, value, needle):
-    db = store_with(tmp_path, rows("v6.12", {"p": [1.0]}), rows("v6.13", {"p": [1.0]}))
+    db = store_with(tmp_path, rows("v6.12", {"populate": [1.0]}),
+                    rows("v6.13", {"populate": [1.0]}))
     with pytest.raises(SystemExit) as e:
         main(["hw", "compare", "v6.12", "v6.13", "--db", db, f"{opt}={value}"])
     assert e.value.code == 2

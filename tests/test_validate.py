@@ -301,6 +301,7 @@ def test_fuzzed_variant_file(capsys, expr):
     finally:
         os.unlink(path)
         os.environ.pop(V.ENV, None)
+        os.environ.pop(V.FILES_ENV, None)
         if old is not None:
             os.environ[V.ENV] = old
 

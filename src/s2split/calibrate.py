@@ -22,6 +22,7 @@ import numpy as np
 
 from .cost import Profile, governing_keys, load_profile, parse_cost_key
 from .counts import Counts
+from .schemas import MAX_SECONDS
 from .errors import S2Error
 from .phases import phase_from_label
 
@@ -75,6 +76,9 @@ def _row(options: Any, phase: Any, seconds: Any, where: str) -> Measurement:
         raise S2Error(f"{where}: seconds {seconds!r} is not a number") from None
     if not sec > 0 or sec != sec or sec == float("inf"):
         raise S2Error(f"{where}: seconds must be a positive number, got {seconds!r}")
+    if sec > MAX_SECONDS:  # the bound the results store keeps too
+        raise S2Error(f"{where}: seconds must be <= {MAX_SECONDS:g} (a phase time), got "
+                      f"{seconds!r}")
     return Measurement(options.strip(), _phase_name(phase, where), sec, where)
 
 

@@ -560,8 +560,10 @@ def savings_command(args: argparse.Namespace,
         raise S2Error("give either MEASUREMENTS or --savings, not both")
     if args.output and Path(args.output).is_dir():
         raise S2Error(f"-o {args.output}: is a directory")
-    if args.stderr is not None and not (args.stderr > 0 and math.isfinite(args.stderr)):
-        raise S2Error(f"--stderr must be a positive number, got {args.stderr:g}")
+    from .savings_table import MAX_STDERR_PCT, MIN_STDERR_PCT
+    if args.stderr is not None and not (MIN_STDERR_PCT <= args.stderr <= MAX_STDERR_PCT):
+        raise S2Error(f"--stderr must be between {MIN_STDERR_PCT:g} and {MAX_STDERR_PCT:g} "
+                      f"percentage points, got {args.stderr:g}")
     if not 0 < args.confidence < 1:
         raise S2Error(f"--confidence must be between 0 and 1, got {args.confidence:g}")
     base = load_profile(args.profile)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Sequence
 
@@ -114,8 +113,8 @@ def build_parser() -> Parser:
     p = Parser(prog="s2split", description="Exact work counts of arm64 KVM stage-2 huge-page "
                "splitting for dirty logging, and of walker optimizations.")
     p.add_argument("--variants", metavar="FILE", action="append", default=[],
-                   help="a Python file registering more variants (repeatable; sets "
-                   "S2SPLIT_VARIANTS for worker processes too)")
+                   help="a Python file registering more variants (repeatable; worker "
+                   "processes load it too)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     pt = sub.add_parser("perf-test", help="run dirty_log_perf_test on the model",
@@ -148,7 +147,7 @@ def build_parser() -> Parser:
 
     va = sub.add_parser("variants", help="list variants, or check one against vanilla")
     va.add_argument("--check", metavar="NAME", help="check a variant on random workloads")
-    va.add_argument("--examples", type=int_arg("--examples", 1), default=25)
+    va.add_argument("--examples", type=int_arg("--examples", 1, 1_000_000), default=25)
     va.set_defaults(func=cmd_variants)
 
     de = sub.add_parser("demo", help="split one 1G block under two variants")
@@ -160,7 +159,14 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """``s2split ARGV``: its exit status. Everything, argument parsing
+    included, runs inside the error boundary (:func:`console.error_boundary`)."""
+    from .console import error_boundary
+    args = list(sys.argv[1:] if argv is None else argv)
+    return error_boundary("s2split", lambda: _main(args))
+
+
+def _main(argv: list[str]) -> int:
     try:
         if argv[:2] == ["fidelity", "record"]:  # a command of its own (numpy-free)
             from .hw.record import main as record_main
@@ -187,10 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def load_variants() -> None:
         if args.variants:
-            from .pgtable.variants import ENV, load_user_variants
-            files = [os.path.abspath(f) for f in args.variants]
-            os.environ[ENV] = os.pathsep.join(filter(None, [os.environ.get(ENV), *files]))
+            from .pgtable.variants import load_user_variants, load_variant_files
             load_user_variants()
+            load_variant_files(args.variants)  # any path, ':' included
     return run_command(args, args.command, load_variants)
 
 

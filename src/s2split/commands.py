@@ -13,6 +13,10 @@ from .console import rich_console
 from .errors import S2Error
 from .memstress import INT_MAX
 from .options import int_arg, size_arg
+
+#: More worker processes than this exhaust descriptors and memory before
+#: they help (each holds a pipe and a model).
+MAX_WORKERS = 1024
 from .output import write_atomic
 
 
@@ -46,6 +50,7 @@ def add_matrix_options(p: argparse.ArgumentParser, single: bool = False) -> None
                    "skip-levels+skip-children)")
     g.add_argument("--chunk-size", type=size_arg("--chunk-size"), default=None, metavar="SIZE",
                    help="eager-split chunk size (default: the PMD block size of each granule)")
+    # -i of dirty_log_perf_test is an int: the stored commands must rerun
     g.add_argument("--iterations", type=int_arg("--iterations", 2, INT_MAX), default=2,
                    metavar="N", help="iterations of the test, as perf-test's -i; the clear "
                    "scenario's total depends on it (default: 2)")
@@ -63,7 +68,8 @@ def add_matrix_options(p: argparse.ArgumentParser, single: bool = False) -> None
     r.add_argument("--engine", choices=("auto", "reference", "fast"), default="auto",
                    help="auto: the fast engine from 64M of guest memory (default: auto)")
     if not single:
-        r.add_argument("--workers", type=int_arg("--workers", 1), default=None, metavar="N",
+        r.add_argument("--workers", type=int_arg("--workers", 1, MAX_WORKERS), default=None,
+                       metavar="N",
                        help="parallel processes (default: one per CPU)")
         r.add_argument("--dask", default=None, metavar="ADDRESS",
                        help="run groups on a Dask cluster, e.g. tcp://10.0.0.5:8786")
@@ -391,8 +397,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``s2split report`` (s2split.report.mail), on reproduce's machinery."""
+    from .output import note_input, refuse_input
     from .report.cover import build_cover
     from .report.mail import run_report
+    note_input(args.db)
+    if args.output:
+        refuse_input(args.output, "-o")  # before the matrix runs, which may take hours
     return run_report(args, matrix_from(args),
                       lambda matrix, show: _run_matrix(args, matrix, show),
                       lambda data: build_cover(data, args.full))

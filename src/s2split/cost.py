@@ -189,6 +189,12 @@ def _read(name_or_path: str) -> tuple[dict, str]:
     return data, source
 
 
+#: The longest ``inherits`` chain a profile may have (the built-in profiles
+#: use one or two links; the limit keeps a generated chain from exhausting
+#: Python's recursion limit).
+MAX_INHERITANCE_DEPTH = 32
+
+
 def _identity(source: str) -> str:
     return source if source.startswith("builtin:") else str(Path(source).resolve())
 
@@ -199,6 +205,9 @@ def load_profile(name_or_path: str | None = None, _chain: tuple[str, ...] = ()) 
     back to a profile already in it is an error, not a recursion."""
     data, source = _read(name_or_path or DEFAULT_PROFILE)
     chain = (*_chain, _identity(source))
+    if len(chain) > MAX_INHERITANCE_DEPTH:
+        raise S2Error(f"{chain[0]}: inherits through more than {MAX_INHERITANCE_DEPTH} "
+                      f"profiles (the limit of an inheritance chain; last: {source})")
     costs: dict[str, float] = {}
     ranges: dict[str, tuple[float, float]] = {}
     prov: dict[str, str] = {}

@@ -27,7 +27,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors and exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        from .console import one_line
+        sys.stderr.write(one_line(f"{self.prog}: error: {message}") + "\n")
         sys.exit(2)
 
 

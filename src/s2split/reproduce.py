@@ -209,6 +209,11 @@ class LocalExecutor:
             run_group, [(g, (g.params, g.variants, eng)) for g, eng in tasks])
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
 class DaskExecutor:
     """Groups on a Dask distributed cluster (``--dask tcp://host:8786``)."""
 
@@ -218,16 +223,23 @@ class DaskExecutor:
         except ImportError:
             raise S2Error("--dask needs the 'distributed' package: pip install "
                           "'s2split[dask]'") from None
+        self.address = address
         try:
             self.client = Client(address, timeout="10s")
         except (OSError, TimeoutError) as e:
             raise S2Error(f"cannot reach the Dask scheduler at {address}: {e}") from None
         except ValueError as e:  # malformed address: no port, unknown scheme...
             raise S2Error(f"bad Dask scheduler address {address!r}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - tls:// without certificates, ucx:// without UCX...
+            raise S2Error(f"cannot connect to the Dask scheduler at {address} "
+                          f"({_first_line(e)})") from None
 
     def close(self) -> None:
-        if self.client.status not in ("closed", "closing"):
-            self.client.close()
+        try:
+            if self.client.status not in ("closed", "closing"):
+                self.client.close()
+        except Exception:  # noqa: BLE001 - the scheduler is gone already
+            pass
 
     def run(self, tasks: list[tuple[Group, str]]) -> Iterator[tuple[Group, Any]]:
         from distributed import as_completed
@@ -235,9 +247,20 @@ class DaskExecutor:
                    for g, eng in tasks}
         try:
             for fut in as_completed(list(futures)):
-                yield futures[fut], fut.result()
+                try:
+                    result = fut.result()
+                except (S2Error, KeyboardInterrupt):
+                    raise  # the model's own error (sent back by the worker), or Ctrl-C
+                except BaseException as e:  # noqa: BLE001 - a lost scheduler or worker
+                    raise S2Error(f"the Dask cluster at {self.address} failed while running "
+                                  f"{futures[fut].label} ({_first_line(e)}); the cells stored "
+                                  "so far are kept: run the command again to resume") from None
+                yield futures[fut], result
         finally:
-            self.client.close()
+            try:
+                self.client.close()
+            except Exception:  # noqa: BLE001 - closing a client whose scheduler is gone
+                pass
 
 
 @dataclass

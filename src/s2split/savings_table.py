@@ -83,6 +83,13 @@ def _number(value: Any, what: str, where: str) -> tuple[float, float | None]:
     return x, unit
 
 
+#: The range of a standard error, in percentage points: finer than any
+#: published figure's rounding at the bottom (smaller ones overflow the fit's
+#: squared residuals), and larger than any saving's whole range at the top.
+MIN_STDERR_PCT = 1e-6
+MAX_STDERR_PCT = 1e3
+
+
 def _row(raw: dict[str, Any], where: str, need_saved: bool) -> SavingsRow:
     from .pgtable.variants import get as get_variant
     missing = [c for c in REQUIRED + (("saved_pct",) if need_saved else ())
@@ -122,8 +129,9 @@ def _row(raw: dict[str, Any], where: str, need_saved: bool) -> SavingsRow:
     stderr = None
     if _text(raw.get("stderr_pct")) != "":
         stderr, _ = _number(raw["stderr_pct"], "stderr_pct", where)
-        if not stderr > 0:
-            raise S2Error(f"{where}: stderr_pct must be positive, got {stderr:g}")
+        if not MIN_STDERR_PCT <= stderr <= MAX_STDERR_PCT:
+            raise S2Error(f"{where}: stderr_pct must be between {MIN_STDERR_PCT:g} and "
+                          f"{MAX_STDERR_PCT:g} percentage points, got {stderr:g}")
     runs = None
     if _text(raw.get("runs")) != "":
         r, _ = _number(raw["runs"], "runs", where)

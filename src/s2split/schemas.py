@@ -12,6 +12,18 @@ from dataclasses import fields
 from functools import lru_cache
 
 from .features import Features
+from .phases import ITERATION_PHASES, _FIXED
+
+#: SQLite's INTEGER is a signed 64-bit number.
+INT64_MAX = (1 << 63) - 1
+#: The longest phase time accepted, in seconds (11.6 days: a phase of the
+#: selftest takes milliseconds to minutes; anything near this is a unit error,
+#: and values near the largest double overflow the statistics).
+MAX_SECONDS = 1e6
+#: A measured phase: one the selftest (and ``hw run``) times.
+PHASE_NAME = {"type": "string", "pattern":
+              f"^(create_vm|destroy_vm|{'|'.join(_FIXED)}|"
+              f"iter[1-9][0-9]{{0,9}}_({'|'.join(ITERATION_PHASES)}))$"}
 
 NUMBER = {"type": "number"}
 NON_NEGATIVE = {"type": "number", "minimum": 0}
@@ -98,11 +110,13 @@ MEASUREMENT_ROW = {
     "type": "object",
     "required": ["label", "config_key", "config", "phase", "repetition", "seconds"],
     "properties": {
-        "label": NAME, "config_key": NAME, "config": MEASUREMENT_CONFIG, "phase": NAME,
-        # >= 0, not > 0: a stored 0 (an imported line printing 0.000000000s)
-        # must not make the whole database unreadable; hw compare refuses a
-        # median of 0 itself.
-        "repetition": COUNT, "seconds": NON_NEGATIVE, "host": HOST, "source": TEXT,
+        "label": NAME, "config_key": NAME, "config": MEASUREMENT_CONFIG, "phase": PHASE_NAME,
+        # The same rules on the way in (Store.add_measurements) as on the way
+        # out: a time of 0 is refused when imported, since hw compare and
+        # calibrate cannot use it.
+        "repetition": {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
+        "seconds": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
+        "host": HOST, "source": TEXT,
         # hw run's backing check: the smallest coverage of the test memslots
         "backing": {"type": "object", "required": ["coverage"], "properties": {
             "coverage": {"type": "number", "minimum": 0, "maximum": 1},

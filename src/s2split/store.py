@@ -35,6 +35,14 @@ from .errors import S2Error
 SCHEMA_VERSION = 2
 APP = "s2split"
 DEFAULT_DB = "s2split-results.sqlite"
+#: Seconds to wait for another process's lock before saying the database is locked.
+LOCK_TIMEOUT_S = 30.0
+
+
+def _locked(e: sqlite3.Error) -> bool:
+    """Whether E is SQLite's "busy": another connection holds the lock."""
+    name = getattr(e, "sqlite_errorname", "")
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(e)
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -108,11 +116,24 @@ class Store:
 
     @classmethod
     def open(cls, path: str | Path = DEFAULT_DB, create: bool = True) -> "Store":
+        import os
+        import stat
+
+        from .output import note_input
+        from .validate import file_kind
         p = Path(path)
         exists = p.exists()
         if not exists and not create:
             raise S2Error(f"{p}: no such results database")
         if exists:
+            # A FIFO or a device is refused before it is opened: open() of a
+            # FIFO blocks until a writer comes, and /dev/zero never ends.
+            try:
+                st = os.stat(p)
+            except OSError as e:
+                raise S2Error(f"{p}: cannot read ({e.strerror})") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise S2Error(f"{p}: is {file_kind(st.st_mode)}, not a results database file")
             try:
                 with open(p, "rb") as f:
                     head = f.read(16)
@@ -121,14 +142,19 @@ class Store:
             if head and not head.startswith(b"SQLite format 3"):
                 raise S2Error(f"{p}: not an s2split results database (not SQLite)")
         try:
-            conn = sqlite3.connect(str(p), timeout=30)
+            conn = sqlite3.connect(str(p), timeout=LOCK_TIMEOUT_S)
             conn.execute("PRAGMA foreign_keys = ON")
             tables = {r[0] for r in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as e:
+            if _locked(e):
+                raise S2Error(f"{p}: the results database is locked by another process "
+                              f"(waited {LOCK_TIMEOUT_S:g} s); try again when it is done") \
+                    from None
             if not exists:
                 raise S2Error(f"{p}: cannot create the results database ({e})") from None
             raise S2Error(f"{p}: not an s2split results database ({e})") from None
+        note_input(p)
         store = cls(conn, str(p))
         try:
             store._check(tables, create)
@@ -176,6 +202,10 @@ class Store:
         if version < SCHEMA_VERSION:
             raise S2Error(f"{p}: schema {version} is older than {SCHEMA_VERSION}; no migration "
                           "exists yet -- use a new file with --db")
+        # Created in one transaction: a table missing is damage, not an old version.
+        missing = sorted({"cells", "phases", "measurements"} - tables)
+        if missing:
+            raise S2Error(f"{p}: damaged results database (no {missing[0]} table)")
 
     def close(self) -> None:
         self.conn.close()
@@ -187,7 +217,12 @@ class Store:
         try:
             yield
         except sqlite3.DatabaseError as e:
+            if _locked(e):
+                raise S2Error(f"{self.path}: the results database is locked by another "
+                              "process; try again when it is done") from None
             raise S2Error(f"{self.path}: database error: {e}") from None
+        except OverflowError as e:  # an integer SQLite cannot hold (int64)
+            raise S2Error(f"{self.path}: a value does not fit the database ({e})") from None
 
     # -- cells -------------------------------------------------------------------
     def has_cell(self, key: str) -> bool:
@@ -199,7 +234,13 @@ class Store:
                  profile: str, seconds: float,
                  phases: Iterable[tuple[str, Counts, float]]) -> int:
         """Write one cell and its phases in one transaction; an existing key is
-        left alone (and its id returned)."""
+        left alone (and its id returned). The row is checked first by the
+        same rules that read it back (:meth:`_cell`)."""
+        phases = list(phases)
+        row = (0, key, json.dumps(config, sort_keys=True), variant, engine, profile,
+               __version__, now(), seconds)
+        self._cell(row, [(name, json.dumps(c.to_dict(), sort_keys=True), est)
+                         for name, c, est in phases], new=True)
         with self._errors(), self.conn:
             row = self.conn.execute("SELECT id FROM cells WHERE key = ?", (key,)).fetchone()
             if row:
@@ -230,10 +271,10 @@ class Store:
                                        "cell_id = ? ORDER BY seq", (r[0],)).fetchall()
             yield self._cell(r, ph)
 
-    def _cell(self, r: tuple, phase_rows: list[tuple]) -> StoredCell:
+    def _cell(self, r: tuple, phase_rows: list[tuple], new: bool = False) -> StoredCell:
         from .schemas import CELL_CONFIG, counts_schema
         from .validate import check, finite, loads
-        where = f"{self.path}: cells row {r[0]}"
+        where = f"{self.path}: {'new cell ' + repr(r[1]) if new else f'cells row {r[0]}'}"
         for i, name in ((1, "key"), (3, "variant"), (4, "engine"), (5, "profile")):
             if not isinstance(r[i], str) or not r[i]:
                 raise S2Error(f"{where}: {name}: must be a non-empty text, got {r[i]!r}")
@@ -242,7 +283,8 @@ class Store:
         seconds = finite(r[8], f"{where}: seconds", 0)
         phases = []
         for name, counts, est in phase_rows:
-            w = f"{self.path}: phases row (cell {r[0]}, phase {name!r})"
+            w = f"{where}: phase {name!r}" if new else \
+                f"{self.path}: phases row (cell {r[0]}, phase {name!r})"
             data = loads(counts, f"{w}: counts") if isinstance(counts, str) else counts
             check(data, counts_schema(), f"{w}: counts")
             phases.append((str(name), Counts.from_dict(data),
@@ -256,7 +298,11 @@ class Store:
 
     # -- measurements ---------------------------------------------------------------
     def add_measurements(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Store ROWS, all or none: each is checked first by the same rules
+        that read it back (:meth:`_measurement`), so that nothing is stored
+        that a later command would refuse."""
         rows = list(rows)
+        check_new_measurements(rows, self.path)
         with self._errors(), self.conn:
             self.conn.executemany(
                 "INSERT INTO measurements (label, config_key, config, phase, repetition, seconds,"
@@ -281,20 +327,8 @@ class Store:
             rows = self.conn.execute(q + " ORDER BY id", args).fetchall()
         return [self._measurement(r) for r in rows]
 
-    def _measurement(self, r: tuple) -> dict[str, Any]:
-        from .schemas import MEASUREMENT_ROW
-        from .validate import check, finite, loads
-        where = f"{self.path}: measurements row {r[0]}"
-        row = {"label": r[1], "config_key": r[2],
-               "config": loads(r[3], f"{where}: config") if isinstance(r[3], str) else r[3],
-               "phase": r[4], "repetition": r[5], "seconds": r[6],
-               "host": loads(r[7], f"{where}: host") if isinstance(r[7], str) else r[7],
-               "source": r[8]}
-        if r[9] is not None:
-            row["backing"] = loads(r[9], f"{where}: backing") if isinstance(r[9], str) else r[9]
-        check(row, MEASUREMENT_ROW, where)
-        finite(row["seconds"], f"{where}: seconds")
-        return row
+    def _measurement(self, r: tuple, new: bool = False) -> dict[str, Any]:
+        return _measurement_row(self.path, r, new)
 
     def labels(self) -> list[str]:
         with self._errors():
@@ -332,3 +366,43 @@ class Store:
             w.writerow(["measurement", m["config_key"], m["label"], "", m["phase"], "", "seconds",
                         m["repetition"], m["seconds"], ""])
         return out.getvalue()
+
+
+def check_new_measurements(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Refuse (one line) any row the store would not read back: the check of
+    :meth:`Store.add_measurements`, also for importers that check before they
+    create a database."""
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise S2Error(f"{path}: new measurement {i}: not an object")
+        try:
+            _measurement_row(str(path), (f"new measurement {i}", r.get("label"),
+                                         r.get("config_key"),
+                                         json.dumps(r.get("config"), sort_keys=True),
+                                         r.get("phase"), r.get("repetition"), r.get("seconds"),
+                                         json.dumps(r.get("host", {}), sort_keys=True),
+                                         r.get("source", "hw run"),
+                                         json.dumps(r["backing"], sort_keys=True)
+                                         if r.get("backing") else None), True)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, S2Error):
+                raise
+            raise S2Error(f"{path}: new measurement {i}: not storable ({e})") from None
+
+
+def _measurement_row(path: str, r: tuple, new: bool = False) -> dict[str, Any]:
+    """A measurements row (r: id, label, config_key, config, phase,
+    repetition, seconds, host, source, backing) checked; NEW: about to be stored."""
+    from .schemas import MEASUREMENT_ROW
+    from .validate import check, finite, loads
+    where = f"{path}: {r[0] if new else f'measurements row {r[0]}'}"
+    row = {"label": r[1], "config_key": r[2],
+           "config": loads(r[3], f"{where}: config") if isinstance(r[3], str) else r[3],
+           "phase": r[4], "repetition": r[5], "seconds": r[6],
+           "host": loads(r[7], f"{where}: host") if isinstance(r[7], str) else r[7],
+           "source": r[8]}
+    if len(r) > 9 and r[9] is not None:
+        row["backing"] = loads(r[9], f"{where}: backing") if isinstance(r[9], str) else r[9]
+    check(row, MEASUREMENT_ROW, where)
+    finite(row["seconds"], f"{where}: seconds")
+    return row

@@ -5,11 +5,15 @@ database row) and :func:`check` (a parsed document against a JSON Schema from
 :mod:`s2split.schemas`). Every failure is an :class:`~s2split.errors.S2Error`
 of one line naming WHERE (the file, or the database and row) and the key:
 
+* the file must be a regular file (a FIFO, a device such as ``/dev/zero`` or
+  a directory is refused before it is opened for reading: none of them is a
+  file that ends) of at most :func:`max_input_bytes` bytes;
 * the bytes must be UTF-8 (a profile saved as Latin-1 is named as such, not a
-  ``UnicodeDecodeError``);
+  ``UnicodeDecodeError``); a leading byte-order mark is dropped;
 * the text must be JSON as RFC 8259 defines it: Python's ``NaN``,
   ``Infinity`` and numbers too large for a double are refused, so that no
-  non-finite number reaches an estimate;
+  non-finite number reaches an estimate; a key given twice in one object is
+  refused (RFC 8259 leaves its meaning open; Python would keep the last);
 * the document must match its schema: types, ranges, required keys, known
   names.
 
@@ -22,10 +26,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from .errors import S2Error
+
+#: The largest input file read unless :data:`MAX_INPUT_ENV` says otherwise.
+DEFAULT_MAX_INPUT_BYTES = 256 << 20
+MAX_INPUT_ENV = "S2SPLIT_MAX_INPUT_BYTES"
 
 
 def _refuse_constant(name: str) -> Any:
@@ -39,11 +49,21 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
 def loads(text: str, where: str, invalid: str = "not valid JSON") -> Any:
-    """Parse JSON text strictly: NaN, Infinity and overflowing numbers are
-    errors, worded ``WHERE: INVALID: why``."""
+    """Parse JSON text strictly: NaN, Infinity, overflowing numbers and a key
+    given twice in one object are errors, worded ``WHERE: INVALID: why``."""
     try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                          object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise S2Error(f"{where}: {invalid}: {e.msg} at line {e.lineno} column "
                       f"{e.colno}") from None
@@ -53,12 +73,77 @@ def loads(text: str, where: str, invalid: str = "not valid JSON") -> Any:
         raise S2Error(f"{where}: {invalid}: nested too deeply") from None
 
 
-def read_text(path: str | Path, what: str) -> str:
-    """A file's text, which must be UTF-8; WHAT names the kind of file in errors."""
+def max_input_bytes() -> int:
+    """The size limit of an input file: :data:`MAX_INPUT_ENV` if set (bytes,
+    or with a K/M/G suffix), else :data:`DEFAULT_MAX_INPUT_BYTES`."""
+    text = os.environ.get(MAX_INPUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_INPUT_BYTES
+    shift = {"K": 10, "M": 20, "G": 30, "T": 40}.get(text[-1:].upper(), 0)
     try:
-        data = Path(path).read_bytes()
+        value = int(text[:-1] if shift else text) << shift
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise S2Error(f"{MAX_INPUT_ENV}={text!r}: must be a positive number of bytes "
+                      "(e.g. 1G)")
+    return value
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for an error message."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_bytes(path: str | Path, what: str) -> bytes:
+    """A regular file's bytes, at most :func:`max_input_bytes` of them; the
+    file is recorded as an input (:func:`s2split.output.note_input`). The
+    kind is checked on the open descriptor, opened without blocking, so that
+    a FIFO can neither hang the open nor slip in after a check."""
+    from .output import note_input
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) |
+                     getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise S2Error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise S2Error(f"{path}: cannot read {what} (is {file_kind(st.st_mode)}, not a "
+                          "regular file)")
+        limit = max_input_bytes()
+        if st.st_size > limit:
+            raise S2Error(f"{path}: {st.st_size} bytes, more than the {limit}-byte limit of a "
+                          f"{what} (set {MAX_INPUT_ENV} to allow more)")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:  # it grew while we read
+            raise S2Error(f"{path}: more than the {limit}-byte limit of a {what} (set "
+                          f"{MAX_INPUT_ENV} to allow more)")
+    except OSError as e:
+        raise S2Error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+    note_input(path)
+    return b"".join(chunks)
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A file's text, which must be UTF-8 (a leading byte-order mark is
+    dropped); WHAT names the kind of file in errors. See :func:`read_bytes`."""
+    data = read_bytes(path, what)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -11,6 +11,9 @@ from typing import Any
 
 from ..errors import S2Error
 from ..versions import DEFAULT_KERNEL, kernel_rules
+from .cache_location import ensure_location
+
+ensure_location()  # before any engine module decorates a cached function
 
 ENGINES = ("auto", "reference", "fast")
 

@@ -23,6 +23,7 @@ import ast
 import hashlib
 import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import FunctionType, MethodType, ModuleType
@@ -148,9 +149,14 @@ def drop_stale_cache() -> bool:
         return False
     stale = recorded is not None or _anything_cached()
     if stale:  # (flushing writes an empty index for every function: not on a fresh cache)
-        for d in dispatchers():
-            if d._cache is not None:
-                d._cache.flush()
+        try:
+            for d in dispatchers():
+                if d._cache is not None:
+                    d._cache.flush()
+        except OSError as e:  # a cache that cannot be written: use none
+            _say_once("save", f"s2split: the compile cache cannot be written ({_why(e)}); "
+                      "running uncached")
+            run_uncached()
         compiled_sources_hash.recompile()
     if marker is not None:
         try:  # whole or not at all: another process may be reading it
@@ -161,6 +167,86 @@ def drop_stale_cache() -> bool:
         except OSError:
             pass  # numba cannot write this cache either: nothing will be trusted
     return stale
+
+
+# -- a cache that heals -----------------------------------------------------------------
+
+_said: set[str] = set()
+
+
+def _say_once(kind: str, line: str) -> None:
+    """One line on stderr, once per process and kind: the run goes on."""
+    if kind in _said:
+        return
+    _said.add(kind)
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _why(e: BaseException) -> str:
+    text = (getattr(e, "strerror", None) or str(e)).splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text and text[0] else type(e).__name__
+
+
+def drop_cache() -> None:
+    """Empty the cache of every function (an empty index for each; the old
+    data files are overwritten as functions compile again)."""
+    for d in (compiled_sources_hash, *dispatchers()):
+        try:
+            if d._cache is not None:
+                d._cache.flush()
+        except Exception:  # noqa: BLE001 - a cache that cannot even be emptied
+            pass
+
+
+def run_uncached() -> None:
+    """No function loads from or saves to the cache any more in this process."""
+    from numba.core.caching import NullCache
+    for d in (compiled_sources_hash, *dispatchers()):
+        d._cache = NullCache()
+
+
+def _healing_load(cache, load: Callable) -> Callable:
+    def load_overload(sig, target_context):
+        try:
+            return load(sig, target_context)
+        except Exception as e:  # noqa: BLE001 - any damage: unpickling, truncation, I/O
+            _say_once("load", f"s2split: the compile cache could not be loaded ({_why(e)}); "
+                      "dropped it, compiling afresh")
+            drop_cache()
+            return None  # numba compiles, then saves a good copy
+    return load_overload
+
+
+def _healing_save(cache, save: Callable) -> Callable:
+    def save_overload(sig, data):
+        try:
+            save(sig, data)
+        except Exception as e:  # noqa: BLE001 - a full disk, a read-only cache, ...
+            _say_once("save", f"s2split: the compile cache cannot be written ({_why(e)}); "
+                      "running uncached")
+            run_uncached()
+    return save_overload
+
+
+def heal_on_failure(d: Dispatcher) -> None:
+    """Make a failure to load D's cached code drop the cache and compile (one
+    line on stderr), and a failure to save it run uncached: the cache can
+    slow a run down, never stop it."""
+    cache = d._cache
+    if cache is None or getattr(cache, "_s2split_healing", False) or \
+            not hasattr(cache, "load_overload"):
+        return
+    cache.load_overload = _healing_load(cache, cache.load_overload)
+    cache.save_overload = _healing_save(cache, cache.save_overload)
+    cache._s2split_healing = True
+
+
+for _d in (compiled_sources_hash, *dispatchers()):
+    heal_on_failure(_d)
 
 
 #: Whether importing found (and dropped) a stale compile cache.

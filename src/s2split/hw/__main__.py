@@ -5,17 +5,22 @@ bare Python (e.g. in a minimal arm64 VM): ``python3 -m s2split.hw run ...
 
 import sys
 
-from ..console import run_command
+from ..console import error_boundary, run_command
 from ..options import Parser
 from .cli import register
 
 
 def main(argv=None) -> int:
-    parser = Parser(prog="s2split", description="s2split's real-KVM harness")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    register(sub)
-    args = parser.parse_args(["hw", *(sys.argv[1:] if argv is None else argv)])
-    return run_command(args, "hw")
+    """One error boundary around everything, as ``s2split``'s own main."""
+    rest = list(sys.argv[1:] if argv is None else argv)
+
+    def run() -> int:
+        parser = Parser(prog="s2split", description="s2split's real-KVM harness")
+        sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+        register(sub)
+        args = parser.parse_args(["hw", *rest])
+        return run_command(args, "hw")
+    return error_boundary("s2split hw", run)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import Any
 from ..options import (Parser, add_mode_aliases, add_upstream_options, int_arg, selected_modes,
                        size_arg)
 from ..errors import S2Error
+from ..memstress import INT_MAX
 
 DEFAULT_DB = "s2split-results.sqlite"  # s2split.store.DEFAULT_DB, without importing numpy
 JSON_FORMAT = "s2split-hw-run/1"
@@ -67,7 +68,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    "runs longer and fail the run, so that a hung guest cannot hang the "
                    "harness; 0 for no limit (default: 600 s + 20 us per page of a vCPU's "
                    "region)")
-    h.add_argument("--repeat", type=int_arg("--repeat", 1), default=1, metavar="N",
+    h.add_argument("--repeat", type=int_arg("--repeat", 1, INT_MAX), default=1, metavar="N",
                    help="run every configuration N times, interleaved (default: 1)")
     h.add_argument("--label", default=None,
                    help="name of this result set, e.g. the kernel (default: the kernel "
@@ -213,38 +214,59 @@ def _open_store(path: str, create: bool = True):
     return Store.open(path, create=create)
 
 
-def _add_rows(store, rows: list[dict[str, Any]]) -> int:
-    """Add rows, numbering repetitions after those already stored for the same
-    label and configuration."""
+def _add_rows(store, rows: list[dict[str, Any]] | list[list[dict[str, Any]]]) -> int:
+    """Add rows in one transaction, numbering repetitions after those already
+    stored for the same label and configuration. ROWS may be a list of
+    batches (one per imported file), each numbered after the ones before."""
+    batches = rows if rows and isinstance(rows[0], list) else [rows]
     offsets: dict[tuple[str, str], int] = {}
-    for label in {r["label"] for r in rows}:
+    for label in {r.get("label") for b in batches for r in b} - {None}:
         for m in store.measurements(label):
             k = (label, m["config_key"])
             offsets[k] = max(offsets.get(k, 0), m["repetition"] + 1)
-    out = [dict(r, repetition=r["repetition"] + offsets.get((r["label"], r["config_key"]), 0))
-           for r in rows]
+    out = []
+    for batch in batches:
+        moved = [dict(r, repetition=r["repetition"] + offsets.get((r["label"], r["config_key"]),
+                                                                   0))
+                 if isinstance(r.get("repetition"), int) else r for r in batch]
+        for r in moved:
+            if isinstance(r.get("repetition"), int):
+                k = (r["label"], r["config_key"])
+                offsets[k] = max(offsets.get(k, 0), r["repetition"] + 1)
+        out += moved
     return store.add_measurements(out)
+
+
+def _check_rows(batches: list[list[dict[str, Any]]], db: str) -> None:
+    """Every row passes the store's own check (repetitions are numbered
+    after the stored ones later, and checked again then)."""
+    try:
+        from ..store import check_new_measurements
+    except ImportError:
+        return  # _open_store says why the store cannot be used
+    check_new_measurements([r for b in batches for r in b], db)
 
 
 # -- import ------------------------------------------------------------------------------
 def cmd_import(args: argparse.Namespace) -> int:
     from .selftest import import_rows, parse_output
 
-    store = _open_store(args.db)
-    total = 0
-    for path in args.files:
-        try:
-            text = Path(path).read_text(errors="replace")
-        except OSError as e:
-            raise S2Error(f"cannot read {path} ({e.strerror})") from None
+    from ..validate import read_bytes
+    every: list[list[dict[str, Any]]] = []
+    for path in args.files:  # every file is read and checked before anything is stored
+        text = read_bytes(path, "selftest output").decode("utf-8", errors="replace")
         parsed = parse_output(text, path)
         rows, notes = import_rows(parsed, args.label, args.args, source=f"import {path}")
         for note in notes:
             print(f"{path}: {note}")
-        if rows:
-            total += _add_rows(store, rows)
+        every.append(rows)
+    _check_rows(every, args.db)  # before a database is created
+    store = _open_store(args.db)
+    try:
+        total = _add_rows(store, every) if any(every) else 0  # all rows or none
+    finally:
+        store.close()
     print(f"stored {total} measurements as '{args.label}' in {store.path}")
-    store.close()
     return 0
 
 
@@ -259,18 +281,22 @@ def cmd_import_json(args: argparse.Namespace) -> int:
                           f"{JSON_FORMAT!r})")
         check(doc, HW_RUN, path)
         docs.append((path, doc))
-    store = _open_store(args.db)
-    total = 0
+    every: list[list[dict[str, Any]]] = []
     for path, doc in docs:
         rows = doc.get("rows", [])
         if args.label:
             rows = [dict(r, label=args.label) for r in rows]
-        total += _add_rows(store, rows)
+        every.append(rows)
         bad = sum(len(r.get("problems", [])) for r in doc.get("runs", []))
         if bad:
             print(f"{path}: warning: verification found {bad} problem(s) in these runs")
+    _check_rows(every, args.db)  # before a database is created
+    store = _open_store(args.db)
+    try:
+        total = _add_rows(store, every) if any(every) else 0  # all rows or none
+    finally:
+        store.close()
     print(f"stored {total} measurements in {store.path}")
-    store.close()
     return 0
 
 
@@ -375,7 +401,7 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
                     help="smallest slowdown that counts as a regression (default: 5)")
     cp.add_argument("--alpha", type=_significance, default=0.05,
                     help="significance level, Holm-corrected over all rows (default: 0.05)")
-    cp.add_argument("--min-reps", type=int_arg("--min-reps", 1), default=9,
+    cp.add_argument("--min-reps", type=int_arg("--min-reps", 1, INT_MAX), default=9,
                     help="warn below this many repetitions (default: 9)")
     cp.add_argument("--max-cv", type=_nonnegative("--max-cv", "%"), default=10.0, metavar="PCT",
                     help="warn when a sample's coefficient of variation exceeds this "
@@ -384,7 +410,8 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
                     help="only this configuration (its options, as listed)")
     cp.add_argument("--no-model", action="store_true", help="leave out the model's estimates")
     cp.add_argument("--profile", default=None, help="cost profile for the model's estimates")
-    cp.add_argument("--bootstrap-seed", type=int, default=0, help=argparse.SUPPRESS)
+    cp.add_argument("--bootstrap-seed", type=int_arg("--bootstrap-seed", 0, (1 << 64) - 1),
+                    default=0, help=argparse.SUPPRESS)
     cp.add_argument("--json", action="store_true", help="print the comparison as JSON")
     cp.set_defaults(func=cmd_compare)
     return hsub

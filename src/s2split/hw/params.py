@@ -70,7 +70,9 @@ class HwParams:
         return {"vcpu_memory_bytes": self.vcpu_memory_bytes, "vcpus": self.vcpus,
                 "backing": self.backing, "manual_protect": self.manual_protect,
                 "iterations": self.iterations, "mode": self.mode.name,
-                "mode_id": self.mode.id, "pa_bits": self.mode.pa_bits,
+                "mode_id": self.mode.id,
+                # None for a mode of any PA size (x86's "PA-bits:ANY"), not 0
+                "pa_bits": self.mode.pa_bits or None,
                 "granule": self.granule, "slots": self.slots,
                 "write_percent": self.write_percent, "random_access": self.random_access,
                 "partition": self.partition, "seed": self.seed,

@@ -20,6 +20,7 @@ Ordering that matters for the counts:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -561,18 +562,40 @@ class Stage2PageTable:
 # -- visitors ----------------------------------------------------------------
 # Small and single-purpose, like the kernel's; ``w.pgt`` is the page table.
 
+def _api_call(fn, what: str, ctx: VisitCtx) -> int:
+    """FN(CTX), held to what the fast engine's compiled call allows: an
+    integer back (0, a negative errno, a hint), and no recursion without
+    end; anything else is a one-line error naming the function."""
+    try:
+        ret = fn(ctx)
+    except RecursionError:
+        raise S2Error(f"{what} {_api_name(fn)} recursed too deeply (it calls itself "
+                      "without end?)") from None
+    if isinstance(ret, bool) or not isinstance(ret, numbers.Integral):
+        raise S2Error(f"{what} {_api_name(fn)} returned {type(ret).__name__} {ret!r:.40}; it "
+                      "must return an integer (0, a negative errno or a hint)")
+    return int(ret)
+
+
+def _api_name(fn) -> str:
+    code = getattr(fn, "__code__", None)
+    where = f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
+    return f"{getattr(fn, '__qualname__', fn)!s}{where}"
+
+
 def _from_api(fn):
     """A visitor written with :mod:`~s2split.pgtable.visitor_api`, as the walker calls it."""
     def visitor(w: Walk, pfn: int, table: list, idx: int, old: int, level: int,
                 visit: int) -> int:
-        return fn(VisitCtx(w, pfn, table, idx, old, level, visit))
+        return _api_call(fn, "visitor", VisitCtx(w, pfn, table, idx, old, level, visit))
     return visitor
 
 
 def _hook_from_api(fn):
     """An after-walk hook, as :func:`~s2split.pgtable.walker.kvm_pgtable_walk` calls it."""
     def hook(w: Walk) -> int:
-        return fn(VisitCtx(w, -1, None, -1, 0, TTL_UNKNOWN, AFTER_WALK))
+        return _api_call(fn, "after-walk hook",
+                         VisitCtx(w, -1, None, -1, 0, TTL_UNKNOWN, AFTER_WALK))
     return hook
 
 

@@ -56,8 +56,10 @@ Visitors in the older seven-argument form run on the reference engine only.
 
 To use such variants from the command line, put the ``register`` calls in a
 Python file and name it in ``S2SPLIT_VARIANTS`` (several files separated by
-``:``), or pass ``--variants FILE`` to ``s2split``, which sets it; worker
-processes inherit the variable, so ``reproduce`` sees the same variants.
+``:``, ``os.pathsep``, so a path in it cannot hold one), or pass ``--variants
+FILE`` to ``s2split`` (any path): it hands its files to worker processes in
+``S2SPLIT_VARIANT_FILES`` (a JSON list), so ``reproduce`` sees the same
+variants.
 """
 
 from __future__ import annotations
@@ -264,22 +266,63 @@ DEFAULT_VARIANTS = ("vanilla", "skip-levels", "skip-levels+skip-children")
 
 
 ENV = "S2SPLIT_VARIANTS"
+#: The ``--variants`` files, as a JSON list (paths may hold ``:`` or newlines).
+FILES_ENV = "S2SPLIT_VARIANT_FILES"
 _loaded: set[str] = set()
 
 
+def _env_files() -> list[str]:
+    files = [p for p in os.environ.get(ENV, "").split(os.pathsep) if p]
+    listed = os.environ.get(FILES_ENV, "")
+    if listed:
+        import json
+        try:
+            more = json.loads(listed)
+        except ValueError:
+            more = None
+        if not isinstance(more, list) or not all(isinstance(p, str) for p in more):
+            raise S2Error(f"{FILES_ENV}: not a JSON list of paths")
+        files += more
+    return files
+
+
+def load_variant_files(paths: list[str]) -> None:
+    """Run the Python files PATHS (once each), and hand them to worker
+    processes (:data:`FILES_ENV`)."""
+    import json
+    files = [os.path.abspath(p) for p in paths]
+    known = json.loads(os.environ.get(FILES_ENV) or "[]")
+    os.environ[FILES_ENV] = json.dumps([*known, *(f for f in files if f not in known)])
+    _run_files(files)
+
+
 def load_user_variants() -> None:
-    """Run the files named in ``S2SPLIT_VARIANTS`` (once each)."""
-    for path in filter(None, os.environ.get(ENV, "").split(os.pathsep)):
+    """Run the files named in ``S2SPLIT_VARIANTS`` and :data:`FILES_ENV` (once each)."""
+    _run_files(_env_files())
+
+
+def _run_files(paths: list[str]) -> None:
+    import stat
+    for path in paths:
         if path in _loaded:
             continue
         _loaded.add(path)
-        if not os.path.isfile(path):
-            raise S2Error(f"{ENV}: no such file {path!r}")
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise S2Error(f"{ENV}: no such file {path!r}") from None
+        if not stat.S_ISREG(st.st_mode):
+            from ..validate import file_kind
+            raise S2Error(f"{path}: is {file_kind(st.st_mode)}, not a Python file")
+        from ..output import note_input
+        note_input(path)
         try:
             runpy.run_path(path, run_name="s2split_user_variants")
         except S2Error as e:
             raise S2Error(f"{path}: {e}") from None
-        except (Exception, SystemExit) as e:  # a user's file: report it in one line
+        except BaseException as e:  # a user's file: report it in one line
+            if type(e) is KeyboardInterrupt:  # a real Ctrl-C, not the file's own
+                raise
             text = str(e).splitlines()[0] if str(e) else ""
             raise S2Error(f"{path}: {type(e).__name__}: {text}") from None
 
