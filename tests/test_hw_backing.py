@@ -120,17 +120,16 @@ def _row(label, seconds, rep, coverage=None, damon="N", phase="enable_dirty_logg
 
 def test_store_keeps_the_coverage_and_migrates_schema_1(tmp_path):
     path = tmp_path / "old.sqlite"
-    # A schema-1 file: the measurements table without the backing column.
+    # A schema-1 file: today's tables with the measurements table as schema 1
+    # had it (no backing column), holding one measurement.
+    Store.open(str(path)).close()
     con = sqlite3.connect(path)
     con.executescript("""
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        CREATE TABLE measurements (id INTEGER PRIMARY KEY, label TEXT NOT NULL,
-            config_key TEXT NOT NULL, config TEXT NOT NULL, phase TEXT NOT NULL,
-            repetition INTEGER NOT NULL, seconds REAL NOT NULL, host TEXT NOT NULL,
-            source TEXT NOT NULL, tool_version TEXT NOT NULL, created TEXT NOT NULL);
-        INSERT INTO meta VALUES ('app', 's2split'), ('schema_version', '1');
-        INSERT INTO measurements VALUES (1, 'old', 'k', '{}', 'p', 0, 1.0, '{}', 'hw run',
-                                         '0', 'then');
+        ALTER TABLE measurements DROP COLUMN backing;
+        UPDATE meta SET value = '1' WHERE key = 'schema_version';
+        INSERT INTO measurements (label, config_key, config, phase, repetition, seconds,
+                                  host, source, tool_version, created)
+            VALUES ('old', 'k', '{}', 'populate', 0, 1.0, '{}', 'hw run', '0', 'then');
     """)
     con.commit()
     con.close()
