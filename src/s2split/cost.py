@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .counters import KIND, KINDS, NKINDS, NOPS, OP, OPS, SLOTS, slot, slot_level
+from .counters import HIT_KINDS, KIND, KINDS, NKINDS, NOPS, OP, OPS, SLOTS, slot, slot_level
 from .counts import Counts
 from . import phases
 from .errors import S2Error
 from .features import Features
+from .hierarchy import Hierarchy, parse_memory_hierarchy
 
 PROFILE_FORMAT = "s2split-profile/1"
 DEFAULT_PROFILE = "server-vhe"
@@ -36,6 +37,7 @@ class Profile:
     unit_costs_ns: dict[str, float]
     notes: tuple[str, ...] = ()
     source: str = ""
+    memory_hierarchy: Hierarchy | None = None
     _array: np.ndarray = field(default=None, repr=False, compare=False)  # type: ignore
 
     def __post_init__(self) -> None:
@@ -63,7 +65,9 @@ class Profile:
     def to_json(self) -> dict:
         return {"format": PROFILE_FORMAT, "name": self.name, "description": self.description,
                 "provenance": self.provenance, "features": vars(self.features) | {},
-                "unit_costs_ns": dict(self.unit_costs_ns), "notes": list(self.notes)}
+                "unit_costs_ns": dict(self.unit_costs_ns), "notes": list(self.notes)} | \
+            ({"memory_hierarchy": self.memory_hierarchy.to_json()}
+             if self.memory_hierarchy else {})
 
 
 def governing_keys(keys: list[str], where: str) -> np.ndarray:
@@ -140,6 +144,7 @@ def load_profile(name_or_path: str | None = None, _chain: tuple[str, ...] = ()) 
     chain = (*_chain, _identity(source))
     costs: dict[str, float] = {}
     feats = Features()
+    hierarchy: Hierarchy | None = None
     if data.get("inherits"):
         parent = str(data["inherits"])
         if not source.startswith("builtin:") and (parent.endswith(".json") or "/" in parent):
@@ -154,12 +159,24 @@ def load_profile(name_or_path: str | None = None, _chain: tuple[str, ...] = ()) 
         base = load_profile(parent, chain)
         costs.update(base.unit_costs_ns)
         feats = base.features
+        hierarchy = base.memory_hierarchy
+    if "memory_hierarchy" in data:
+        hierarchy = parse_memory_hierarchy(data["memory_hierarchy"], source)
+        costs.update(hierarchy_costs(hierarchy))
     for k, v in data.get("unit_costs_ns", {}).items():
         costs[k] = float(v)  # the schema: non-negative numbers, finite as parsed
     feats = Features(**{**vars(feats), **data.get("features", {})})
     return Profile(str(data["name"]), str(data.get("description", "")),
                    str(data.get("provenance", "")), feats, costs,
-                   tuple(data.get("notes", ())), source)
+                   tuple(data.get("notes", ())), source, hierarchy)
+
+
+def hierarchy_costs(h: Hierarchy) -> dict[str, float]:
+    """The unit costs ``hit_l1`` .. ``hit_dram`` a ``memory_hierarchy``
+    gives: its cost per read of each class. The pricing of an entry read is
+    then ``read_*`` (its instructions) + ``hit_*`` (where it hits), each
+    read counted once in each; a profile's own ``hit_*`` keys override."""
+    return dict(zip(HIT_KINDS, h.latency_ns))
 
 
 def format_seconds(ns: float) -> str:
