@@ -31,7 +31,7 @@ from .. import counters as C
 from ..bits import ATTR_HI_MASK, ATTR_LO_MASK, S2AP_R, S2AP_W, VALID, XN, Prot
 from ..memstress import PRNG_MODULUS, PRNG_MULTIPLIER, guest_random_skip as _skip
 from . import rules as R
-from .lines import touch_path
+from .lines import count_upper_again, stamp_upper, touch_level3_again, touch_path
 from .memory import cache_nobjs
 from .mmu import (fault_supports_stage2_huge_mapping, fault_prot, gfn_to_memslot, search_memslots,
                   kvm_handle_guest_abort, slot_logging)
@@ -426,6 +426,13 @@ def _table_run(T, M, B, RT, v, gpa, n, rng, write_percent):
     bitmap = -1
     nrep = 0
     done = 0
+    # Where the replays' reads hit: the first replay touches its whole walk;
+    # the others come back to the same upper lines (touch_level3_again), whose
+    # reads are counted per operation and stamped when the run ends.
+    touched = False
+    again_relax = 0
+    again_map = 0
+    last_a = 0
     while done < n:
         nxt = rng
         if not fixed:
@@ -448,7 +455,16 @@ def _table_run(T, M, B, RT, v, gpa, n, rng, write_percent):
                     nrep = 0
                 k, kcls, kakey, kdec, kwrite = k2, cls, akey, dec, write
                 attr_clr, attr, base, host_pa, bitmap = _replay_consts(M, cls, s, write)
-            touch_path(T, M, _class_op(cls), a)
+            if touched:
+                touch_level3_again(M, _class_op(cls), pfn, idx)
+                if cls == CLASS_RELAX:
+                    again_relax += 1
+                else:
+                    again_map += 1
+            else:
+                touch_path(T, M, _class_op(cls), a)
+                touched = True
+            last_a = a
             _replay_apply(T, M, B, cls, attr_clr, attr, base, host_pa, bitmap, a >> ps, entry,
                           pfn, idx)
             nrep += 1
@@ -456,6 +472,11 @@ def _table_run(T, M, B, RT, v, gpa, n, rng, write_percent):
         done += 1
     if nrep:
         RT[k + REPLAY_KEY] += nrep
+    if touched:
+        count_upper_again(M, C.OP_RELAX, again_relax)
+        count_upper_again(M, C.OP_MAP, again_map)
+        # The last replay's first tick: its m upper lines, then its level-3 line.
+        stamp_upper(T, M, last_a, M[S.LINE_CLOCK] - (3 - M[S.START_LEVEL]) - 1)
     if k >= 0:
         M[S.LAST_SLOT] = s  # where gfn_to_memslot would have left it
     if fixed:

@@ -84,4 +84,47 @@ def touch_path(T, M, op, ipa):
         level += 1
 
 
-COMPILED = (touch, touch_run, touch_path)
+@njit(cache=True, _nrt=False)
+def touch_level3_again(M, op, pfn, idx):
+    """:func:`touch_path` for a fault that follows another one through the
+    same upper tables, nothing touched in between (a run of replayed faults
+    in one level-3 table): the upper lines come back after the m = 3 -
+    START_LEVEL other lines of a walk, one tick each, so only the level-3
+    read is classified here; the caller counts the upper reads with
+    :func:`count_upper_again` and stamps their lines with
+    :func:`stamp_upper` once the run ends."""
+    M[S.LINE_CLOCK] += 3 - M[S.START_LEVEL]
+    M[S.LAST_LINE] = -1  # the last line touched was an upper one, not this
+    touch(M, op, 3, pfn, idx)
+
+
+@njit(cache=True, _nrt=False)
+def count_upper_again(M, op, n):
+    """The upper reads of ``n`` faults after :func:`touch_level3_again`: each
+    at distance m, so all in one class."""
+    if n == 0:
+        return
+    m = 3 - M[S.START_LEVEL]
+    cls = hit_class(1, m + 2, M[S.L1_LINES], M[S.L2_LINES], M[S.LLC_LINES])
+    for level in range(M[S.START_LEVEL], 3):
+        count(M, op, C.K_HIT_L1 + cls, level, n)
+
+
+@njit(cache=True, _nrt=False)
+def stamp_upper(T, M, ipa, t):
+    """The upper lines of the walk to ``ipa`` as last touched by a fault
+    whose first tick was ``t + 1``: level START_LEVEL + j at ``t + 1 + j``."""
+    level = M[S.START_LEVEL]
+    limit = 1 << M[S.IPA_BITS]
+    pfn = M[ROOT + ((ipa & (limit - 1)) >> level_shift(M, level - 1))]
+    ptrs = M[S.PTRS]
+    j = 0
+    while level < 3:
+        idx = (ipa >> level_shift(M, level)) & (ptrs - 1)
+        M[M[S.STAMPS] + ((pfn * ptrs + idx) >> LINE_ENTRY_SHIFT)] = t + 1 + j
+        pfn = table_pfn(M, T[pfn, idx])
+        level += 1
+        j += 1
+
+
+COMPILED = (touch, touch_run, touch_path, touch_level3_again, count_upper_again, stamp_upper)

@@ -344,9 +344,10 @@ class FastVM(VMBase):
         cnt[:] = 0
         # The end of a phase: its table lines leave the model's caches
         # (s2split.hierarchy: the guest and userspace run in between).
-        self.M[S.LINE_CLOCK] = 0
-        self.M[S.LAST_LINE] = -1
-        self._region("stamps")[:] = 0
+        if self.M[S.LINE_CLOCK]:  # a phase that touched no line left none to forget
+            self.M[S.LINE_CLOCK] = 0
+            self.M[S.LAST_LINE] = -1
+            self._region("stamps")[:] = 0
         return c
 
     def _pfn(self, entry: int) -> int:
