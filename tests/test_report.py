@@ -308,8 +308,10 @@ def test_skip_levels_saving_is_the_split_walk_level3_share(small):
     finally:
         store.close()
     c = vanilla.phase("enable_dirty_logging")
+    # the walk's reads are priced by where they hit too (hit_l1 .. hit_dram)
     walk_kinds = {"loops", "read_table", "read_leaf", "read_invalid", "reload", "visit_leaf",
-                  "visit_pre", "visit_post", "descent"}
+                  "visit_pre", "visit_post", "descent", "hit_l1", "hit_l2", "hit_llc",
+                  "hit_dram"}
     level3 = sum(n * profile.unit_cost(op, kind, lv) for op, kind, lv, n in c.items()
                  if op == "split" and lv == 3 and kind in walk_kinds)
     share = 100 * level3 / profile.estimate_ns(c)

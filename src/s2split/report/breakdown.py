@@ -179,11 +179,6 @@ def read_hits(counts: Counts) -> dict[Key, tuple[int, ...]]:
     return {(_HIT_CATEGORY[op], level): h for op, level, h in by_op(counts)}
 
 
-def hits_label(key: Key) -> str:
-    """``where table reads hit: split walk, L3``: a table row."""
-    return f"where table reads hit: {key_label(key)}"
-
-
 def hits_text(h: tuple[int, ...]) -> str:
     """``L1 87.5%, DRAM 12.5%``."""
     from ..explain import hits_text as text
@@ -191,5 +186,4 @@ def hits_text(h: tuple[int, ...]) -> str:
 
 
 __all__ = ["CATEGORIES", "BY_LEVEL", "category_of", "breakdown_ns", "by_category",
-           "category_masks", "key_label", "key_phrase", "ordered_keys", "read_hits", "hits_label",
-           "hits_text"]
+           "category_masks", "key_label", "key_phrase", "ordered_keys", "read_hits", "hits_text"]

@@ -505,10 +505,10 @@ def breakdown_section(data: ReportData) -> Section:
         "kvm_pgtable_stage2_create_unlinked and their installation, pages from the "
         "memory caches), TLB maintenance and barriers (TLBIs, DSB, ISB, cache "
         "maintenance), dirty-bitmap work, and the KVM MMU layer (the ioctl, the chunk "
-        "loop, lock drops). The operations add up to the total exactly. The rows 'where "
-        "table reads hit' split those walks' entry reads by the cache level their 64-byte "
-        "line would be found in (L1, L2, LLC, DRAM; counted by reuse distance, priced by "
-        "the profile's memory_hierarchy, already inside the rows above)." +
+        "loop, lock drops). The operations add up to the total exactly. Below each, "
+        "'where table reads hit' splits those walks' entry reads by the cache level their "
+        "64-byte line would be found in (L1, L2, LLC, DRAM; counted by reuse distance, "
+        "priced by the profile's memory_hierarchy, already inside the times above)." +
         (f" Plots: {len(data.plots)} files (PNG and SVG)." if data.plots else ""))])
     for cell in data.cells():
         g, b, s = cell
@@ -523,11 +523,15 @@ def breakdown_section(data: ReportData) -> Section:
             t.rows.append([B.key_label(k), *(_num(parts[v].get(k, 0.0), unit)
                                              for v in m.variants)])
         t.rows.append(["total (estimate)", *(_num(totals[v], unit) for v in m.variants)])
-        hits = {v: B.read_hits(o.phase_counts(g, b, s, v)) for v in m.variants}
-        for k in B.ordered_keys(k for h in hits.values() for k in h):
-            t.rows.append([B.hits_label(k), *(B.hits_text(hits[v][k]) if k in hits[v] else "-"
-                                              for v in m.variants)])
         sec.blocks.append(t)
+        hits = {v: B.read_hits(o.phase_counts(g, b, s, v)) for v in m.variants}
+        keys = B.ordered_keys(k for h in hits.values() for k in h)
+        if keys:
+            sec.blocks.append(Table(
+                [Column("walk", wrap=30)] + [Column(_variant_header(v)) for v in m.variants],
+                [[B.key_label(k), *(B.hits_text(hits[v][k]) if k in hits[v] else "-"
+                                    for v in m.variants)] for k in keys],
+                title=f"{_label(cell)}: where table reads hit (share of the entries read)"))
     return sec
 
 
