@@ -241,3 +241,56 @@ def test_clear_rereads_hit_l1_and_enable_streams():
     assert enable["hit_dram"] == phase.get("wrprotect", "hit_dram", 3) >= reads // 8
     assert enable["hit_l1"] == reads - enable["hit_dram"]
     assert enable["hit_l2"] == enable["hit_llc"] == 0
+
+
+# -- pricing ------------------------------------------------------------------------------
+
+def _profile(tmp_path, **extra) -> str:
+    import json
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"format": "s2split-profile/1", "name": "p",
+                             "inherits": "server-vhe", **extra}))
+    return str(p)
+
+
+def test_a_read_is_priced_once_for_its_instructions_and_once_for_where_it_hits():
+    import numpy as np
+
+    from s2split.cost import load_profile
+    from s2split.counters import KIND, OP, slot
+    from s2split.counts import Counts
+    prof = load_profile("server-vhe")
+    arr = np.zeros_like(prof.array, dtype=np.int64)
+    arr[OP["split"], KIND["read_leaf"], slot(3)] = 8  # one line: 1 DRAM read, 7 in L1
+    arr[OP["split"], KIND["hit_dram"], slot(3)] = 1
+    arr[OP["split"], KIND["hit_l1"], slot(3)] = 7
+    lat = prof.memory_hierarchy.latency_ns
+    assert prof.estimate_ns(Counts(arr)) == pytest.approx(
+        8 * prof.unit_costs_ns["read_leaf@3"] + lat[3] + 7 * lat[0])
+    # an L1 hit costs what an entry read cost before reads were classified
+    assert prof.unit_costs_ns["read_leaf@3"] + lat[0] == pytest.approx(2.5)
+    # host lookups are not classified: their reads keep the whole cost
+    assert prof.unit_cost("get_leaf", "read_leaf", 3) == 2.5
+
+
+def test_memory_hierarchy_latencies_price_the_classes_and_keys_override(tmp_path):
+    from s2split.cost import load_profile
+    p = load_profile(_profile(tmp_path, memory_hierarchy={"dram": {"latency_ns": 80}},
+                              unit_costs_ns={"hit_llc": 7}))
+    assert p.unit_cost("split", "hit_dram", 3) == 80
+    assert p.unit_cost("split", "hit_llc", 3) == 7
+    assert p.unit_cost("split", "hit_l1", 3) == load_profile("server-vhe").unit_costs_ns["hit_l1"]
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"l2": {"size_bytes": 2 << 20}}, "memory_hierarchy.l2.size_bytes 2097152 differs"),
+    ({"line_bytes": 128}, "line_bytes must be 64"),
+])
+def test_a_hierarchy_the_counts_cannot_follow_is_one_line_and_status_2(tmp_path, capsys,
+                                                                        section, message):
+    from _cli import run_cli
+    code, out, err = run_cli(["explain", "--size", "64M", "--granule", "4K", "--backing",
+                              "regular", "--scenario", "clear", "--profile",
+                              _profile(tmp_path, memory_hierarchy=section),
+                              "--db", str(tmp_path / "r.sqlite")], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -7,6 +7,13 @@ count x unit cost; the unit cost of ``(op, kind, level)`` is the most specific
 of ``op:kind@level``, ``op:kind``, ``kind@level``, ``kind`` present in the
 profile (0 otherwise). Every time computed here is an **estimate under a
 profile**, never a measurement; reports say so next to each number.
+
+A profile's ``memory_hierarchy`` section (:mod:`s2split.hierarchy`) gives
+the unit costs ``hit_l1`` .. ``hit_dram`` from its ``latency_ns`` (a
+profile's own ``hit_*`` keys override them): each entry read is then priced
+once by its ``read_*`` key (the instructions) and once by the class its line
+hits -- the two are separate counts of the same read, never the same cost
+twice.
 """
 
 from __future__ import annotations
