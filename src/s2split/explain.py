@@ -41,8 +41,8 @@ SAVING_GROUPS = (
       "dsb_nshst", "dsb_nsh", "isb")),
     ("entry writes and break-before-make", ("pte_write", "pte_cas", "bbm", "get_page",
                                             "put_page")),
-    ("walks", (*READ_KINDS, *HIT_KINDS, "reload", "visit_leaf", "visit_pre", "visit_post", "descent",
-               "loops", "walks", "walk_bytes", *SKIP_KINDS)),
+    ("walks", (*READ_KINDS, *HIT_KINDS, "reload", "visit_leaf", "visit_pre", "visit_post",
+               "descent", "loops", "walks", "walk_bytes", *SKIP_KINDS)),
 )
 
 
