@@ -31,7 +31,7 @@ from .. import counters as C
 from ..bits import ATTR_HI_MASK, ATTR_LO_MASK, S2AP_R, S2AP_W, VALID, XN, Prot
 from ..memstress import PRNG_MODULUS, PRNG_MULTIPLIER, guest_random_skip as _skip
 from . import rules as R
-from .lines import count_upper_again, stamp_upper, touch_level3_again, touch_path
+from .lines import count_again, stamp_upper, touch_level3_again, touch_path
 from .memory import cache_nobjs
 from .mmu import (fault_supports_stage2_huge_mapping, fault_prot, gfn_to_memslot, search_memslots,
                   kvm_handle_guest_abort, slot_logging)
@@ -428,10 +428,14 @@ def _table_run(T, M, B, RT, v, gpa, n, rng, write_percent):
     done = 0
     # Where the replays' reads hit: the first replay touches its whole walk;
     # the others come back to the same upper lines (touch_level3_again), whose
-    # reads are counted per operation and stamped when the run ends.
+    # reads -- and the level-3 reads of the line the fault before read -- are
+    # counted per operation and stamped when the run ends.
     touched = False
     again_relax = 0
     again_map = 0
+    same_relax = 0
+    same_map = 0
+    l3_line = -1
     last_a = 0
     while done < n:
         nxt = rng
@@ -456,14 +460,18 @@ def _table_run(T, M, B, RT, v, gpa, n, rng, write_percent):
                 k, kcls, kakey, kdec, kwrite = k2, cls, akey, dec, write
                 attr_clr, attr, base, host_pa, bitmap = _replay_consts(M, cls, s, write)
             if touched:
-                touch_level3_again(M, _class_op(cls), pfn, idx)
+                line = touch_level3_again(M, _class_op(cls), pfn, idx, l3_line)
                 if cls == CLASS_RELAX:
                     again_relax += 1
+                    same_relax += line == l3_line
                 else:
                     again_map += 1
+                    same_map += line == l3_line
+                l3_line = line
             else:
                 touch_path(T, M, _class_op(cls), a)
                 touched = True
+                l3_line = M[S.LAST_LINE]
             last_a = a
             _replay_apply(T, M, B, cls, attr_clr, attr, base, host_pa, bitmap, a >> ps, entry,
                           pfn, idx)
@@ -473,9 +481,11 @@ def _table_run(T, M, B, RT, v, gpa, n, rng, write_percent):
     if nrep:
         RT[k + REPLAY_KEY] += nrep
     if touched:
-        count_upper_again(M, C.OP_RELAX, again_relax)
-        count_upper_again(M, C.OP_MAP, again_map)
-        # The last replay's first tick: its m upper lines, then its level-3 line.
+        count_again(M, C.OP_RELAX, again_relax, same_relax)
+        count_again(M, C.OP_MAP, again_map, same_map)
+        # The last replay's ticks: its m upper lines, then its level-3 line.
+        M[M[S.STAMPS] + l3_line] = M[S.LINE_CLOCK]
+        M[S.LAST_LINE] = l3_line
         stamp_upper(T, M, last_a, M[S.LINE_CLOCK] - (3 - M[S.START_LEVEL]) - 1)
     if k >= 0:
         M[S.LAST_SLOT] = s  # where gfn_to_memslot would have left it

@@ -85,29 +85,39 @@ def touch_path(T, M, op, ipa):
 
 
 @njit(cache=True, _nrt=False)
-def touch_level3_again(M, op, pfn, idx):
+def touch_level3_again(M, op, pfn, idx, prev):
     """:func:`touch_path` for a fault that follows another one through the
     same upper tables, nothing touched in between (a run of replayed faults
-    in one level-3 table): the upper lines come back after the m = 3 -
-    START_LEVEL other lines of a walk, one tick each, so only the level-3
-    read is classified here; the caller counts the upper reads with
-    :func:`count_upper_again` and stamps their lines with
-    :func:`stamp_upper` once the run ends."""
-    M[S.LINE_CLOCK] += 3 - M[S.START_LEVEL]
-    M[S.LAST_LINE] = -1  # the last line touched was an upper one, not this
-    touch(M, op, 3, pfn, idx)
+    in one level-3 table), whose level-3 read was of line ``prev``: the
+    upper lines come back after the m = 3 - START_LEVEL other lines of a
+    walk, one tick each, and so does ``prev`` if this read is of it again --
+    all at distance m, counted by the caller (:func:`count_again`). Only a
+    read of another level-3 line is classified here; ``prev``'s stamp is
+    written as it is left, the line read last and the upper ones when the
+    run ends (:func:`stamp_upper`). Returns the level-3 line read."""
+    m = 3 - M[S.START_LEVEL]
+    M[S.LINE_CLOCK] += m + 1
+    line = (pfn * M[S.PTRS] + idx) >> LINE_ENTRY_SHIFT
+    if line != prev:
+        stamps = M[S.STAMPS]
+        M[stamps + prev] = M[S.LINE_CLOCK] - m - 1  # the previous fault's level-3 tick
+        cls = hit_class(M[stamps + line], M[S.LINE_CLOCK], M[S.L1_LINES], M[S.L2_LINES],
+                        M[S.LLC_LINES])
+        count(M, op, C.K_HIT_L1 + cls, 3, 1)
+    return line
 
 
 @njit(cache=True, _nrt=False)
-def count_upper_again(M, op, n):
-    """The upper reads of ``n`` faults after :func:`touch_level3_again`: each
-    at distance m, so all in one class."""
+def count_again(M, op, n, same):
+    """The reads at distance m of :func:`touch_level3_again`: the upper reads
+    of ``n`` faults, and ``same`` level-3 reads of the line read before."""
     if n == 0:
         return
     m = 3 - M[S.START_LEVEL]
     cls = hit_class(1, m + 2, M[S.L1_LINES], M[S.L2_LINES], M[S.LLC_LINES])
     for level in range(M[S.START_LEVEL], 3):
         count(M, op, C.K_HIT_L1 + cls, level, n)
+    count(M, op, C.K_HIT_L1 + cls, 3, same)
 
 
 @njit(cache=True, _nrt=False)
@@ -127,4 +137,4 @@ def stamp_upper(T, M, ipa, t):
         j += 1
 
 
-COMPILED = (touch, touch_run, touch_path, touch_level3_again, count_upper_again, stamp_upper)
+COMPILED = (touch, touch_run, touch_path, touch_level3_again, count_again, stamp_upper)
