@@ -191,7 +191,8 @@ def print_explanations(console: Any, outcome: Any, granules: Any = None,
     phase and level (``tables``) and plain sentences; a variant doing the same
     work as one already explained is only named as such."""
     from .arch import granule_name
-    from .explain import changes, changes_table, identical_work, same_work, sentences
+    from .explain import (changes, changes_table, hit_sentences, hits_table, identical_work,
+                          same_work, sentences)
     from .reproduce import BACKING_LABELS, syscall_phases
     m = outcome.matrix
     for s in m.scenarios:
@@ -204,6 +205,13 @@ def print_explanations(console: Any, outcome: Any, granules: Any = None,
                     f"the {len(phases)} KVM_CLEAR_DIRTY_LOG calls"
                 base = outcome.cells[(g, b, s, "vanilla")]
                 summed = {v: outcome.phase_counts(g, b, s, v) for v in m.variants}
+                if tables:
+                    console.print(hits_table(
+                        f"Where table reads hit, vanilla (classes counted by reuse distance "
+                        f"over 64-byte lines; time an estimate under {outcome.profile.name})",
+                        summed["vanilla"], outcome.profile))
+                for line in hit_sentences(syscall, summed["vanilla"]):
+                    console.print("  " + line, highlight=False)
                 explained: list[str] = []
                 for v in m.variants:
                     if v == "vanilla":

@@ -15,6 +15,13 @@ value), so older profiles load unchanged; a profile that inherits a key's cost
 inherits its range and provenance too, unless it sets the cost again (its own
 point, then its own range or none). :mod:`s2split.intervals` turns the ranges
 into exact intervals of every saving.
+
+A profile's ``memory_hierarchy`` section (:mod:`s2split.hierarchy`) gives
+the unit costs ``hit_l1`` .. ``hit_dram`` from its ``latency_ns`` (a
+profile's own ``hit_*`` keys override them): each entry read is then priced
+once by its ``read_*`` key (the instructions) and once by the class its line
+hits -- the two are separate counts of the same read, never the same cost
+twice.
 """
 
 from __future__ import annotations
@@ -25,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .counters import KIND, KINDS, NKINDS, NOPS, OP, OPS, SLOTS, slot, slot_level
+from .counters import HIT_KINDS, KIND, KINDS, NKINDS, NOPS, OP, OPS, SLOTS, slot, slot_level
 from .counts import Counts
 from . import phases
 from .errors import S2Error
 from .features import Features
+from .hierarchy import Hierarchy, parse_memory_hierarchy
 
 PROFILE_FORMAT = "s2split-profile/1"
 DEFAULT_PROFILE = "server-vhe"
@@ -46,6 +54,7 @@ class Profile:
     source: str = ""
     ranges_ns: dict[str, tuple[float, float]] = field(default_factory=dict)
     provenance_by_key: dict[str, str] = field(default_factory=dict)
+    memory_hierarchy: Hierarchy | None = None
     _array: np.ndarray = field(default=None, repr=False, compare=False)  # type: ignore
     _gov: np.ndarray = field(default=None, repr=False, compare=False)  # type: ignore
 
@@ -107,6 +116,8 @@ class Profile:
             out["ranges_ns"] = {k: list(v) for k, v in self.ranges_ns.items()}
         if self.provenance_by_key:
             out["provenance_by_key"] = dict(self.provenance_by_key)
+        if self.memory_hierarchy:
+            out["memory_hierarchy"] = self.memory_hierarchy.to_json()
         return out
 
 
@@ -212,6 +223,7 @@ def load_profile(name_or_path: str | None = None, _chain: tuple[str, ...] = ()) 
     ranges: dict[str, tuple[float, float]] = {}
     prov: dict[str, str] = {}
     feats = Features()
+    hierarchy: Hierarchy | None = None
     if data.get("inherits"):
         parent = str(data["inherits"])
         if not source.startswith("builtin:") and (parent.endswith(".json") or "/" in parent):
@@ -228,6 +240,10 @@ def load_profile(name_or_path: str | None = None, _chain: tuple[str, ...] = ()) 
         ranges.update(base.ranges_ns)
         prov.update(base.provenance_by_key)
         feats = base.features
+        hierarchy = base.memory_hierarchy
+    if "memory_hierarchy" in data:
+        hierarchy = parse_memory_hierarchy(data["memory_hierarchy"], source)
+        costs.update(hierarchy_costs(hierarchy))
     for k, v in data.get("unit_costs_ns", {}).items():
         costs[k] = float(v)  # the schema: non-negative numbers, finite as parsed
         # A cost set again: the parent's range and provenance were about its value.
@@ -243,7 +259,16 @@ def load_profile(name_or_path: str | None = None, _chain: tuple[str, ...] = ()) 
         raise S2Error(f"{source}: {e}") from None
     return Profile(str(data["name"]), str(data.get("description", "")),
                    str(data.get("provenance", "")), feats, costs,
-                   tuple(data.get("notes", ())), source, ranges, prov)
+                   tuple(data.get("notes", ())), source, ranges, prov, hierarchy)
+
+
+
+def hierarchy_costs(h: Hierarchy) -> dict[str, float]:
+    """The unit costs ``hit_l1`` .. ``hit_dram`` a ``memory_hierarchy``
+    gives: its cost per read of each class. The pricing of an entry read is
+    then ``read_*`` (its instructions) + ``hit_*`` (where it hits), each
+    read counted once in each; a profile's own ``hit_*`` keys override."""
+    return dict(zip(HIT_KINDS, h.latency_ns))
 
 
 def format_seconds(ns: float) -> str:

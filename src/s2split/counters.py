@@ -105,6 +105,13 @@ KIND_DOCS: tuple[tuple[str, str], ...] = (
     ("flush_memslot", "kvm_flush_remote_tlbs_memslot calls"),
     ("guest_accesses", "guest loads and stores to test memory (one per page per pass)"),
     ("ioctls", "VM ioctls from userspace (memslot changes, get and clear dirty log)"),
+    # where the entry reads hit (s2split.hierarchy): these four partition
+    # read_table + read_leaf + read_invalid of every operation but get_leaf
+    # (host page tables, not laid out); re-reads (reload) are not in them
+    ("hit_l1", "entry reads that hit L1 (reuse distance below L1's lines)"),
+    ("hit_l2", "entry reads that hit L2"),
+    ("hit_llc", "entry reads that hit the last-level cache"),
+    ("hit_dram", "entry reads from DRAM (first touch, or reuse distance beyond the LLC)"),
 )
 KINDS: tuple[str, ...] = tuple(k for k, _ in KIND_DOCS)
 KIND = {name: i for i, name in enumerate(KINDS)}
@@ -119,6 +126,10 @@ SIZE = NOPS * NKINDS * SLOTS
 for _i, _name in enumerate(KINDS):
     globals()["K_" + _name.upper()] = _i
 del _i, _name
+
+#: The hit kinds in order of distance: K_HIT_L1 + class (hierarchy.L1..DRAM).
+HIT_KINDS = ("hit_l1", "hit_l2", "hit_llc", "hit_dram")
+assert [KIND[k] for k in HIT_KINDS] == list(range(KIND["hit_l1"], KIND["hit_l1"] + 4))
 
 
 def slot(level: int | None) -> int:

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,10 +19,13 @@ class Tally:
     Hot paths hold ``tally.ops[op]`` and add at ``kind * SLOTS + level + 1``.
     """
 
-    __slots__ = ("ops",)
+    __slots__ = ("ops", "on_take")
 
     def __init__(self) -> None:
         self.ops: list[list[int]] = [[0] * (NKINDS * SLOTS) for _ in OPS]
+        #: Called when a phase's counts are taken (the table memory empties
+        #: the model's caches then: s2split.hierarchy).
+        self.on_take: Callable[[], None] | None = None
 
     def snapshot(self) -> "Counts":
         return Counts(np.array(self.ops, dtype=np.int64).reshape(NOPS, NKINDS, SLOTS))
@@ -35,6 +38,8 @@ class Tally:
         """Snapshot and reset: the counts of the phase that just ended."""
         c = self.snapshot()
         self.reset()
+        if self.on_take is not None:
+            self.on_take()
         return c
 
 

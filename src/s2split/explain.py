@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from rich.table import Table
 
 from .cost import Profile
+from .counters import HIT_KINDS
 from .counts import Counts
+from .hierarchy import LINE_BYTES
 
 READ_KINDS = ("read_table", "read_leaf", "read_invalid")
 OP_WALK = {"split": "split walk", "wrprotect": "write-protect walk", "map": "map walk",
@@ -39,8 +41,8 @@ SAVING_GROUPS = (
       "dsb_nshst", "dsb_nsh", "isb")),
     ("entry writes and break-before-make", ("pte_write", "pte_cas", "bbm", "get_page",
                                             "put_page")),
-    ("walks", (*READ_KINDS, "reload", "visit_leaf", "visit_pre", "visit_post", "descent",
-               "loops", "walks", "walk_bytes", *SKIP_KINDS)),
+    ("walks", (*READ_KINDS, *HIT_KINDS, "reload", "visit_leaf", "visit_pre", "visit_post",
+               "descent", "loops", "walks", "walk_bytes", *SKIP_KINDS)),
 )
 
 
@@ -171,3 +173,63 @@ def identical_work(counts: dict[str, Counts], phase_label: str) -> list[str]:
             out.append(f"{group} do identical work in {phase_label}: any measured difference "
                        f"between them is noise.")
     return out
+
+
+# -- where table reads hit ------------------------------------------------------------------
+
+#: The walks whose entry reads "where table reads hit" shows: the two walks of
+#: the dirty-log ioctls and the reads of the tables a split builds.
+HIT_OPS = ("wrprotect", "split", "create_unlinked")
+HIT_NAMES = ("L1", "L2", "LLC", "DRAM")
+
+
+def read_hits(counts: Counts, ops: tuple[str, ...] = HIT_OPS
+              ) -> list[tuple[str, int, tuple[int, ...]]]:
+    """``(op, level, (L1, L2, LLC, DRAM))`` for each walk and level that read entries."""
+    out = []
+    for op in ops:
+        for level in range(-1, 4):
+            h = tuple(counts.get(op, k, level) for k in HIT_KINDS)
+            if any(h):
+                out.append((op, level, h))
+    return out
+
+
+def hits_text(h: tuple[int, ...]) -> str:
+    """``L1 87.5%, DRAM 12.5%``: the classes that occur, as shares of the reads."""
+    total = sum(h)
+    return ", ".join(f"{name} {100 * n / total:.1f}%" for name, n in zip(HIT_NAMES, h) if n)
+
+
+def hits_table(title: str, counts: Counts, profile: Profile) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("walk")
+    t.add_column("level")
+    for col in ("entries read", *HIT_NAMES, "est. memory time"):
+        t.add_column(col, justify="right")
+    for op, level, h in read_hits(counts):
+        ns = sum(n * profile.unit_cost(op, k, level) for n, k in zip(h, HIT_KINDS))
+        t.add_row(OP_WALK.get(op, op), str(level), f"{sum(h):,}",
+                  *(f"{n:,}" for n in h), f"{ns / 1e6:,.3f} ms")
+    return t
+
+
+def hit_sentences(phase_label: str, counts: Counts) -> list[str]:
+    """Where the split walk's level-3 reads hit, and why, in words."""
+    split = tuple(counts.get("split", k, 3) for k in HIT_KINDS)
+    total = sum(split)
+    if not total:
+        return []
+    wp = sum(counts.get("wrprotect", k, 3) for k in HIT_KINDS)
+    missed = sum(split[1:])  # the first read of a line that was not in L1
+    if not missed:
+        why = " -- the write-protect walk read the same lines just before it" if wp else ""
+        return [f"Where table reads hit: in {phase_label}, all {total:,} level-3 entry reads "
+                f"of the split walk hit L1{why}."]
+    far = split[2] + split[3]
+    mib = far * LINE_BYTES / (1 << 20)
+    return [f"Where table reads hit: in {phase_label}, the split walk's {total:,} level-3 "
+            f"entry reads hit {hits_text(split)}: the first read of {far:,} of its 64-byte "
+            f"lines ({mib:,.1f} MiB) comes from the LLC or DRAM"
+            + (" -- it streams the level-3 tables the write-protect walk streamed before "
+               "it, too long before for the caches to keep them." if wp else ".")]

@@ -296,3 +296,25 @@ def free_clears_entry(free_clears_tables: bool) -> bool:
     """Whether dropping a table also clears its entry (6.19+), so that the
     walk of a later teardown chunk cannot reach the freed table."""
     return free_clears_tables
+
+
+# -- where an entry read hits (s2split.hierarchy) ------------------------------------------
+
+def hit_class(stamp: int, now: int, l1_lines: int, l2_lines: int, llc_lines: int) -> int:
+    """The cache level a read of a 64-byte line hits (0 L1, 1 L2, 2 LLC, 3
+    DRAM): ``stamp`` is the line clock when the line was last touched (0:
+    never), ``now`` the clock of this touch. The clock ticks once per touch of
+    a line other than the one touched last, so ``now - stamp - 1`` counts the
+    touches of other lines in between: the reuse distance when none of them
+    repeats, an upper bound on it otherwise (docs/design-notes.md). A cache of
+    ``n`` lines under LRU holds the line when fewer than ``n`` others came."""
+    if stamp == 0:
+        return 3
+    d = now - stamp - 1
+    if d < l1_lines:
+        return 0
+    if d < l2_lines:
+        return 1
+    if d < llc_lines:
+        return 2
+    return 3

@@ -37,6 +37,17 @@ BOOL = {"type": "boolean"}
 #: a known counter is checked by :func:`s2split.cost.governing_keys`.
 FEATURES = {"type": "object", "additionalProperties": False,
             "properties": {f.name: BOOL for f in fields(Features)}}
+_CACHE = {"type": "object", "additionalProperties": False,
+          "properties": {"size_bytes": {"type": "integer", "minimum": 64},
+                         "latency_ns": NON_NEGATIVE}}
+#: Where entry reads hit (:func:`s2split.hierarchy.parse_memory_hierarchy`).
+MEMORY_HIERARCHY = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"line_bytes": {"type": "integer", "minimum": 1}, "l1": _CACHE, "l2": _CACHE,
+                   "llc": _CACHE,
+                   "dram": {"type": "object", "additionalProperties": False,
+                            "properties": {"latency_ns": NON_NEGATIVE}}},
+}
 PROFILE = {
     "type": "object", "required": ["format", "name"], "additionalProperties": False,
     "properties": {
@@ -50,6 +61,7 @@ PROFILE = {
         "ranges_ns": {"type": "object", "additionalProperties": {
             "type": "array", "minItems": 2, "maxItems": 2, "items": NON_NEGATIVE}},
         "provenance_by_key": {"type": "object", "additionalProperties": NAME},
+        "memory_hierarchy": MEMORY_HIERARCHY,
         # how ``calibrate --savings`` fitted it (a record for readers; the
         # model reads only the costs and features)
         "calibration": {"type": "object", "required": ["kind"],

@@ -31,12 +31,12 @@ from types import FunctionType, MethodType, ModuleType
 from numba import njit, types
 from numba.core.dispatcher import Dispatcher
 
-from . import (dirty_log, entries, guest, memory, mmu, pte, rules, stage2, state, tlb,
+from . import (dirty_log, entries, guest, lines, memory, mmu, pte, rules, stage2, state, tlb,
                visitor_api, visitors, walker)
 
 #: The modules holding compiled functions.
-KERNEL_MODULES = (state, rules, pte, memory, tlb, entries, visitor_api, visitors, walker, stage2,
-                  mmu, dirty_log, guest)
+KERNEL_MODULES = (state, rules, pte, lines, memory, tlb, entries, visitor_api, visitors, walker,
+                  stage2, mmu, dirty_log, guest)
 
 
 def _imports(path: Path, package: str) -> set[str]:

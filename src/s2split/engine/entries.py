@@ -21,6 +21,7 @@ from ..bits import LOCKED, VALID
 from ..errors import EAGAIN, EINVAL, ENOMEM
 from ..pgtable import walker as WK
 from . import rules as R
+from .lines import touch, touch_run
 from .memory import cache_alloc, get_page, put_page
 from .pte import is_table, make_leaf, make_table, prot_to_attr, table_pfn
 from .state import (FREE_STACK_IDX, FREE_STACK_OLD, FREE_STACK_PFN, NOLV, S, count,
@@ -110,6 +111,7 @@ def free_unlinked(T, M, pfn, level):
             M[FREE_STACK_IDX + d] += 1
             continue
         old = T[M[FREE_STACK_PFN + d], i]
+        touch(M, op, lv, M[FREE_STACK_PFN + d], i)
         if is_table(old, lv):
             count(M, op, C.K_READ_TABLE, lv, 1)
             count(M, op, C.K_DESCENT, lv, 1)
@@ -137,6 +139,7 @@ def _fill_leaves(T, M, op, pfn, pa, attr, level):
     for i in range(ptrs):
         T[pfn, i] = make_leaf(M, pa + i * g, attr, level)
     M[M[S.REFCOUNT] + pfn] += ptrs
+    touch_run(M, op, level, pfn, 0, ptrs)
     count_leaf_visits(M, op, level, 0, ptrs)
     count(M, op, C.K_BBM, level, ptrs)
     count(M, op, C.K_GET_PAGE, level, ptrs)
@@ -159,6 +162,7 @@ def _fill(T, M, pfn, level, phys, attr, force_pte, mc):
         _fill_leaves(T, M, op, pfn, phys, attr, level)
         return 0
     for i in range(ptrs):
+        touch(M, op, level, pfn, i)
         count_leaf_visits(M, op, level, 0, 1)
         if level == 3:
             return -EINVAL

@@ -31,6 +31,7 @@ from .. import counters as C
 from ..bits import ATTR_HI_MASK, ATTR_LO_MASK, S2AP_R, S2AP_W, VALID, XN, Prot
 from ..memstress import PRNG_MODULUS, PRNG_MULTIPLIER, guest_random_skip as _skip
 from . import rules as R
+from .lines import count_again, stamp_upper, touch_level3_again, touch_path
 from .memory import cache_nobjs
 from .mmu import (fault_supports_stage2_huge_mapping, fault_prot, gfn_to_memslot, search_memslots,
                   kvm_handle_guest_abort, slot_logging)
@@ -188,8 +189,37 @@ def _replay_apply(T, M, B, cls, attr_clr, attr, base, host_pa, bitmap, gfn, entr
 def _replay(T, M, B, cls, s, gpa, write, entry, pfn, idx):
     """The state change of one fault of a recorded class."""
     attr_clr, attr, base, host_pa, bitmap = _replay_consts(M, cls, s, write)
+    touch_path(T, M, _class_op(cls), gpa)
     _replay_apply(T, M, B, cls, attr_clr, attr, base, host_pa, bitmap, gpa >> M[S.PAGE_SHIFT],
                   entry, pfn, idx)
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _class_op(cls):
+    """The operation whose walk a fault of class ``cls`` makes."""
+    return C.OP_RELAX if cls == CLASS_RELAX else C.OP_MAP
+
+
+@njit(cache=True, _nrt=False)
+def _replayable_reads(M, RT, d, cls):
+    """Whether the delta at ``RT[d:]`` read one entry per level, root to
+    level 3, all in the walk of ``cls``'s operation -- what :func:`touch_path`
+    replays in place of the recorded hit counts, which it zeroes (a replay's
+    reads hit where its own touches say, not where the first fault's did)."""
+    op = _class_op(cls)
+    ok = True
+    for o in range(C.NOPS):
+        if o == C.OP_GET_LEAF:
+            continue  # the host's tables: not classified
+        for sl in range(C.SLOTS):
+            n = 0
+            for kind in (C.K_READ_TABLE, C.K_READ_LEAF, C.K_READ_INVALID):
+                n += RT[d + (o * C.NKINDS + kind) * C.SLOTS + sl]
+            want = 1 if o == op and M[S.START_LEVEL] + 1 <= sl <= 4 else 0
+            ok = ok and n == want
+            for kind in range(C.K_HIT_L1, C.K_HIT_L1 + 4):
+                RT[d + (o * C.NKINDS + kind) * C.SLOTS + sl] = 0
+    return ok
 
 
 @njit(cache=True, inline="always", _nrt=False)
@@ -251,7 +281,8 @@ def guest_access(T, M, B, RT, v, gpa, write):
                 d = k + REPLAY_KEY + 1
                 for i in range(C.SIZE):
                     RT[d + i] = M[COUNTERS + i] - RT[d + i]
-                RT[0] += 1
+                if _replayable_reads(M, RT, d, cls):
+                    RT[0] += 1
             record = False
     else:
         return KEEPS_FAULTING
@@ -395,6 +426,17 @@ def _table_run(T, M, B, RT, v, gpa, n, rng, write_percent):
     bitmap = -1
     nrep = 0
     done = 0
+    # Where the replays' reads hit: the first replay touches its whole walk;
+    # the others come back to the same upper lines (touch_level3_again), whose
+    # reads -- and the level-3 reads of the line the fault before read -- are
+    # counted per operation and stamped when the run ends.
+    touched = False
+    again_relax = 0
+    again_map = 0
+    same_relax = 0
+    same_map = 0
+    l3_line = -1
+    last_a = 0
     while done < n:
         nxt = rng
         if not fixed:
@@ -417,6 +459,20 @@ def _table_run(T, M, B, RT, v, gpa, n, rng, write_percent):
                     nrep = 0
                 k, kcls, kakey, kdec, kwrite = k2, cls, akey, dec, write
                 attr_clr, attr, base, host_pa, bitmap = _replay_consts(M, cls, s, write)
+            if touched:
+                line = touch_level3_again(M, _class_op(cls), pfn, idx, l3_line)
+                if cls == CLASS_RELAX:
+                    again_relax += 1
+                    same_relax += line == l3_line
+                else:
+                    again_map += 1
+                    same_map += line == l3_line
+                l3_line = line
+            else:
+                touch_path(T, M, _class_op(cls), a)
+                touched = True
+                l3_line = M[S.LAST_LINE]
+            last_a = a
             _replay_apply(T, M, B, cls, attr_clr, attr, base, host_pa, bitmap, a >> ps, entry,
                           pfn, idx)
             nrep += 1
@@ -424,6 +480,13 @@ def _table_run(T, M, B, RT, v, gpa, n, rng, write_percent):
         done += 1
     if nrep:
         RT[k + REPLAY_KEY] += nrep
+    if touched:
+        count_again(M, C.OP_RELAX, again_relax, same_relax)
+        count_again(M, C.OP_MAP, again_map, same_map)
+        # The last replay's ticks: its m upper lines, then its level-3 line.
+        M[M[S.STAMPS] + l3_line] = M[S.LINE_CLOCK]
+        M[S.LAST_LINE] = l3_line
+        stamp_upper(T, M, last_a, M[S.LINE_CLOCK] - (3 - M[S.START_LEVEL]) - 1)
     if k >= 0:
         M[S.LAST_SLOT] = s  # where gfn_to_memslot would have left it
     if fixed:

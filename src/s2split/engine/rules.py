@@ -29,12 +29,14 @@ vma_mapping_shift = _jit(R.vma_mapping_shift)
 free_drops_table = _jit(R.free_drops_table)
 free_clears_entry = _jit(R.free_clears_entry)
 hcr_erratum_barriers = _jit(R.hcr_erratum_barriers)
+hit_class = _jit(R.hit_class)
 
 #: Every compiled rule (the compile cache drops them with the rest).
 COMPILED = (phys_to_pte, pte_to_phys, normal_memattr, prot_to_attr, pte_prot, needs_update,
             range_tlbi_ops, lpa2_range_align, unmap_defers_tlbi, block_nr_page_tables,
             split_force_pte, split_nr_page_tables, fault_supports_huge_mapping,
-            vma_mapping_shift, free_drops_table, free_clears_entry, hcr_erratum_barriers)
+            vma_mapping_shift, free_drops_table, free_clears_entry, hcr_erratum_barriers,
+            hit_class)
 
 HC_NONE, HC_PUD, HC_CONT_PMD, HC_PMD, HC_CONT_PTE = R.HC_NONE, R.HC_PUD, R.HC_CONT_PMD, \
     R.HC_PMD, R.HC_CONT_PTE

@@ -68,6 +68,11 @@ class S(enum.IntEnum):
     NSLOTS = enum.auto()
     NVCPUS = enum.auto()
     LAST_SLOT = enum.auto()         # the last memslot found (kvm_vcpu_gfn_to_memslot)
+    LINE_CLOCK = enum.auto()        # the line clock of s2split.hierarchy, the line
+    LAST_LINE = enum.auto()         # touched last, and the capacities in lines
+    L1_LINES = enum.auto()
+    L2_LINES = enum.auto()
+    LLC_LINES = enum.auto()
     REFCOUNT = enum.auto()          # offsets of the variable regions
     FREE_STACK = enum.auto()
     VCPU_CACHE = enum.auto()
@@ -75,6 +80,7 @@ class S(enum.IntEnum):
     VCPU_REGS = enum.auto()
     SPLIT_CACHE = enum.auto()
     SLOTS = enum.auto()
+    STAMPS = enum.auto()            # a line's last tick, per line of table memory
 
 
 VARIANT_FLAGS = len(S)
@@ -157,7 +163,7 @@ NREGS = len(VcpuReg)
 REGIONS = (("refc", S.REFCOUNT, 1), ("fstack", S.FREE_STACK, 1),
            ("vcache", S.VCPU_CACHE, VCPU_CACHE_CAPACITY), ("vcn", S.VCPU_NOBJS, 1),
            ("vregs", S.VCPU_REGS, NREGS), ("scache", S.SPLIT_CACHE, 1),
-           ("slots", S.SLOTS, NCOL))
+           ("slots", S.SLOTS, NCOL), ("stamps", S.STAMPS, 1))
 
 #: Memory-cache ids: a vCPU's is its index; these two are not vCPUs.
 MC_NONE = -1

@@ -25,6 +25,7 @@ from ..counters import K_CACHE_PAGES_FREED, OP, SIZE
 from ..counts import Counts
 from ..errors import S2Error
 from ..features import Features
+from ..hierarchy import COUNTED, LINE_ENTRY_SHIFT
 from ..kvm import mmu as KM
 from ..kvm.memslot import Memslot
 from ..kvm.vm import VMBase, Vcpu
@@ -86,7 +87,7 @@ class FastVM(VMBase):
         super().__init__(geom, features, variant, host_va_bits, kernel)
         g = geom
         self._rows = {"refc": 0, "fstack": 0, "vcache": 1, "vcn": 1, "vregs": 1, "scache": 1,
-                      "slots": 4}
+                      "slots": 4, "stamps": 0}
         self.M = np.zeros(FIXED, dtype=np.int64)
         self._layout(self._rows)
         M = self.M
@@ -110,6 +111,8 @@ class FastVM(VMBase):
         M[S.LEVELS] = g.levels
         M[S.FREE_CLEARS] = self.rules.free_clears_tables
         M[S.CHUNKED_DESTROY] = self.rules.chunked_destroy
+        M[S.LAST_LINE] = -1
+        M[S.L1_LINES], M[S.L2_LINES], M[S.LLC_LINES] = COUNTED.lines()
         self.set_variant(variant)
         self.T = np.zeros((0, g.ptrs_per_table), dtype=np.int64)
         self.B = np.zeros(0, dtype=np.int64)
@@ -164,6 +167,7 @@ class FastVM(VMBase):
         self.T = T
         rows = dict(self._rows)
         rows["refc"] = rows["fstack"] = need
+        rows["stamps"] = need * (self.geom.ptrs_per_table >> LINE_ENTRY_SHIFT)
         self._layout(rows)
         self.M[S.CAPACITY] = need
 
@@ -183,6 +187,9 @@ class FastVM(VMBase):
 
     def _slot_col(self, slot: Memslot, col: int) -> int:
         return int(self.M[S.SLOTS]) + self._row(slot) * NCOL + col
+
+    def set_cache_lines(self, l1: int, l2: int, llc: int) -> None:
+        self.M[S.L1_LINES], self.M[S.L2_LINES], self.M[S.LLC_LINES] = l1, l2, llc
 
     # -- VMBase hooks -------------------------------------------------------------
     def set_eager_split_chunk_size(self, size: int) -> None:
@@ -341,6 +348,12 @@ class FastVM(VMBase):
         cnt = self.M[COUNTERS:COUNTERS + SIZE]
         c = Counts.from_flat(cnt)
         cnt[:] = 0
+        # The end of a phase: its table lines leave the model's caches
+        # (s2split.hierarchy: the guest and userspace run in between).
+        if self.M[S.LINE_CLOCK]:  # a phase that touched no line left none to forget
+            self.M[S.LINE_CLOCK] = 0
+            self.M[S.LAST_LINE] = -1
+            self._region("stamps")[:] = 0
         return c
 
     def _pfn(self, entry: int) -> int:

@@ -22,6 +22,7 @@ from ..bits import S2AP_W, VALID
 from ..errors import ERANGE
 from ..pgtable import walker as WK
 from . import rules as R
+from .lines import touch, touch_run
 from .pte import is_table, table_pfn
 from .state import (NOLV, ROOT, STACK_IDX, STACK_OLD, STACK_PFN, VARIANT_VISITORS, S, W, count,
                     count_leaf_visit, count_leaf_visits, granule_size, level_shift)
@@ -54,6 +55,7 @@ def _visit(T, M, d, level):
     pfn = M[STACK_PFN + d]
     idx = M[STACK_IDX + d]
     old = T[pfn, idx]
+    touch(M, op, level, pfn, idx)
     table = is_table(old, level)
     ret = 0
     called = False
@@ -145,6 +147,7 @@ def _leaf_run(T, M, d, op, attr_clr):
         for j in range(lo, hi):
             nvalid += T[row, j] & VALID
     M[W.ADDR] = base + (n << ps) if n else addr
+    touch_run(M, op, 3, pfn, i, n)
     count_leaf_visits(M, op, 3, nvalid, n - nvalid)
     count(M, op, C.K_PTE_WRITE, 3, writes)
     return i + n
@@ -186,6 +189,7 @@ def _unmap_leaf_run(T, M, d):
     M[refc] -= nonzero
     M[W.ADDR] = base + (n << ps)
     op = M[W.OP]
+    touch_run(M, op, 3, pfn, i, n)
     count_leaf_visits(M, op, 3, nvalid, n - nvalid)
     count(M, op, C.K_PTE_WRITE, 3, nonzero)
     count(M, op, C.K_PUT_PAGE, 3, nonzero)

@@ -312,6 +312,11 @@ class VM(VMBase):
         self.split_cache = MemoryCache(self.pgt.mem)
         self._last_slot: Memslot | None = None
 
+    def set_cache_lines(self, l1: int, l2: int, llc: int) -> None:
+        """Classify entry reads against caches of these many lines (tests use
+        small ones; runs keep s2split.hierarchy.COUNTED's)."""
+        self.pgt.mem.cache_lines = (l1, l2, llc)
+
     def _count(self, kind: int, n: int = 1) -> None:
         self.k[kind * SLOTS + NOLEVEL] += n
 
@@ -421,6 +426,8 @@ class VM(VMBase):
         mmu.kvm_stage2_destroy(self)
 
     def take_counts(self) -> Counts:
+        # The end of a phase: taking the tally also empties the model's
+        # caches of table lines (s2split.hierarchy).
         return self.tally.take()
 
     def dump_tables(self) -> bytes:

@@ -13,6 +13,8 @@ that their tables are bit-identical.
 from __future__ import annotations
 
 from ..arch import Geometry
+from ..hierarchy import COUNTED, LINE_ENTRY_SHIFT
+from ..rules import hit_class
 
 #: Physical address where table pages live (guest memory lives elsewhere).
 TABLE_PA_BASE = 0x80_0000_0000
@@ -21,7 +23,8 @@ TABLE_PA_BASE = 0x80_0000_0000
 class TableMemory:
     """All table pages of one VM's stage-2, with their reference counts."""
 
-    __slots__ = ("geom", "pages", "refcount", "free_pfns", "base", "tracer")
+    __slots__ = ("geom", "pages", "refcount", "free_pfns", "base", "tracer", "stamps", "clock",
+                 "last_line", "cache_lines", "lines_per_page", "trace")
 
     def __init__(self, geom: Geometry, base: int = TABLE_PA_BASE):
         self.geom = geom
@@ -31,6 +34,42 @@ class TableMemory:
         self.free_pfns: list[int] = []
         #: An attached TLB model, told of pages freed and reused (or None).
         self.tracer = None
+        # The line clock of s2split.hierarchy: a stamp per line touched (a
+        # line's stamps outlive its page: frames are reused, lines stay where
+        # they are), the clock, and the line touched last.
+        self.stamps: dict[int, int] = {}
+        self.clock = 0
+        self.last_line = -1
+        self.cache_lines = COUNTED.lines()
+        self.lines_per_page = geom.ptrs_per_table >> LINE_ENTRY_SHIFT
+        #: (line, class, clock distance or -1 for a first touch) per entry
+        #: read and None where the caches were
+        #: emptied, when a test asks (tests/test_read_hits.py)
+        self.trace: list[tuple[int, int] | None] | None = None
+
+    def forget_lines(self) -> None:
+        """Empty the caches: every line as never touched."""
+        if self.trace is not None:
+            self.trace.append(None)
+        self.stamps.clear()
+        self.clock = 0
+        self.last_line = -1
+
+    def touch(self, pfn: int, idx: int) -> int:
+        """An entry read of ``idx`` in page ``pfn``: where it hits (hierarchy.L1..DRAM)."""
+        line = pfn * self.lines_per_page + (idx >> LINE_ENTRY_SHIFT)
+        cls = 0
+        dist = 0  # the line just read: no other line since
+        if line != self.last_line:
+            self.clock += 1
+            stamp = self.stamps.get(line, 0)
+            cls = hit_class(stamp, self.clock, *self.cache_lines)
+            dist = self.clock - stamp - 1 if stamp else -1
+            self.stamps[line] = self.clock
+            self.last_line = line
+        if self.trace is not None:
+            self.trace.append((line, cls, dist))
+        return cls
 
     def alloc(self) -> int:
         """A zeroed page with one reference (its own)."""

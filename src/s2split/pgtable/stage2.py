@@ -102,6 +102,7 @@ class Stage2PageTable:
         self.after_walk = {OP[op]: _hook_from_api(fn) for op, fn in variant.after_walk.items()}
         self.tally = tally or Tally()
         self.mem = mem or TableMemory(geom)
+        self.tally.on_take = self.mem.forget_lines
         self.ptrs = geom.ptrs_per_table
         self.shifts = geom.shifts
         self._addr_mask = P.addr_mask(geom)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import enum
 from typing import Any, Callable
 
-from ..counters import (K_DESCENT, K_LOOPS, K_READ_INVALID, K_READ_LEAF, K_READ_TABLE,
+from ..counters import (K_DESCENT, K_HIT_L1, K_LOOPS, K_READ_INVALID, K_READ_LEAF, K_READ_TABLE,
                         K_RELOAD, K_SKIP_CHILDREN, K_SKIP_LEVEL, K_SKIP_SIBLINGS, K_VISIT_LEAF,
                         K_VISIT_POST, K_VISIT_PRE, K_WALK_BYTES, K_WALKS, NOLEVEL, SLOTS)
 from ..arch import LAST_LEVEL
@@ -163,6 +163,7 @@ def _visit(w: Walk, pfn: int, table: list, idx: int, level: int) -> int:
         c[K_READ_LEAF * SLOTS + lv] += 1
     else:
         c[K_READ_INVALID * SLOTS + lv] += 1
+    c[(K_HIT_L1 + w.pgt.mem.touch(pfn, idx)) * SLOTS + lv] += 1
 
     ret = 0
     called = False

@@ -163,5 +163,27 @@ def ordered_keys(keys: Iterable[Key]) -> list[Key]:
                                             99 if k[1] is None else k[1]))
 
 
+# -- where table reads hit ---------------------------------------------------------------
+
+#: The category of each walk whose reads are shown by where they hit.
+_HIT_CATEGORY = {"split": SPLIT_WALK, "wrprotect": WRPROTECT_WALK,
+                 "create_unlinked": TABLE_BUILDING}
+
+
+def read_hits(counts: Counts) -> dict[Key, tuple[int, ...]]:
+    """"Where table reads hit": the entry reads of the split walk, the
+    write-protect walk and table building per (category, level), as counts
+    in L1, L2, LLC and DRAM (the ``hit_*`` counters; their estimated time is
+    already in the category's row above)."""
+    from ..explain import read_hits as by_op
+    return {(_HIT_CATEGORY[op], level): h for op, level, h in by_op(counts)}
+
+
+def hits_text(h: tuple[int, ...]) -> str:
+    """``L1 87.5%, DRAM 12.5%``."""
+    from ..explain import hits_text as text
+    return text(h)
+
+
 __all__ = ["CATEGORIES", "BY_LEVEL", "category_of", "breakdown_ns", "by_category",
-           "category_masks", "key_label", "key_phrase", "ordered_keys"]
+           "category_masks", "key_label", "key_phrase", "ordered_keys", "read_hits", "hits_text"]

@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..arch import granule_name, size_name
+from ..counters import HIT_KINDS
 from ..errors import S2Error
 from .document import Bullets, Code, Column, Document, Para, Section, Table
 from .iterations import iterations_json, iterations_section
@@ -538,7 +539,10 @@ def breakdown_section(data: ReportData) -> Section:
         "kvm_pgtable_stage2_create_unlinked and their installation, pages from the "
         "memory caches), TLB maintenance and barriers (TLBIs, DSB, ISB, cache "
         "maintenance), dirty-bitmap work, and the KVM MMU layer (the ioctl, the chunk "
-        "loop, lock drops). The operations add up to the total exactly." +
+        "loop, lock drops). The operations add up to the total exactly. Below each, "
+        "'where table reads hit' splits those walks' entry reads by the cache level their "
+        "64-byte line would be found in (L1, L2, LLC, DRAM; counted by reuse distance, "
+        "priced by the profile's memory_hierarchy, already inside the times above)." +
         (f" Plots: {len(data.plots)} files (PNG and SVG)." if data.plots else ""))])
     for cell in data.cells():
         g, b, s = cell
@@ -555,6 +559,14 @@ def breakdown_section(data: ReportData) -> Section:
         t.rows.append(["total (estimate)", *(_num(totals[v], unit) for v in m.variants)])
         t.notes += tlbi_notes({v: o.phase_counts(g, b, s, v) for v in m.variants})
         sec.blocks.append(t)
+        hits = {v: B.read_hits(o.phase_counts(g, b, s, v)) for v in m.variants}
+        keys = B.ordered_keys(k for h in hits.values() for k in h)
+        if keys:
+            sec.blocks.append(Table(
+                [Column("walk", wrap=30)] + [Column(_variant_header(v)) for v in m.variants],
+                [[B.key_label(k), *(B.hits_text(hits[v][k]) if k in hits[v] else "-"
+                                    for v in m.variants)] for k in keys],
+                title=f"{_label(cell)}: where table reads hit (share of the entries read)"))
     return sec
 
 
@@ -645,11 +657,14 @@ def report_json(data: ReportData) -> dict[str, Any]:
         for v in m.variants:
             c = o.phase_counts(g, b, s, v)
             parts = B.breakdown_ns(c, p)
+            hits = B.read_hits(c)
             breakdown.append(cellinfo(cell) | {
                 "variant": v, "estimate_ns": p.estimate_ns(c),
                 "tlbi_instructions": tlbi_instructions(c), "tlbi_calls": c.tlbi_calls(),
                 "parts": [{"operation": k[0], "level": k[1], "ns": parts[k]}
-                          for k in B.ordered_keys(parts)]})
+                          for k in B.ordered_keys(parts)],
+                "read_hits": [{"operation": k[0], "level": k[1], **dict(zip(HIT_KINDS, hits[k]))}
+                              for k in B.ordered_keys(hits)]})
     return {
         "format": REPORT_FORMAT,
         "version": __version__,
