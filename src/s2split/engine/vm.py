@@ -280,6 +280,10 @@ class FastVM(VMBase):
     def enable_log_dirty(self, slot: Memslot) -> None:
         enable_log_dirty(self.T, self.M, self.B, self._row(slot))
 
+    def split_cache_pages(self) -> int:
+        """Pages held in the split cache."""
+        return int(self.M[S.SPLIT_NOBJS])
+
     def free_split_cache(self) -> None:
         self._count(K_CACHE_PAGES_FREED, cache_free_all(self.T, self.M, MC_SPLIT))
 

@@ -342,6 +342,10 @@ class VM(VMBase):
     def free_split_cache(self) -> None:
         self._count(K_CACHE_PAGES_FREED, self.split_cache.free_all())
 
+    def split_cache_pages(self) -> int:
+        """Pages held in the split cache."""
+        return self.split_cache.nobjs
+
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
         s = self._last_slot
         if s is not None and s.contains(gfn):
