@@ -91,6 +91,30 @@ def test_a_variant_that_leaves_a_page_writable_fails_naming_the_page():
     assert "page 0x" in r.problems[0]
 
 
+def enable_without_flush(m):
+    """The enable path's write-protect without kvm_mmu_wp_memory_region's
+    memslot flush: writable translations may stay in the TLBs."""
+    shift = api.page_shift(m)
+    start = api.slot_base_gfn(m) << shift
+    api.wp_range(m, start, (api.slot_base_gfn(m) + api.slot_npages(m)) << shift)
+    api.split_memory_region(m)
+    return 0
+
+
+def test_a_variant_that_leaves_stale_writable_translations_fails_under_the_tlb_model():
+    v = Variant("no-flush", "wrong on purpose", mmu={"enable_log_dirty": enable_without_flush})
+    r = check_mmu_variant(v, examples=20)
+    assert r.problems and "kvm: tlbi_range differs: vanilla {None: 1}, no-flush {}" \
+        in r.problems[0]
+    # Claiming other maintenance lifts the exact-TLBI rule; the tables are
+    # right, and the TLB model still sees the stale writable translations.
+    v = Variant("no-flush", "wrong on purpose", mmu={"enable_log_dirty": enable_without_flush},
+                same_maintenance=False)
+    r = check_mmu_variant(v, examples=20)
+    assert r.problems
+    assert "TLB rule 2" in r.problems[0] and "no-flush" in r.problems[0]
+
+
 def test_vanilla_passes_its_own_check():
     r = check_mmu_variant(VANILLA, examples=3)
     assert r.problems == [] and r.extra_faults == 0 and r.steps > 0

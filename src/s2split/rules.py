@@ -150,6 +150,30 @@ def range_tlbi_ops(pages: int, start_page: int, lpa2_align: int) -> int:
     return ops
 
 
+def range_tlbi_pieces(pages: int, start_page: int, lpa2_align: int) -> list[tuple[int, int]]:
+    """What each TLBI of :func:`range_tlbi_ops` covers, in issue order:
+    ``(first page, pages)``; a range operation covers the pages its
+    ``(num + 1) << (5 * scale + 1)`` encodes, a by-IPA one a single page.
+    Together they cover ``[start_page, start_page + pages)`` exactly."""
+    out = []
+    scale = 3
+    addr = start_page
+    while pages > 0:
+        if pages == 1 or (lpa2_align != 0 and addr % lpa2_align != 0):
+            out.append((addr, 1))
+            addr += 1
+            pages -= 1
+            continue
+        unit = 1 << (5 * scale + 1)
+        num = min(pages, 32 * unit) // unit - 1
+        if num >= 0:
+            out.append((addr, (num + 1) * unit))
+            addr += (num + 1) * unit
+            pages -= (num + 1) * unit
+        scale -= 1
+    return out
+
+
 def lpa2_range_align(page_shift: int, lpa2: bool) -> int:
     """Pages per 64K: with LPA2 a range TLBI's base must be 64K aligned."""
     return (1 << 16) >> page_shift if lpa2 else 0

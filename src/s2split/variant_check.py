@@ -16,6 +16,15 @@ a block by a table that translates differently, stops the check with the
 address and level (:class:`~s2split.pgtable.visitor_api.VisitorRuleError`).
 A variant the fast engine can run is then run on both engines, which must
 agree on every table and count.
+
+Every workload, vanilla's included, also runs under the TLB model
+(:mod:`s2split.pgtable.tlb_model`), which follows what the TLBs and walk
+caches may still hold and checks four rules at every event: break-before-make
+(FEAT_BBM level 2 aside), no writable translation left cached when a
+write-protecting ioctl returns, no table page freed while a walk cache may
+point to it, and no TLBI whose level hint misses the entry it follows. The
+random examples draw the CPU's TLBI and FWB features too (with FWB and range
+TLBIs an unmap defers its invalidation to one range flush).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from .arch import Geometry
 from .counts import Counts
 from .features import Features
 from .modes import parse_mode
+from .pgtable import tlb_model
 from .pgtable.memory import MemoryCache
 from .pgtable.stage2 import Stage2PageTable
 from .pgtable.variants import VANILLA, Variant
@@ -49,6 +59,10 @@ TLBI_KINDS = ("tlbi_ipa", "tlbi_ipa_nsh", "tlbi_range", "tlbi_vmid")
 def cpu_for(variant: Variant, base: Features | None = None) -> Features:
     """The CPU both runs use: ``base`` with the features the variant requires."""
     return replace(base or Features(), **{r: True for r in variant.requires})
+
+#: CPU feature sets the random examples draw (the variant's requirements added).
+CPUS = ({}, {"tlbirange": False}, {"fwb": False}, {"vhe": False, "tlbirange": False},
+        {"fwb": False, "tlbirange": False})
 
 GEOMETRIES = ((4096, 32), (4096, 40), (4096, 48), (16384, 36), (16384, 40), (16384, 47),
               (65536, 40), (65536, 42))
@@ -99,10 +113,13 @@ def random_ops(rng: random.Random, geom: Geometry, n: int) -> list[Op]:
 
 
 def apply_ops(geom: Geometry, variant: Variant, ops: list[Op],
-              features: Features | None = None) -> tuple[Stage2PageTable, list[int],
-                                                         list[Counts]]:
-    """Run ``ops``: the page table, each op's result and each op's counts."""
+              features: Features | None = None,
+              tlb: bool = False) -> tuple[Stage2PageTable, list[int], list[Counts]]:
+    """Run ``ops``: the page table, each op's result and each op's counts.
+    With ``tlb``, under a TLB model (``tlb_model.attached(pgt).findings``),
+    each operation one hold of the MMU lock."""
     pgt = Stage2PageTable(geom, features or cpu_for(variant), variant=variant)
+    model = tlb_model.attach(pgt) if tlb else None
     mc = MemoryCache(pgt.mem)
     results = []
     counts = []
@@ -121,6 +138,8 @@ def apply_ops(geom: Geometry, variant: Variant, ops: list[Op],
             cache.topup(max(op.arg, 1), op.arg) if op.arg else None
             results.append(pgt.split(op.addr, op.size, cache))
             cache.free_all()
+        if model is not None:
+            model.lock_release()
         counts.append(pgt.tally.take())
     return pgt, results, counts
 
@@ -206,22 +225,28 @@ def check_variant(variant: Variant, examples: int = 25, seed: int = 0,
         from .mmu_check import check_mmu
         return check_mmu(variant, examples, seed).problems
     rng = random.Random(seed)
+    cpu_rng = random.Random(seed + 1)  # apart, so that the operations drawn stay as they were
     problems: list[str] = []
-    cpu = cpu_for(variant)
     fixed = [(Geometry(*g), list(ops)) for g, ops in FIXED_EXAMPLES]
     for i in range(len(fixed) + examples):
+        cpu = cpu_for(variant)
         if i < len(fixed):
             geom, ops = fixed[i]
         else:
             granule, ipa = rng.choice(GEOMETRIES)
             geom = Geometry(granule, ipa)
             ops = random_ops(rng, geom, ops_per_example)
-        label = f"example {i} ({geom.name}: {', '.join(map(str, ops))})"
+            cpu = cpu_for(variant, replace(Features(), **cpu_rng.choice(CPUS)))
+        label = f"example {i} ({geom.name}, {cpu.spec()}: {', '.join(map(str, ops))})"
         try:
-            other = apply_ops(geom, variant, ops, cpu)
+            other = apply_ops(geom, variant, ops, cpu, tlb=True)
         except VisitorRuleError as e:
             return [f"example {i} ({geom.name}): {variant.name}: {e}"]
-        problems += compare_runs(label, apply_ops(geom, VANILLA, ops, cpu), other, variant, ops)
+        base = apply_ops(geom, VANILLA, ops, cpu, tlb=True)
+        problems += compare_runs(label, base, other, variant, ops)
+        if not problems:
+            problems += _tlb_findings(label, "vanilla", base[0])
+            problems += _tlb_findings(label, variant.name, other[0])
         if problems:
             break
     if not problems:
@@ -229,6 +254,15 @@ def check_variant(variant: Variant, examples: int = 25, seed: int = 0,
     if not problems and not variant.flag_only and variant.fast_capable:
         problems += _check_engines(variant)
     return problems
+
+
+def _tlb_findings(label: str, name: str, target) -> list[str]:
+    """The TLB model's first finding, as a problem (in vanilla: a bug of the model)."""
+    model = tlb_model.attached(target)
+    if model is None or not model.findings:
+        return []
+    note = " (vanilla: the TLB model is wrong, or the kernel is)" if name == "vanilla" else ""
+    return [f"{label}: {name}{note}: {model.findings[0]}"]
 
 
 def _check_engines(variant: Variant) -> list[str]:
@@ -256,9 +290,12 @@ def _check_workloads(variant: Variant) -> list[str]:
         p = PerfTestParams(vcpu_memory_bytes=32 << 20 if mode == 6 else 128 << 20,
                            backing=backing, mode=parse_mode(mode), chunk_size=chunk,
                            manual_protect=manual, features=cpu_for(variant))
-        a = run_perf_test(p, VANILLA, "reference", keep_tables=True)
+        vms: dict[str, object] = {}
+        a = run_perf_test(p, VANILLA, "reference", keep_tables=True,
+                          on_vm=lambda vm: vms.setdefault("vanilla", tlb_model.attach(vm)))
         try:
-            b = run_perf_test(p, variant, "reference", keep_tables=True)
+            b = run_perf_test(p, variant, "reference", keep_tables=True,
+                              on_vm=lambda vm: vms.setdefault("variant", tlb_model.attach(vm)))
         except VisitorRuleError as e:
             return [f"perf-test {' '.join(p.argv())}: {variant.name}: {e}"]
         label = f"perf-test {' '.join(p.argv())}"
@@ -272,4 +309,7 @@ def _check_workloads(variant: Variant) -> list[str]:
                     problems.append(f"{label}: phase {name}: {kind} differs")
             if c1.entries_read() > c0.entries_read():
                 problems.append(f"{label}: phase {name}: more entries read")
+        if not problems:
+            for name, key in (("vanilla", "vanilla"), (variant.name, "variant")):
+                problems += _tlb_findings(label, name, vms[key])
     return problems

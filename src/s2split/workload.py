@@ -220,9 +220,11 @@ def phase_steps(p: PerfTestParams, layout: Layout) -> list[tuple[str, Callable[[
 
 def run_perf_test(p: PerfTestParams, variant: Variant, engine: Any = None,
                   keep_tables: bool = False,
-                  on_phase: Callable[[str], None] | None = None) -> RunResult:
-    """Run the whole test on one engine under one variant."""
-    return run_variants(p, [variant], engine, keep_tables, on_phase)[0]
+                  on_phase: Callable[[str], None] | None = None,
+                  on_vm: Callable[[Any], None] | None = None) -> RunResult:
+    """Run the whole test on one engine under one variant. ``on_vm(vm)`` is
+    called once the VM exists (``variants --check`` attaches its TLB model)."""
+    return run_variants(p, [variant], engine, keep_tables, on_phase, on_vm)[0]
 
 
 #: Operations each kind of phase may walk. ``run_variants`` snapshots a phase
@@ -247,7 +249,8 @@ def phase_ops(name: str) -> tuple[str, ...]:
 
 def run_variants(p: PerfTestParams, variants: list[Variant], engine: Any = None,
                  keep_tables: bool = False,
-                 on_phase: Callable[[str], None] | None = None) -> list[RunResult]:
+                 on_phase: Callable[[str], None] | None = None,
+                 on_vm: Callable[[Any], None] | None = None) -> list[RunResult]:
     """Run the test under several variants on identical input.
 
     On an engine that can snapshot its state (the fast engine), the test runs
@@ -269,7 +272,7 @@ def run_variants(p: PerfTestParams, variants: list[Variant], engine: Any = None,
     groups = _mmu_groups(variants) if shared else [[v] for v in variants]
     results: list[RunResult] = []
     for group in groups:
-        results += _run_group(p, layout, group, eng, keep_tables, on_phase)
+        results += _run_group(p, layout, group, eng, keep_tables, on_phase, on_vm)
     order = {v.name: i for i, v in enumerate(variants)}
     return sorted(results, key=lambda r: order[r.variant])
 
@@ -292,10 +295,13 @@ def _walks_differ(a: Variant, b: Variant, op: str) -> bool:
 
 
 def _run_group(p: PerfTestParams, layout: Layout, group: list[Variant], eng: Any,
-               keep_tables: bool, on_phase: Callable[[str], None] | None) -> list[RunResult]:
+               keep_tables: bool, on_phase: Callable[[str], None] | None,
+               on_vm: Callable[[Any], None] | None = None) -> list[RunResult]:
     t0 = time.perf_counter()
     first, others = group[0], group[1:]
     vm = eng.create_vm(p.geometry(), p.features, first, p.host_va_bits, kernel=p.kernel)
+    if on_vm is not None:
+        on_vm(vm)
     phases: dict[str, list[tuple[str, Counts]]] = {v.name: [] for v in group}
     ctx: dict = {"keep_tables": keep_tables}
     # The operations whose walks differ between a variant and the first one (in

@@ -74,7 +74,8 @@ def require_flag_only(variant: Variant) -> None:
     only the reference engine runs those."""
     if not variant.fast_capable:
         if all(fn in FAST_MMU_HOOKS for fn in variant.mmu.values()):
-            what = "a visitor not written with the visitor API (s2split.pgtable.visitor_api)"
+            what = "a visitor not written with the visitor API (s2split.pgtable.visitor_api), " \
+                "or uses its reference-only functions (defer_make, make_deferred)"
         else:
             what = "a function of the MMU layer with a hook that is not built in"
         raise S2Error(f"variant {variant.name!r} replaces {what}; only the reference engine "

@@ -121,7 +121,7 @@ def kvm_flush_remote_tlbs_memslot(vm: "VM", slot: Memslot) -> None:
     """``kvm_flush_remote_tlbs_memslot()`` -> ``kvm_tlb_flush_vmid_range()``."""
     _k(vm, K_FLUSH_MEMSLOT)
     tlb.flush_vmid_range(vm.k, vm.features, slot.base_gpa, slot.size, vm.geom.page_shift,
-                         vm.geom.lpa2)
+                         vm.geom.lpa2, vm.pgt.tracer)
 
 
 def kvm_mmu_wp_memory_region(vm: "VM", slot: Memslot) -> None:
@@ -158,6 +158,8 @@ def split_huge_pages_body(vm: "VM", addr: int, end: int) -> int:
         if cache.nobjs < capacity:
             # write_unlock(mmu_lock); cond_resched(); top up; write_lock()
             _k(vm, K_LOCK_DROPS)
+            if vm.pgt.tracer is not None:
+                vm.pgt.tracer.lock_release()
             _k(vm, K_SPLIT_TOPUPS)
             _k(vm, K_CACHE_PAGES_ALLOC, cache.topup(capacity, capacity))
         nxt = range_addr_end(addr, end, chunk)

@@ -301,6 +301,36 @@ class VM(VMBase):
     def _count(self, kind: int, n: int = 1) -> None:
         self.k[kind * SLOTS + NOLEVEL] += n
 
+    # -- ioctls, as an attached TLB model sees them (begin, end = lock released) --------
+    def _traced(self, name: str, fn, *args):
+        tr = self.pgt.tracer
+        if tr is None:
+            return fn(*args)
+        tr.ioctl_begin(name)
+        try:
+            return fn(*args)
+        finally:
+            tr.ioctl_end()
+
+    def add_memslot(self, slot_id: int, gpa: int, size: int, backing: Backing,
+                    flags: int = 0) -> Memslot:
+        return self._traced("KVM_SET_USER_MEMORY_REGION", super().add_memslot, slot_id, gpa,
+                            size, backing, flags)
+
+    def set_memslot_flags(self, slot_id: int, flags: int) -> None:
+        self._traced("KVM_SET_USER_MEMORY_REGION", super().set_memslot_flags, slot_id, flags)
+
+    def delete_memslot(self, slot_id: int) -> None:
+        self._traced("KVM_SET_USER_MEMORY_REGION", super().delete_memslot, slot_id)
+
+    def get_dirty_log(self, slot_id: int) -> Sequence[int]:
+        return self._traced("KVM_GET_DIRTY_LOG", super().get_dirty_log, slot_id)
+
+    def clear_dirty_log(self, slot_id: int, first_page: int, num_pages: int,
+                        bitmap: Sequence[int]) -> None:
+        self._traced("KVM_CLEAR_DIRTY_LOG", super().clear_dirty_log, slot_id, first_page,
+                     num_pages, bitmap)
+
     def _slot_created(self, slot: Memslot) -> None:
         pass
 

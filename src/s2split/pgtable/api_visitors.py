@@ -4,7 +4,10 @@ Both engines run these very functions: the reference engine as Python, the
 fast engine compiled (and cached) into its walker. ``stage2_split_walker`` is
 the kernel's split visitor (Linux 6.12); the ``bbml2_*`` pair is the
 ``bbml2`` variant: a split without break-before-make and one range TLBI per
-``kvm_pgtable_stage2_split()`` call (``docs/design-notes.md``).
+``kvm_pgtable_stage2_split()`` call (``docs/design-notes.md``); the
+``batched_*`` pair is ``split-batched-tlbi``: a two-phase split that breaks
+every block of one call, invalidates them with one range TLBI, then makes
+them (reference engine only: it uses ``defer_make``).
 """
 
 from __future__ import annotations
@@ -95,6 +98,55 @@ def bbml2_flush_split(ctx):
     if api.scratch(ctx, _SPLIT_ANY) != 0:
         lo = api.scratch(ctx, _SPLIT_LO)
         api.tlbi_range(ctx, lo, api.scratch(ctx, _SPLIT_HI) - lo)
+    return 0
+
+
+def batched_split_walker(ctx):
+    """Phase one of the two-phase split (the walk has ``SKIP_BBM_TLBI``):
+    build the block's subtree as vanilla does, break the block without its
+    TLBI and defer the make; :func:`batched_flush_make` invalidates every
+    block broken with one range TLBI, then makes them. A subtree that is not
+    complete (the cache too small: next-level blocks the walker must descend
+    into and split now) is made at once, after the break's own TLBI, as in
+    vanilla."""
+    lv = api.level(ctx)
+    fl = api.flags(ctx)
+    if lv == api.LAST_LEVEL:
+        return api.SKIP_SIBLINGS if fl & api.RETURN_HINTS else 0
+    old = api.old(ctx)
+    if not api.is_valid(old):
+        return 0
+    child, force_pte = new_subtree(ctx, lv, old)
+    if child < 0:
+        return child
+    if not api.try_break(ctx):
+        api.free_unlinked(ctx, child, lv)
+        return -EAGAIN
+    if not force_pte:
+        api.tlbi_ipa(ctx, lv)
+        api.make(ctx, api.make_table(ctx, child))
+        return 0
+    api.defer_make(ctx, api.make_table(ctx, child))
+    # The whole block may sit in TLBs, also outside the walk's range.
+    g = api.granule_size(ctx, lv)
+    start = api.addr(ctx) & ~(g - 1)
+    if api.scratch(ctx, _SPLIT_ANY) == 0:
+        api.set_scratch(ctx, _SPLIT_ANY, 1)
+        api.set_scratch(ctx, _SPLIT_LO, start)
+        api.set_scratch(ctx, _SPLIT_HI, start + g)
+    elif start + g > api.scratch(ctx, _SPLIT_HI):
+        api.set_scratch(ctx, _SPLIT_HI, start + g)
+    return 0
+
+
+def batched_flush_make(ctx):
+    """Phase two, after the split walk of one ``kvm_pgtable_stage2_split()``
+    call: one ``kvm_tlb_flush_vmid_range()`` over the blocks broken (its
+    range TLBIs completed by the hyp call's DSB ISH), then every deferred make."""
+    if api.scratch(ctx, _SPLIT_ANY) != 0:
+        lo = api.scratch(ctx, _SPLIT_LO)
+        api.tlbi_range(ctx, lo, api.scratch(ctx, _SPLIT_HI) - lo)
+    api.make_deferred(ctx)
     return 0
 
 

@@ -21,7 +21,7 @@ TABLE_PA_BASE = 0x80_0000_0000
 class TableMemory:
     """All table pages of one VM's stage-2, with their reference counts."""
 
-    __slots__ = ("geom", "pages", "refcount", "free_pfns", "base")
+    __slots__ = ("geom", "pages", "refcount", "free_pfns", "base", "tracer")
 
     def __init__(self, geom: Geometry, base: int = TABLE_PA_BASE):
         self.geom = geom
@@ -29,12 +29,16 @@ class TableMemory:
         self.pages: list[list[int] | None] = []
         self.refcount: list[int] = []
         self.free_pfns: list[int] = []
+        #: An attached TLB model, told of pages freed and reused (or None).
+        self.tracer = None
 
     def alloc(self) -> int:
         """A zeroed page with one reference (its own)."""
         n = self.geom.ptrs_per_table
         if self.free_pfns:
             pfn = self.free_pfns.pop()
+            if self.tracer is not None:
+                self.tracer.page_freed(pfn, reused=True)
             self.pages[pfn] = [0] * n
             self.refcount[pfn] = 1
         else:
@@ -51,6 +55,8 @@ class TableMemory:
         rc = self.refcount[pfn] - 1
         self.refcount[pfn] = rc
         if rc == 0:
+            if self.tracer is not None:
+                self.tracer.page_freed(pfn)
             self.pages[pfn] = None
             self.free_pfns.append(pfn)
             return True
@@ -60,6 +66,8 @@ class TableMemory:
 
     def free(self, pfn: int) -> None:
         """Free regardless of references (``free_pages_exact`` of the root)."""
+        if self.tracer is not None:
+            self.tracer.page_freed(pfn)
         self.pages[pfn] = None
         self.refcount[pfn] = 0
         self.free_pfns.append(pfn)

@@ -105,6 +105,10 @@ class Stage2PageTable:
         self.shifts = geom.shifts
         self._addr_mask = P.addr_mask(geom)
         self.root: list[int] | None = None
+        #: An attached TLB model (:mod:`s2split.pgtable.tlb_model`), told of
+        #: every descriptor write, TLB maintenance and barrier; None (the
+        #: default) costs one test per event.
+        self.tracer = None
         self._init()
 
     # -- helpers -----------------------------------------------------------
@@ -145,12 +149,17 @@ class Stage2PageTable:
     # -- entries: set, break, make (stage2_try_set_pte & co) ---------------
     def _set(self, w: Walk, table: list, idx: int, old: int, new: int, level: int) -> bool:
         """``stage2_try_set_pte()``: a plain store, or a CAS for shared walks."""
+        tr = self.tracer
         if not w.flags & SHARED:
+            if tr is not None:
+                tr.write(table, idx, level, table[idx], new)
             table[idx] = new
             w.c[K_PTE_WRITE * SLOTS + level + 1] += 1
             return True
         if table[idx] != old:  # pragma: no cover - one thread in the model
             return False
+        if tr is not None:
+            tr.write(table, idx, level, old, new)
         table[idx] = new
         w.c[K_PTE_CAS * SLOTS + level + 1] += 1
         return True
@@ -177,9 +186,9 @@ class Stage2PageTable:
             if P.is_table(old, level):
                 size = self.geom.granule_size(level)
                 tlb.flush_vmid_range(c, self.features, w.addr & ~(size - 1), size,
-                                     self.geom.page_shift, self.geom.lpa2)
+                                     self.geom.page_shift, self.geom.lpa2, self.tracer)
             elif old & P.VALID:
-                tlb.flush_vmid_ipa(c, self.features, level)
+                tlb.flush_vmid_ipa(c, self.features, level, self.tracer, w.addr)
         if old:
             self._put_page(c, pfn, level)
         return True
@@ -188,6 +197,8 @@ class Stage2PageTable:
         """``stage2_make_pte()``: take a reference, then a release store."""
         if new:
             self._get_page(w.c, pfn, level)
+        if self.tracer is not None:
+            self.tracer.write(table, idx, level, table[idx], new)
         table[idx] = new
         w.c[K_PTE_WRITE * SLOTS + level + 1] += 1
 
@@ -203,7 +214,7 @@ class Stage2PageTable:
         c = self._c(OP_INIT)
         c[K_CALLS * SLOTS + NOLEVEL] += 1
         self.root = [self.mem.alloc() for _ in range(self.geom.pgd_pages)]
-        tlb.dsb_ishst(c)
+        tlb.dsb_ishst(c, self.tracer)
 
     def destroy(self) -> None:
         """``kvm_pgtable_stage2_destroy()``: drop every reference, free the root."""
@@ -218,6 +229,8 @@ class Stage2PageTable:
         self._check_range(addr, size)
         c = self._c(OP_DESTROY)
         c[K_CALLS * SLOTS + NOLEVEL] += 1
+        if self.tracer is not None:
+            self.tracer.retire()
         kvm_pgtable_walk(self, addr, size, self._visitor("destroy", _free_visitor),
                          self._flags("destroy", LEAF | TABLE_POST), None, OP_DESTROY)
 
@@ -226,6 +239,8 @@ class Stage2PageTable:
         if self.root is None:
             raise S2Error("this page table was already destroyed")
         c = self._c(OP_DESTROY)
+        if self.tracer is not None:
+            self.tracer.retire()
         for pfn in self.root:
             self.mem.free(pfn)
             c[K_PAGE_FREED * SLOTS + self.geom.start_level + 1] += 1
@@ -247,7 +262,7 @@ class Stage2PageTable:
         data = MapData(phys & ~(self.geom.granule - 1), attr, mc)
         ret = kvm_pgtable_walk(self, addr, size, self._visitor("map", _map_visitor),
                                self._flags("map", flags | TABLE_PRE | LEAF), data, OP_MAP)
-        tlb.dsb_ishst(c)
+        tlb.dsb_ishst(c, self.tracer)
         return self._result(c, ret)
 
     def _map_phys(self, w: Walk, data: MapData) -> int:
@@ -291,7 +306,7 @@ class Stage2PageTable:
             if P.is_cacheable(new, self.features.fwb):
                 tlb.dcache_clean_inval_poc(w.c, self.features, level, granule)
             if P.is_executable(new):
-                tlb.icache_inval_pou(w.c, self.features, level, granule)
+                tlb.icache_inval_pou(w.c, self.features, level, granule, self.tracer)
         self._make(w, pfn, table, idx, new, level)
         return 0
 
@@ -343,19 +358,25 @@ class Stage2PageTable:
                                self._flags("unmap", LEAF | TABLE_POST), None, OP_UNMAP)
         if self._unmap_defers_tlbi():
             tlb.flush_vmid_range(c, self.features, addr, size, self.geom.page_shift,
-                                 self.geom.lpa2)
+                                 self.geom.lpa2, self.tracer)
         return self._result(c, ret)
 
     def _unmap_put(self, w: Walk, pfn: int, table: list, idx: int, old: int,
                    level: int) -> None:
         """``stage2_unmap_put_pte()`` (6.12: a table is invalidated by IPA, TTL unknown)."""
         if old & P.VALID:
+            tr = self.tracer
+            # The kernel invalidates at ctx->addr, the walk's address when the
+            # entry was visited: inside the entry's range, as its base is.
+            ipa = tr.entry_ipa(table, idx) if tr is not None else 0
+            if tr is not None:
+                tr.write(table, idx, level, table[idx], 0)
             table[idx] = 0
             w.c[K_PTE_WRITE * SLOTS + level + 1] += 1
             if P.is_table(old, level):
-                tlb.flush_vmid_ipa(w.c, self.features, None)
+                tlb.flush_vmid_ipa(w.c, self.features, None, tr, ipa)
             elif not self._unmap_defers_tlbi():
-                tlb.flush_vmid_ipa(w.c, self.features, level)
+                tlb.flush_vmid_ipa(w.c, self.features, level, tr, ipa)
         self._put_page(w.c, pfn, level)
 
     # -- attributes: wrprotect, relax_perms --------------------------------
@@ -374,6 +395,8 @@ class Stage2PageTable:
         c = self._c(OP_WRPROTECT)
         c[K_CALLS * SLOTS + NOLEVEL] += 1
         ret, _ = self._update_leaf_attrs(addr, size, 0, P.S2AP_W, 0, OP_WRPROTECT, "wrprotect")
+        if self.tracer is not None:
+            self.tracer.protected(addr, size)
         return self._result(c, ret)
 
     def relax_perms(self, addr: int, prot: int) -> int:
@@ -397,7 +420,7 @@ class Stage2PageTable:
             # A variant's own visitor may not record the leaf's level (it stays
             # unset): the TLBI then goes without a level hint, as on -EAGAIN.
             level = data.level if ret == 0 and data.level != LEVEL_UNSET else None
-            tlb.flush_vmid_ipa_nsh(c, self.features, level)
+            tlb.flush_vmid_ipa_nsh(c, self.features, level, self.tracer, addr)
         return self._result(c, ret)
 
     # -- split -------------------------------------------------------------
@@ -409,7 +432,7 @@ class Stage2PageTable:
         c[K_CALLS * SLOTS + NOLEVEL] += 1
         ret = kvm_pgtable_walk(self, addr, size, self._visitor("split", _split_visitor),
                                self._flags("split", LEAF), mc, OP_SPLIT)
-        tlb.dsb_ishst(c)
+        tlb.dsb_ishst(c, self.tracer)
         return self._result(c, ret)
 
     def block_nr_page_tables(self, level: int) -> int:
@@ -573,6 +596,8 @@ def _unmap_visitor(w: Walk, pfn: int, table: list, idx: int, old: int, level: in
     pgt = w.pgt
     if not old & P.VALID:
         if old:  # an invalid but counted entry (ownership annotation)
+            if pgt.tracer is not None:
+                pgt.tracer.write(table, idx, level, old, 0)
             table[idx] = 0
             w.c[K_PTE_WRITE * SLOTS + level + 1] += 1
             pgt._put_page(w.c, pfn, level)
@@ -605,7 +630,8 @@ def _attr_visitor(w: Walk, pfn: int, table: list, idx: int, old: int, level: int
     if new != old:
         pgt = w.pgt
         if P.is_executable(new) and not P.is_executable(old):
-            tlb.icache_inval_pou(w.c, pgt.features, level, pgt.geom.granule_size(level))
+            tlb.icache_inval_pou(w.c, pgt.features, level, pgt.geom.granule_size(level),
+                                 pgt.tracer)
         if not pgt._set(w, table, idx, old, new, level):  # pragma: no cover
             return -EAGAIN
     return 0
@@ -640,6 +666,8 @@ def _free_visitor(w: Walk, pfn: int, table: list, idx: int, old: int, level: int
     pgt._put_page(w.c, pfn, level)
     pgt._put_page(w.c, child, level + 1)
     if R.free_clears_entry(clears):
+        if pgt.tracer is not None:
+            pgt.tracer.write(table, idx, level, old, 0)
         table[idx] = 0
         w.c[K_PTE_WRITE * SLOTS + level + 1] += 1
     return 0

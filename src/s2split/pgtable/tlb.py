@@ -29,6 +29,8 @@ FEAT_TLBIRANGE.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..counters import (K_DCACHE_BYTES, K_DCACHE_OPS, K_DSB_ISH, K_DSB_ISHST, K_DSB_NSH,
                         K_DSB_NSHST, K_FLUSH_RANGE, K_FLUSH_RANGE_BYTES, K_HYP_CALL,
                         K_ICACHE_BYTES, K_ICACHE_OPS, K_ISB, K_TLBI_IPA, K_TLBI_IPA_NSH,
@@ -57,8 +59,10 @@ NVHE_DSB, NVHE_ISBS = 1, 3
 BODY_DSBS_IPA, BODY_DSBS_VMID = 2, 1
 
 
-def dsb_ishst(c: list[int]) -> None:
+def dsb_ishst(c: list[int], tr: Any = None) -> None:
     c[_DSB_ISHST] += 1
+    if tr is not None:
+        tr.dsb("ishst")
 
 
 def _vmid_context(c: list[int], features: Features, body_dsbs: int,
@@ -76,33 +80,43 @@ def _vmid_context(c: list[int], features: Features, body_dsbs: int,
         c[_ISB] += NVHE_ISBS
 
 
-def flush_vmid_ipa(c: list[int], features: Features, level: int | None) -> None:
-    """``__kvm_tlb_flush_vmid_ipa(mmu, ipa, level)``; ``None`` is TLBI_TTL_UNKNOWN."""
+def flush_vmid_ipa(c: list[int], features: Features, level: int | None, tr: Any = None,
+                   ipa: int = 0) -> None:
+    """``__kvm_tlb_flush_vmid_ipa(mmu, ipa, level)``; ``None`` is TLBI_TTL_UNKNOWN.
+    ``tr``: an attached TLB model (:mod:`s2split.pgtable.tlb_model`), told the
+    instructions at ``ipa``."""
     c[K_TLBI_IPA * SLOTS + (NOLEVEL if level is None else level + 1)] += 1
     c[_TLBI_S1] += 1
     _vmid_context(c, features, BODY_DSBS_IPA)
+    if tr is not None:
+        tr.hyp_flush_ipa(ipa, level)
 
 
-def flush_vmid_ipa_nsh(c: list[int], features: Features, level: int | None) -> None:
+def flush_vmid_ipa_nsh(c: list[int], features: Features, level: int | None, tr: Any = None,
+                       ipa: int = 0) -> None:
     """``__kvm_tlb_flush_vmid_ipa_nsh()``: the local variant used by relax_perms."""
     c[K_TLBI_IPA_NSH * SLOTS + (NOLEVEL if level is None else level + 1)] += 1
     c[_TLBI_S1] += 1
     _vmid_context(c, features, BODY_DSBS_IPA, local=True)
+    if tr is not None:
+        tr.hyp_flush_ipa(ipa, level, local=True)
 
 
-def flush_vmid(c: list[int], features: Features) -> None:
+def flush_vmid(c: list[int], features: Features, tr: Any = None) -> None:
     """``__kvm_tlb_flush_vmid()``: everything for the VMID, both stages."""
     c[_n(K_TLBI_VMID)] += 1
     _vmid_context(c, features, BODY_DSBS_VMID)
+    if tr is not None:
+        tr.hyp_flush_vmid()
 
 
 def flush_vmid_range(c: list[int], features: Features, addr: int, size: int, page_shift: int,
-                     lpa2: bool = False) -> None:
+                     lpa2: bool = False, tr: Any = None) -> None:
     """``kvm_tlb_flush_vmid_range(mmu, addr, size)``."""
     c[_n(K_FLUSH_RANGE)] += 1
     c[_n(K_FLUSH_RANGE_BYTES)] += size
     if not features.tlbirange:
-        flush_vmid(c, features)
+        flush_vmid(c, features, tr)
         return
     pages = size >> page_shift
     while pages > 0:
@@ -113,6 +127,8 @@ def flush_vmid_range(c: list[int], features: Features, addr: int, size: int, pag
                                                   lpa2_range_align(page_shift, lpa2))
         c[_TLBI_S1] += 1
         _vmid_context(c, features, BODY_DSBS_IPA)
+        if tr is not None:
+            tr.hyp_flush_range(addr, inval)
         addr += inval << page_shift
         pages -= inval
 
@@ -125,7 +141,8 @@ def dcache_clean_inval_poc(c: list[int], features: Features, level: int, size: i
     c[K_DCACHE_BYTES * SLOTS + level + 1] += size
 
 
-def icache_inval_pou(c: list[int], features: Features, level: int, size: int) -> None:
+def icache_inval_pou(c: list[int], features: Features, level: int, size: int,
+                     tr: Any = None) -> None:
     """``invalidate_icache_guest_page()``. A page is invalidated by line
     (``icache_inval_pou``: IC IVAU per line, DSB ISH, ISB; with DIC only the
     ISB). A block is larger than ``MAX_DVM_OPS`` (``PTRS_PER_PTE``) lines
@@ -136,9 +153,13 @@ def icache_inval_pou(c: list[int], features: Features, level: int, size: int) ->
         if not features.dic:
             c[K_ICACHE_OPS * SLOTS + level + 1] += 1
             c[_DSB_ISH] += 1
+            if tr is not None:
+                tr.dsb("ish")
         return
     if not features.dic:
         c[K_ICACHE_OPS * SLOTS + level + 1] += 1
         c[K_ICACHE_BYTES * SLOTS + level + 1] += size
         c[_DSB_ISH] += 1
+        if tr is not None:
+            tr.dsb("ish")
     c[_ISB] += 1

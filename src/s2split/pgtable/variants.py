@@ -32,6 +32,13 @@ Built-in variants (the 2026 "Optimize S2 page splitting" series and its RFC):
     ``same_maintenance=False`` (``docs/design-notes.md``).
 ``skip-levels+bbml2``
     Both.
+``split-batched-tlbi``
+    A two-phase split: every block of one ``kvm_pgtable_stage2_split()``
+    call whose subtree is complete is broken without its TLBI (its make
+    deferred), one range TLBI over them all follows the walk, then the
+    tables are made. Break-before-make holds on any CPU; the per-block
+    by-IPA TLBIs become one range flush per call. Reference engine only (it
+    uses ``visitor_api.defer_make``, which the fast engine does not have yet).
 
 Defining a variant takes a few lines::
 
@@ -66,7 +73,7 @@ from .. import counters
 from ..errors import S2Error
 from ..features import Features
 from . import api_visitors as AV
-from .walker import RETURN_HINTS, SKIP_NEW_CHILDREN, WalkFlags, skip_level
+from .walker import RETURN_HINTS, SKIP_BBM_TLBI, SKIP_NEW_CHILDREN, WalkFlags, skip_level
 
 _ALL_FLAGS = 0
 for _flag in WalkFlags:
@@ -106,6 +113,15 @@ def is_api_visitor(fn: Callable) -> bool:
 
 
 _FEATURES = tuple(f.name for f in fields(Features))
+
+#: Visitor API functions only the reference engine has: a variant whose
+#: visitor or hook calls one runs there only.
+REFERENCE_ONLY_API = ("defer_make", "make_deferred")
+
+
+def uses_reference_only_api(fn: Callable) -> bool:
+    code = getattr(fn, "__code__", None)
+    return code is not None and any(n in code.co_names for n in REFERENCE_ONLY_API)
 
 
 @dataclass(frozen=True)
@@ -211,7 +227,9 @@ class Variant:
         """True when the fast engine can run it: its visitors and hooks are
         written with :mod:`s2split.pgtable.visitor_api`."""
         return all(is_api_visitor(fn) for fn in self.visitors.values()) and \
-            all(fn in FAST_MMU_HOOKS for fn in self.mmu.values())
+            all(fn in FAST_MMU_HOOKS for fn in self.mmu.values()) and \
+            not any(uses_reference_only_api(fn)
+                    for fn in (*self.visitors.values(), *self.after_walk.values()))
 
     def check_cpu(self, features: Features) -> None:
         """Refuse a CPU without a feature the variant requires."""
@@ -254,6 +272,12 @@ BBML2 = Variant("bbml2",
                 after_walk={"split": AV.bbml2_flush_split}, requires=("bbml2",),
                 same_maintenance=False)
 SKIP_LEVELS_BBML2 = SKIP_LEVELS + BBML2
+SPLIT_BATCHED_TLBI = Variant(
+    "split-batched-tlbi",
+    "two-phase split: break every block of one kvm_pgtable_stage2_split() call without its "
+    "TLBI, one range TLBI over them, then make them (reference engine only)",
+    walk_flags={"split": SKIP_BBM_TLBI}, visitors={"split": AV.batched_split_walker},
+    after_walk={"split": AV.batched_flush_make}, same_maintenance=False)
 
 _REGISTRY: dict[str, Variant] = {}
 
@@ -268,7 +292,7 @@ def register(variant: Variant, *, replace: bool = False) -> Variant:
 
 
 for _v in (VANILLA, SKIP_LEVELS, SKIP_CHILDREN, SKIP_BOTH, RETURN_HINTS_VARIANT, BBML2,
-           SKIP_LEVELS_BBML2):
+           SKIP_LEVELS_BBML2, SPLIT_BATCHED_TLBI):
     register(_v)
 
 DEFAULT_VARIANTS = ("vanilla", "skip-levels", "skip-levels+skip-children")

@@ -46,6 +46,11 @@ counted (under the walk's operation):
 * TLB maintenance and barriers: :func:`tlbi_ipa`, :func:`tlbi_range`
   (``kvm_tlb_flush_vmid_range``), :func:`tlbi_vmid`, :func:`dsb_ishst`,
   :func:`dsb_ish`, :func:`isb`;
+* two-phase changes (reference engine only, for now): :func:`defer_make`
+  (after a :func:`try_break`, make the entry later) and
+  :func:`make_deferred` (make every deferred entry of the walk, in order):
+  break several entries of one walk, invalidate them all with one
+  :func:`tlbi_range`, then make them (the ``split-batched-tlbi`` variant);
 * hints to the walker: the return values above, and
   :func:`built_complete` (``SKIP_NEW_CHILDREN``);
 * per-walk state: :func:`scratch`/:func:`set_scratch`, ``NSCRATCH`` integers
@@ -85,7 +90,7 @@ __all__ = ["LAST_LEVEL", "LEAF", "TABLE_PRE", "TABLE_POST", "AFTER_WALK", "SHARE
            "write", "try_break", "make", "replace", "create_unlinked", "free_unlinked",
            "split_force_pte", "make_table", "is_valid", "is_table", "pte_to_phys", "pte_prot",
            "granule_size", "tlbi_ipa", "tlbi_range", "tlbi_vmid", "dsb_ishst", "dsb_ish", "isb",
-           "built_complete", "scratch", "set_scratch"]
+           "built_complete", "scratch", "set_scratch", "defer_make", "make_deferred"]
 
 #: ``visit(ctx)`` of an after-walk hook.
 AFTER_WALK = 1 << 3
@@ -215,6 +220,8 @@ def replace(ctx, new):
     if bad:
         raise VisitorRuleError(f"replace {_where(ctx)}: the new table translates differently "
                                f"from the block ({bad})")
+    if pgt.tracer is not None:
+        pgt.tracer.write(ctx.table, ctx.idx, lv, o, new)
     ctx.table[ctx.idx] = new
     ctx.w.c[K_PTE_WRITE * SLOTS + lv + 1] += 1
 
@@ -302,7 +309,8 @@ def pte_prot(pte):
 def tlbi_ipa(ctx, lvl):
     """``__kvm_tlb_flush_vmid_ipa()`` with level hint ``lvl`` (or ``TTL_UNKNOWN``)."""
     pgt = ctx.w.pgt
-    tlb.flush_vmid_ipa(ctx.w.c, pgt.features, None if lvl == TTL_UNKNOWN else lvl)
+    tlb.flush_vmid_ipa(ctx.w.c, pgt.features, None if lvl == TTL_UNKNOWN else lvl, pgt.tracer,
+                       ctx.w.addr)
 
 
 def tlbi_range(ctx, start, size):
@@ -310,22 +318,24 @@ def tlbi_range(ctx, start, size):
     (whole-VMID without FEAT_TLBIRANGE)."""
     pgt = ctx.w.pgt
     tlb.flush_vmid_range(ctx.w.c, pgt.features, start, size, pgt.geom.page_shift,
-                         pgt.geom.lpa2)
+                         pgt.geom.lpa2, pgt.tracer)
 
 
 def tlbi_vmid(ctx):
     """``__kvm_tlb_flush_vmid()``."""
-    tlb.flush_vmid(ctx.w.c, ctx.w.pgt.features)
+    tlb.flush_vmid(ctx.w.c, ctx.w.pgt.features, ctx.w.pgt.tracer)
 
 
 def dsb_ishst(ctx):
     """``dsb(ishst)``."""
-    tlb.dsb_ishst(ctx.w.c)
+    tlb.dsb_ishst(ctx.w.c, ctx.w.pgt.tracer)
 
 
 def dsb_ish(ctx):
     """``dsb(ish)``."""
     ctx.w.c[K_DSB_ISH * SLOTS + NOLEVEL] += 1
+    if ctx.w.pgt.tracer is not None:
+        ctx.w.pgt.tracer.dsb("ish")
 
 
 def isb(ctx):
@@ -348,3 +358,32 @@ def scratch(ctx, i):
 def set_scratch(ctx, i, value):
     """Set per-walk integer ``i``."""
     ctx.w.scratch[i] = value
+
+
+# -- two-phase changes (reference engine only) ----------------------------------------
+def defer_make(ctx, new):
+    """Phase one of a two-phase change: the entry being visited, broken by
+    :func:`try_break` (on a walk with ``SKIP_BBM_TLBI``, its TLBI not yet
+    issued), gets ``new`` at :func:`make_deferred`. Until then it stays
+    locked and invalid, so the walker does not descend under it."""
+    if not P.is_locked(ctx.table[ctx.idx]):
+        raise VisitorRuleError(f"defer_make {_where(ctx)} over a live entry "
+                               f"({ctx.table[ctx.idx]:#x}): no break before it")
+    w = ctx.w
+    if w.deferred is None:
+        w.deferred = []
+    w.deferred.append((ctx.pfn, ctx.table, ctx.idx, ctx.level, new))
+
+
+def make_deferred(ctx):
+    """Phase two: ``stage2_make_pte()`` for every entry deferred in this walk,
+    in the order deferred (each counted as a make); returns how many. Call it
+    once the broken entries are invalidated (a :func:`tlbi_range` over them:
+    the hyp call completes its TLBIs with a DSB ISH)."""
+    w = ctx.w
+    pending, w.deferred = w.deferred or [], None
+    for pfn, table, idx, lv, new in pending:
+        if not P.is_locked(table[idx]):  # pragma: no cover - nothing else writes it
+            raise VisitorRuleError(f"make_deferred at level {lv} over a live entry")
+        w.pgt._make(w, pfn, table, idx, new, lv)
+    return len(pending)

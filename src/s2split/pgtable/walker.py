@@ -38,7 +38,7 @@ from ..counters import (K_DESCENT, K_LOOPS, K_READ_INVALID, K_READ_LEAF, K_READ_
                         K_RELOAD, K_SKIP_CHILDREN, K_SKIP_LEVEL, K_SKIP_SIBLINGS, K_VISIT_LEAF,
                         K_VISIT_POST, K_VISIT_PRE, K_WALK_BYTES, K_WALKS, NOLEVEL, SLOTS)
 from ..arch import LAST_LEVEL
-from ..errors import EAGAIN, EINVAL, ERANGE
+from ..errors import EAGAIN, EINVAL, ERANGE, S2Error
 
 
 class WalkFlags(enum.IntFlag):
@@ -107,7 +107,7 @@ class Walk:
     """``struct kvm_pgtable_walk_data`` + walker: the state of one walk."""
 
     __slots__ = ("pgt", "cb", "flags", "arg", "start", "addr", "end", "c", "built_complete",
-                 "scratch")
+                 "scratch", "deferred")
 
     def __init__(self, pgt: Any, cb: Visitor, flags: int, arg: Any, start: int, end: int,
                  c: list[int]):
@@ -121,6 +121,7 @@ class Walk:
         self.c = c  # the operation's counters in the tally
         self.built_complete = False  # set by a visitor under SKIP_NEW_CHILDREN
         self.scratch = [0, 0, 0, 0]  # a variant's per-walk state (visitor_api.NSCRATCH)
+        self.deferred = None  # entries broken, to be made later (visitor_api.defer_make)
 
 
 def walk_table(w: Walk, pfn: int, level: int) -> int:
@@ -247,4 +248,7 @@ def kvm_pgtable_walk(pgt: Any, addr: int, size: int, cb: Visitor, flags: int, ar
     if after is not None:
         # A variant's hook: what it deferred to the end of the call (whatever ret).
         after(w)
+    if w.deferred:
+        raise S2Error(f"{len(w.deferred)} entries broken with defer_make were never made "
+                      "(call make_deferred in the after-walk hook)")
     return ret
