@@ -112,7 +112,9 @@ def _check_mmu_variant(v, examples: int) -> int:
           f"({examples} random KVM workloads, perf-test runs of every granule and backing), "
           "the same dirty logs as vanilla, every page vanilla write-protected and whose dirty "
           "bit is clear write-protected, the same mappings and table pages"
-          + (", the same TLB invalidations" if v.same_maintenance else "") + extra
+          + (", the same TLB invalidations" if v.same_maintenance else "")
+          + ", and the TLB model finds no break-before-make, dirty-tracking, freed-table or "
+          "TLBI-level-hint problem" + extra
           + ("; the fast engine agrees" if v.fast_capable else ""))
     return 0
 
