@@ -74,7 +74,7 @@ def test_coalescing_across_gaps_declared_passes_and_counts_the_extra_faults():
     v = Variant("coalesce-any-declared", "protects more, and says so",
                 mmu={"clear_dirty_log": coalesce_any_run}, cache_differs=True,
                 extra_protection=True)
-    r = check_mmu_variant(v, examples=20)
+    r = check_mmu_variant(v, examples=6)
     assert r.problems == []
     # The pages protected in the gaps were still dirty (their bits set), so
     # their next write faults under the variant and not under vanilla.
