@@ -95,6 +95,11 @@ def _manual_init_set(m):
     return 1 if m.M[S.MANUAL] & KVM_DIRTY_LOG_INITIALLY_SET else 0
 
 
+@_mmu_overload(api.split_cache_pages)
+def _split_cache_pages(m):
+    return m.M[S.SPLIT_NOBJS]
+
+
 @_mmu_overload(api.gfn_offset)
 def _gfn_offset(m):
     return m.a0

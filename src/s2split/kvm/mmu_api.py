@@ -28,11 +28,13 @@ compiles the same function (the built-in hooks are compiled into its cache,
 function's counts: a hook costs what the kernel work it starts costs.
 
 What a hook sees: the memslot (:func:`slot_base_gfn`, :func:`slot_npages`),
-the VM's configuration (:func:`page_shift`, :func:`chunk_size`: the eager
-split chunk, :func:`manual_init_set`: manual-protect with initially-set) and
-its arguments. What it can do: the MMU layer's own functions
+the VM's configuration and caches (:func:`page_shift`, :func:`chunk_size`:
+the eager split chunk, :func:`manual_init_set`: manual-protect with
+initially-set, :func:`split_cache_pages`) and its arguments. What it can do: the MMU layer's own functions
 (:func:`wp_range` = ``kvm_stage2_wp_range``, :func:`split_huge_pages` =
 vanilla ``kvm_mmu_split_huge_pages`` with the VM's split cache,
+:func:`split_huge_pages_all_levels` = the same without the variant's
+``skip_level`` flags,
 :func:`enable_log_dirty_pt_masked` = vanilla's body,
 :func:`wp_memory_region`, :func:`split_memory_region`,
 :func:`flush_memslot`), the stage-2 operations (:func:`stage2_wrprotect`,
@@ -49,11 +51,11 @@ from ..pgtable.walker import SKIP_LEVELS_ALL
 from . import mmu as KM
 
 __all__ = ["MmuCtx", "slot_base_gfn", "slot_npages", "page_shift", "chunk_size",
-           "manual_init_set", "gfn_offset", "mask", "range_start", "range_end", "first_word",
-           "nwords", "word", "wp_range", "split_huge_pages", "split_huge_pages_all_levels",
-           "enable_log_dirty_pt_masked",
-           "wp_memory_region", "split_memory_region", "flush_memslot", "stage2_wrprotect",
-           "stage2_split", "marked", "mark", "ffs", "fls"]
+           "manual_init_set", "split_cache_pages", "gfn_offset", "mask", "range_start",
+           "range_end", "first_word", "nwords", "word", "wp_range", "split_huge_pages",
+           "split_huge_pages_all_levels", "enable_log_dirty_pt_masked", "wp_memory_region",
+           "split_memory_region", "flush_memslot", "stage2_wrprotect", "stage2_split", "marked",
+           "mark", "ffs", "fls"]
 
 
 MmuCtx = KM.MmuCtx
@@ -83,6 +85,11 @@ def chunk_size(m):
 def manual_init_set(m):
     """``kvm_dirty_log_manual_protect_and_init_set()``."""
     return 1 if m.vm.manual_protect_and_init_set else 0
+
+
+def split_cache_pages(m):
+    """Pages in the VM's split cache (``kvm->arch.mmu.split_page_cache``)."""
+    return m.vm.split_cache.nobjs
 
 
 def gfn_offset(m):
