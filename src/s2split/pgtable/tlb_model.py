@@ -202,7 +202,7 @@ class TlbModel:
         info = self._live.get(id(table))
         if info is None or self.retired:
             return  # an unlinked table: no walker sees it
-        pfn, base, tlevel = info
+        pfn, base, _ = info
         if self.pgt.mem.pages[pfn] is not table:
             return
         self.n += 1
