@@ -71,6 +71,8 @@ def cmd_geometry(args: argparse.Namespace) -> int:
 
 def cmd_variants(args: argparse.Namespace) -> int:
     from .pgtable import variants as V
+    if args.check and V.get(args.check).mmu:
+        return _check_mmu_variant(V.get(args.check), args.examples)
     if args.check:
         from .variant_check import check_variant
         problems = check_variant(V.get(args.check), examples=args.examples)
@@ -89,9 +91,30 @@ def cmd_variants(args: argparse.Namespace) -> int:
         return 0
     for v in V.all_variants():
         flags = ", ".join(f"{op}: {flag_names(f)}" for op, f in v.walk_flags.items()) or "-"
-        more = [f"{op} visitor" for op in v.visitors] + \
+        more = [f"{op} visitor" for op in v.visitors] + [f"replaces {h}" for h in v.mmu] + \
             [f"after {op} walk" for op in v.after_walk] + [f"needs {r}" for r in v.requires]
         print(f"{v.name:28} {v.description}  [{'; '.join([flags, *more])}]")
+    return 0
+
+
+def _check_mmu_variant(v, examples: int) -> int:
+    from .mmu_check import check_mmu
+    r = check_mmu(v, examples)
+    if r.problems:
+        for p in r.problems:
+            print(p)
+        return 1
+    extra = (f"; it write-protects more than vanilla (declared): the guests took "
+             f"{r.extra_faults} more write faults" if v.extra_protection else
+             "; no page write-protected that vanilla leaves writable")
+    print(f"variant {v.name!r}: after each of {r.steps} steps of {r.workloads} workloads "
+          f"({examples} random KVM workloads, perf-test runs of every granule and backing), "
+          "the same dirty logs as vanilla, every page vanilla write-protected and whose dirty "
+          "bit is clear write-protected, the same mappings and table pages"
+          + (", the same TLB invalidations" if v.same_maintenance else "")
+          + ", and the TLB model finds no break-before-make, dirty-tracking, freed-table or "
+          "TLBI-level-hint problem" + extra
+          + ("; the fast engine agrees" if v.fast_capable else ""))
     return 0
 
 

@@ -193,6 +193,7 @@ def print_explanations(console: Any, outcome: Any, granules: Any = None,
     from .arch import granule_name
     from .explain import (changes, changes_table, hit_sentences, hits_table, identical_work,
                           same_work, sentences)
+    from .pgtable.variants import get as get_variant
     from .reproduce import BACKING_LABELS, syscall_phases
     m = outcome.matrix
     for s in m.scenarios:
@@ -228,6 +229,14 @@ def print_explanations(console: Any, outcome: Any, granules: Any = None,
                     for line in sentences(syscall, summed["vanilla"], summed[v],
                                           outcome.profile, v):
                         console.print("  " + line, highlight=False)
+                    if get_variant(v).extra_protection:
+                        cell0, cell1 = outcome.cells[(g, b, s, "vanilla")], \
+                            outcome.cells[(g, b, s, v)]
+                        extra = sum(cell1[ph].get("kvm", "perm_faults")
+                                    - cell0[ph].get("kvm", "perm_faults") for ph in cell0)
+                        console.print(f"  {v} write-protects more than vanilla: the guest took "
+                                      f"{extra:,} more write faults over the whole test.",
+                                      highlight=False)
                 for line in identical_work(summed, syscall):
                     console.print("  " + line, highlight=False)
                 _print_per_iteration(console, outcome, g, b, s, explained)

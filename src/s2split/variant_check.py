@@ -219,7 +219,11 @@ FIXED_EXAMPLES = (((4096, 40), (Op("map", _GIB, _GIB, (1 << 44) + _GIB),
 
 def check_variant(variant: Variant, examples: int = 25, seed: int = 0,
                   ops_per_example: int = 12) -> list[str]:
-    """Problems found (empty when the variant is safe on these workloads)."""
+    """Problems found (empty when the variant is safe on these workloads).
+    A variant with MMU-layer hooks is checked by :mod:`s2split.mmu_check`."""
+    if variant.mmu or variant.extra_protection or variant.cache_differs:
+        from .mmu_check import check_mmu
+        return check_mmu(variant, examples, seed).problems
     rng = random.Random(seed)
     cpu_rng = random.Random(seed + 1)  # apart, so that the operations drawn stay as they were
     problems: list[str] = []

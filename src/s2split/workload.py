@@ -292,12 +292,23 @@ def run_variants(p: PerfTestParams, variants: list[Variant], engine: Any = None,
     eng = get_engine(engine, p, variants)
     shared = len(variants) > 1 and getattr(eng, "snapshots", False) and \
         all(v.fast_capable for v in variants)
-    groups = [variants] if shared else [[v] for v in variants]
+    groups = _mmu_groups(variants) if shared else [[v] for v in variants]
     results: list[RunResult] = []
     for group in groups:
         results += _run_group(p, layout, group, eng, keep_tables, on_phase, on_vm)
     order = {v.name: i for i, v in enumerate(variants)}
     return sorted(results, key=lambda r: order[r.variant])
+
+
+def _mmu_groups(variants: list[Variant]) -> list[list[Variant]]:
+    """Variants that share phases: those with the same MMU hooks. A hook may
+    leave other state than vanilla's (the split cache, extra protection, its
+    own bitmap), so variants with other hooks run on their own VM."""
+    groups: dict[tuple, list[Variant]] = {}
+    for v in variants:
+        key = tuple(sorted((name, id(fn)) for name, fn in v.mmu.items()))
+        groups.setdefault(key, []).append(v)
+    return list(groups.values())
 
 
 def _walks_differ(a: Variant, b: Variant, op: str) -> bool:

@@ -31,12 +31,12 @@ from types import FunctionType, MethodType, ModuleType
 from numba import njit, types
 from numba.core.dispatcher import Dispatcher
 
-from . import (dirty_log, entries, guest, lines, memory, mmu, pte, rules, stage2, state, tlb,
-               visitor_api, visitors, walker)
+from . import (dirty_log, entries, guest, lines, memory, mmu, mmu_hooks, pte, rules, stage2,
+               state, tlb, visitor_api, visitors, walker)
 
 #: The modules holding compiled functions.
 KERNEL_MODULES = (state, rules, pte, lines, memory, tlb, entries, visitor_api, visitors, walker,
-                  stage2, mmu, dirty_log, guest)
+                  stage2, mmu, mmu_hooks, dirty_log, guest)
 
 
 def _imports(path: Path, package: str) -> set[str]:
@@ -297,7 +297,8 @@ ENTRY_POINTS = (
     (stage2.stage2_unmap, (_A2, _A1, _I, _I)),
     (mmu.kvm_stage2_destroy, (_A2, _A1)),
     (mmu.kvm_mmu_wp_memory_region, (_A2, _A1, _I)),
-    (mmu.kvm_mmu_split_memory_region, (_A2, _A1, _I)),
+    (mmu_hooks.split_memory_region, (_A2, _A1, _A1, _I)),
+    (mmu_hooks.enable_log_dirty, (_A2, _A1, _A1, _I)),
 )
 
 #: Seconds a full cold compile took on the 2-core machine of BENCHMARKS.md

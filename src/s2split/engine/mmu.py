@@ -10,7 +10,7 @@ from numba import njit
 from .. import counters as C
 from ..bits import VALID
 from ..kvm import mmu as KM
-from ..uapi import KVM_DIRTY_LOG_INITIALLY_SET, KVM_MEM_READONLY
+from ..uapi import KVM_MEM_READONLY
 from . import rules as R
 from .memory import cache_topup
 from .state import (BACKING_HUGETLB, BACKING_THP, MC_SPLIT, NOLV, S, SlotCol, count,
@@ -66,8 +66,9 @@ def kvm_mmu_split_nr_page_tables(M, size):
 
 @njit(cache=True, _nrt=False)
 def kvm_mmu_split_huge_pages(T, M, addr, end):
-    """``kvm_mmu_split_huge_pages()``: split chunk by chunk, topping the split
-    cache up (dropping the MMU lock) whenever it is below its capacity."""
+    """Vanilla ``kvm_mmu_split_huge_pages()``: split chunk by chunk, topping the
+    split cache up (dropping the MMU lock) whenever it is below its capacity
+    (the call, with a variant's hook, is :func:`.mmu_hooks.split_huge_pages`)."""
     kvm_count(M, C.K_SPLIT_HUGE_PAGES, 1)
     chunk = M[S.CHUNK]
     if chunk == 0:
@@ -116,13 +117,6 @@ def kvm_mmu_wp_memory_region(T, M, s):
 
 
 @njit(cache=True, _nrt=False)
-def kvm_mmu_split_memory_region(T, M, s):
-    """``kvm_mmu_split_memory_region()``: eagerly split a whole memslot."""
-    start, end = _slot_range(M, s)
-    kvm_mmu_split_huge_pages(T, M, start, end)
-
-
-@njit(cache=True, _nrt=False)
 def ffs(word):
     """``__ffs()``: index of the lowest set bit."""
     n = 0
@@ -141,18 +135,17 @@ def fls(word):
 
 
 @njit(cache=True, _nrt=False)
-def kvm_arch_mmu_enable_log_dirty_pt_masked(T, M, s, gfn_offset, mask):
-    """``kvm_arch_mmu_enable_log_dirty_pt_masked()``: write-protect (and with
-    manual-protect + initially-set, split) from the lowest to the highest page
-    set in one bitmap word."""
-    kvm_count(M, C.K_LOG_DIRTY_MASKED, 1)
+def enable_log_dirty_pt_masked_body(T, M, s, gfn_offset, mask):
+    """The range of ``kvm_arch_mmu_enable_log_dirty_pt_masked()`` (the call
+    itself, a variant's hook and the split are in :mod:`.mmu_hooks`):
+    write-protected from the lowest to the highest page set in the word;
+    returns ``(start, end)`` for the split."""
     base = M[slot_index(M, s, SlotCol.BASE_GFN)] + gfn_offset
     ps = M[S.PAGE_SHIFT]
     start = (base + ffs(mask)) << ps
     end = (base + fls(mask) + 1) << ps
     kvm_stage2_wp_range(T, M, start, end)
-    if M[S.MANUAL] & KVM_DIRTY_LOG_INITIALLY_SET:
-        kvm_mmu_split_huge_pages(T, M, start, end)
+    return start, end
 
 
 # --- faults ---------------------------------------------------------------------------------

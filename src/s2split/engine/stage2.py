@@ -29,8 +29,9 @@ PROT_X, PROT_W, PROT_R = int(Prot.X), int(Prot.W), int(Prot.R)
 
 @njit(cache=True, inline="always", _nrt=False)
 def _flags(M, op, flags):
-    """``Stage2PageTable._flags``: the operation's flags plus the variant's."""
-    return flags | M[VARIANT_FLAGS + op]
+    """``Stage2PageTable._flags``: the operation's flags plus the variant's
+    (less those an MMU hook turned off)."""
+    return (flags | M[VARIANT_FLAGS + op]) & ~M[S.FLAGS_CLEAR]
 
 
 @njit(cache=True, _nrt=False)

@@ -12,7 +12,8 @@ offsets (numba compiles an ``IntEnum`` member as a constant):
 
 * :class:`S`: the fixed scalars, and the offsets of the variable regions;
 * the variant's walk flags per operation at ``VARIANT_FLAGS + op``, its
-  visitors at ``VARIANT_VISITORS + op`` and hooks at ``VARIANT_AFTER + op``;
+  visitors at ``VARIANT_VISITORS + op``, hooks at ``VARIANT_AFTER + op`` and
+  MMU hooks at ``VARIANT_MMU + i``;
 * the counters at ``COUNTERS + index`` (indices from :mod:`s2split.counters`);
 * :class:`W`: the state of the walk in progress, with one named field per
   walk argument (``struct stage2_map_data``, ``struct stage2_attr_data``);
@@ -81,6 +82,7 @@ class S(enum.IntEnum):
     SPLIT_CACHE = enum.auto()
     SLOTS = enum.auto()
     STAMPS = enum.auto()            # a line's last tick, per line of table memory
+    FLAGS_CLEAR = enum.auto()       # walk flags an MMU hook turned off (mmu_api)
 
 
 VARIANT_FLAGS = len(S)
@@ -90,7 +92,12 @@ VARIANT_FLAGS = len(S)
 #: hook per operation, likewise (0: none). Set per process, never compared.
 VARIANT_VISITORS = VARIANT_FLAGS + C.NOPS
 VARIANT_AFTER = VARIANT_VISITORS + C.NOPS
-COUNTERS = VARIANT_AFTER + C.NOPS
+#: A variant's MMU hooks, one per name of
+#: :data:`s2split.pgtable.variants.MMU_HOOKS` in order (0: vanilla's
+#: function; else the id of a built-in hook, engine/mmu_hooks.py).
+VARIANT_MMU = VARIANT_AFTER + C.NOPS
+NMMU_HOOKS = 4
+COUNTERS = VARIANT_MMU + NMMU_HOOKS
 _WALK = COUNTERS + C.SIZE
 
 
@@ -141,6 +148,7 @@ class SlotCol(enum.IntEnum):
     BITMAP = enum.auto()         # offset of the dirty bitmap in B
     HAS_BITMAP = enum.auto()
     ACTIVE = enum.auto()
+    VBITMAP = enum.auto()        # offset in B of a variant's own bitmap (mmu_api.mark)
 
 
 NCOL = len(SlotCol)

@@ -199,17 +199,21 @@ def _attr_visitor(T, M, pfn, idx, old, level, visit):
 # --- split ---------------------------------------------------------------------------------
 #: The visitors written once with the visitor API (pgtable/api_visitors.py),
 #: compiled and cached here (their helpers first made callable from compiled code).
-for _fn in (AV.stage2_split_walker, AV.bbml2_split_walker, AV.bbml2_flush_split):
+for _fn in (AV.stage2_split_walker, AV.bbml2_split_walker, AV.bbml2_flush_split,
+            AV.wp_split_walker):
     register_helpers(_fn)
 _stage2_split_walker = njit(cache=True, _nrt=False)(AV.stage2_split_walker)
+_wp_split_walker = njit(cache=True, _nrt=False)(AV.wp_split_walker)
 _bbml2_split_walker = njit(cache=True, _nrt=False)(AV.bbml2_split_walker)
 _bbml2_flush_split = njit(cache=True, _nrt=False)(AV.bbml2_flush_split)
 
 #: The id of the bbml2 variant's split visitor and of its hook.
 BBML2 = 1
+#: The id of the split visitor that write-protects as it splits.
+WP_SPLIT = 2
 #: Ids of built-in API visitors and hooks at ``VARIANT_VISITORS + op`` /
 #: ``VARIANT_AFTER + op`` (any larger value is a compiled user visitor's address).
-BUILTIN_VISITORS = {AV.bbml2_split_walker: BBML2}
+BUILTIN_VISITORS = {AV.bbml2_split_walker: BBML2, AV.wp_split_walker: WP_SPLIT}
 BUILTIN_HOOKS = {AV.bbml2_flush_split: BBML2}
 
 
@@ -259,6 +263,8 @@ def call_visitor(T, M, pfn, idx, old, level, visit):
     if vid != 0:
         if vid == BBML2:
             return _bbml2_split_walker(FastCtx(T, M, pfn, idx, old, level, visit))
+        if vid == WP_SPLIT:
+            return _wp_split_walker(FastCtx(T, M, pfn, idx, old, level, visit))
         return call_visitor_ptr(vid, T, M, pfn, idx, old, level, visit)
     if op == C.OP_MAP:
         return _map_visitor(T, M, pfn, idx, old, level, visit)

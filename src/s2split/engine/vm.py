@@ -30,18 +30,21 @@ from ..kvm import mmu as KM
 from ..kvm.memslot import Memslot
 from ..kvm.vm import VMBase, Vcpu
 from ..pgtable.memory import TABLE_PA_BASE
-from ..pgtable.variants import VANILLA, VARIANT_OPS, Variant
+from ..pgtable.variants import FAST_MMU_HOOKS, VANILLA, VARIANT_OPS, Variant
 from ..rules import HUGETLB_CLASS, oa_format
 from ..versions import DEFAULT_KERNEL
 from . import compile_cache  # noqa: F401  (drops a stale compile cache on import)
 from .dirty_log import kvm_clear_dirty_log_protect, kvm_get_dirty_log_protect
 from .guest import KEEPS_FAULTING, memstress_pass, replay_table_size
 from .memory import cache_free_all
-from .mmu import (kvm_mmu_split_memory_region, kvm_mmu_wp_memory_region, kvm_stage2_destroy)
+from .mmu import kvm_mmu_wp_memory_region, kvm_stage2_destroy
+from .mmu_hooks import enable_log_dirty, mmu_hook_id, split_memory_region
 from .pte import table_pfn
 from .stage2 import stage2_init, stage2_unmap
 from .state import (BACKING, FIXED, MC_SPLIT, NCOL, NREGS, REGIONS, ROOT, VARIANT_AFTER,
-                    VARIANT_FLAGS, VARIANT_VISITORS, COUNTERS, S, SlotCol, VcpuReg, kvm_count)
+                    VARIANT_FLAGS, VARIANT_MMU, VARIANT_VISITORS, COUNTERS, S, SlotCol, VcpuReg,
+                    kvm_count)
+from ..pgtable.variants import MMU_HOOKS
 from .visitors import variant_hook_id, variant_visitor_id
 from ..bits import LOCKED
 
@@ -71,9 +74,12 @@ def require_flag_only(variant: Variant) -> None:
     """Refuse a variant whose visitor is not written with the visitor API:
     only the reference engine runs those."""
     if not variant.fast_capable:
-        raise S2Error(f"variant {variant.name!r} replaces a visitor not written with the "
-                      "visitor API (s2split.pgtable.visitor_api), or uses its reference-only "
-                      "functions (defer_make, make_deferred); only the reference engine "
+        if all(fn in FAST_MMU_HOOKS for fn in variant.mmu.values()):
+            what = "a visitor not written with the visitor API (s2split.pgtable.visitor_api), " \
+                "or uses its reference-only functions (defer_make, make_deferred)"
+        else:
+            what = "a function of the MMU layer with a hook that is not built in"
+        raise S2Error(f"variant {variant.name!r} replaces {what}; only the reference engine "
                       "can run it")
 
 
@@ -226,7 +232,9 @@ class FastVM(VMBase):
         words = np.array(slot.new_bitmap(all_set), dtype=np.uint64).view(np.int64)
         self.M[self._slot_col(slot, SlotCol.BITMAP)] = len(self.B)
         self.M[self._slot_col(slot, SlotCol.HAS_BITMAP)] = 1
-        self.B = np.concatenate([self.B, words])
+        # then a variant's own bitmap (mmu_api.mark), cleared
+        self.M[self._slot_col(slot, SlotCol.VBITMAP)] = len(self.B) + len(words)
+        self.B = np.concatenate([self.B, words, np.zeros(len(words), dtype=np.int64)])
 
     def set_memslot_flags(self, slot_id: int, flags: int) -> None:
         super().set_memslot_flags(slot_id, flags)
@@ -259,8 +267,9 @@ class FastVM(VMBase):
                 bitmap.astype(np.int64)
         else:
             user = np.array([int(w) for w in bitmap], dtype=np.uint64).view(np.int64)
+        # A copy: a variant's clear hook gets the cleared bits back in it.
         kvm_clear_dirty_log_protect(self.T, self.M, self.B, self._row(slot), first_page, num_pages,
-                           np.ascontiguousarray(user))
+                                    np.array(user, dtype=np.int64, order="C"))
 
     def _vcpu_added(self, vcpu: Vcpu) -> None:
         n = len(self.vcpus)
@@ -279,7 +288,14 @@ class FastVM(VMBase):
         kvm_mmu_wp_memory_region(self.T, self.M, self._row(slot))
 
     def split_memory_region(self, slot: Memslot) -> None:
-        kvm_mmu_split_memory_region(self.T, self.M, self._row(slot))
+        split_memory_region(self.T, self.M, self.B, self._row(slot))
+
+    def enable_log_dirty(self, slot: Memslot) -> None:
+        enable_log_dirty(self.T, self.M, self.B, self._row(slot))
+
+    def split_cache_pages(self) -> int:
+        """Pages held in the split cache."""
+        return int(self.M[S.SPLIT_NOBJS])
 
     def free_split_cache(self) -> None:
         self._count(K_CACHE_PAGES_FREED, cache_free_all(self.T, self.M, MC_SPLIT))
@@ -294,6 +310,8 @@ class FastVM(VMBase):
             self.M[VARIANT_FLAGS + OP[op]] = variant.flags_for(op)
             self.M[VARIANT_VISITORS + OP[op]] = variant_visitor_id(variant.visitors.get(op))
             self.M[VARIANT_AFTER + OP[op]] = variant_hook_id(variant.after_walk.get(op))
+        for i, name in enumerate(MMU_HOOKS):
+            self.M[VARIANT_MMU + i] = mmu_hook_id(name, variant.mmu.get(name))
 
     def snapshot(self) -> tuple:
         used = int(self.M[S.NEXT_PAGE])

@@ -26,7 +26,7 @@ from .lines import touch, touch_run
 from .pte import is_table, table_pfn
 from .state import (NOLV, ROOT, STACK_IDX, STACK_OLD, STACK_PFN, VARIANT_VISITORS, S, W, count,
                     count_leaf_visit, count_leaf_visits, granule_size, level_shift)
-from .visitors import BBML2, call_after_walk, call_visitor
+from .visitors import BBML2, WP_SPLIT, call_after_walk, call_visitor
 
 LEAF, TABLE_PRE, TABLE_POST, SHARED = WK.LEAF, WK.TABLE_PRE, WK.TABLE_POST, WK.SHARED
 HANDLE_FAULT, RETURN_HINTS, SKIP_LEVEL_BASE = WK.HANDLE_FAULT, WK.RETURN_HINTS, WK.SKIP_LEVEL_BASE
@@ -207,11 +207,15 @@ def walk_table(T, M, pfn, level):
     M[STACK_IDX] = (M[W.ADDR] >> level_shift(M, level)) & (ptrs - 1)
     count(M, op, C.K_LOOPS, level, 1)
     # The run restates the built-in visitors at level 3 (the built-in API split
-    # visitors too: they do nothing there); a user's visitor is called.
+    # visitors too: they do nothing there, or clear S2AP.W on valid pages as a
+    # wrprotect walk, WP_SPLIT); a user's visitor is called.
+    vid = M[VARIANT_VISITORS + op]
     run = (op == C.OP_WRPROTECT or op == C.OP_SPLIT) and \
         not flags & (TABLE_PRE | TABLE_POST | SHARED | HANDLE_FAULT | RETURN_HINTS) and \
-        (M[VARIANT_VISITORS + op] == 0 or (op == C.OP_SPLIT and M[VARIANT_VISITORS + op] == BBML2))
+        (vid == 0 or (op == C.OP_SPLIT and (vid == BBML2 or vid == WP_SPLIT)))
     attr_clr = M[W.ATTR_CLR] if op == C.OP_WRPROTECT and M[W.ATTR_SET] == 0 else 0
+    if op == C.OP_SPLIT and vid == WP_SPLIT:
+        attr_clr = S2AP_W
     # TABLE_POST is no matter at level 3, where no entry is a table.
     unmap_run = op == C.OP_UNMAP and flags & LEAF and M[S.FWB] and \
         M[VARIANT_VISITORS + op] == 0 and \

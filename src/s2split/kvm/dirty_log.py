@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..counters import K_BITMAP_WORDS, NOLEVEL, SLOTS
 from .memslot import WORD_BITS, Memslot
-from .mmu import kvm_arch_mmu_enable_log_dirty_pt_masked, kvm_flush_remote_tlbs_memslot
+from .mmu import (MmuCtx, kvm_arch_mmu_enable_log_dirty_pt_masked,
+                  kvm_flush_remote_tlbs_memslot, mmu_hook)
 
 if TYPE_CHECKING:
     from .vm import VM
@@ -49,7 +50,10 @@ def kvm_clear_dirty_log_protect(vm: "VM", slot: Memslot, first_page: int, num_pa
     flush = False
     k = vm.k
     base = first_page // WORD_BITS
-    for j in range((num_pages + WORD_BITS - 1) // WORD_BITS):
+    n = (num_pages + WORD_BITS - 1) // WORD_BITS
+    hook = mmu_hook(vm, "clear_dirty_log")
+    words = [0] * n if hook is not None else None
+    for j in range(n):
         k[K_BITMAP_WORDS * SLOTS + NOLEVEL] += 1
         mask = int(bitmap[j])
         if not mask:
@@ -60,6 +64,12 @@ def kvm_clear_dirty_log_protect(vm: "VM", slot: Memslot, first_page: int, num_pa
         kernel[i] &= ~mask
         if mask:
             flush = True
-            kvm_arch_mmu_enable_log_dirty_pt_masked(vm, slot, i * WORD_BITS, mask)
+            if words is not None:
+                words[j] = mask  # the variant's hook protects them all at once
+            else:
+                kvm_arch_mmu_enable_log_dirty_pt_masked(vm, slot, i * WORD_BITS, mask)
+    if words is not None and flush:
+        # Under the same MMU lock as the loop: no guest access comes between.
+        hook(MmuCtx(vm, slot, base, n, words))
     if flush:
         kvm_flush_remote_tlbs_memslot(vm, slot)

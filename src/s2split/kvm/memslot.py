@@ -31,6 +31,8 @@ class Memslot:
     backing: Backing
     host_pa: int
     dirty_bitmap: list[int] | None = field(default=None, repr=False)
+    #: A variant's own per-memslot bitmap (:func:`s2split.kvm.mmu_api.mark`).
+    variant_bitmap: list[int] | None = field(default=None, repr=False)
 
     @property
     def page_shift(self) -> int:

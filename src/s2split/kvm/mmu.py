@@ -7,7 +7,7 @@ work they start is counted by the stage-2 operations themselves.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import pte as P
 from .. import rules as R
@@ -28,6 +28,22 @@ if TYPE_CHECKING:
 
 #: ``KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE`` on arm64.
 VCPU_CACHE_CAPACITY = 40
+
+
+class MmuCtx:
+    """The reference engine's context of one MMU hook call
+    (:mod:`s2split.kvm.mmu_api`): the VM, the memslot, two integer arguments
+    and (for the clear hook) the words."""
+
+    __slots__ = ("vm", "slot", "a0", "a1", "words")
+
+    def __init__(self, vm: "VM", slot: Memslot, a0: int, a1: int, words: Any = ()):
+        self.vm, self.slot, self.a0, self.a1, self.words = vm, slot, a0, a1, words
+
+
+def mmu_hook(vm: "VM", name: str) -> Callable | None:
+    """The variant's hook replacing MMU function ``name``, or None."""
+    return vm.variant.mmu.get(name)
 
 
 def _k(vm: "VM", kind: int, n: int = 1) -> None:
@@ -115,7 +131,16 @@ def kvm_mmu_wp_memory_region(vm: "VM", slot: Memslot) -> None:
 
 # -- eager splitting ---------------------------------------------------------
 
-def kvm_mmu_split_huge_pages(vm: "VM", addr: int, end: int) -> int:
+def kvm_mmu_split_huge_pages(vm: "VM", slot: Memslot, addr: int, end: int) -> int:
+    """``kvm_mmu_split_huge_pages()`` for ``[addr, end)`` of ``slot``: the
+    variant's hook, or vanilla's :func:`split_huge_pages_body`."""
+    hook = mmu_hook(vm, "split_huge_pages")
+    if hook is not None:
+        return hook(MmuCtx(vm, slot, addr, end))
+    return split_huge_pages_body(vm, addr, end)
+
+
+def split_huge_pages_body(vm: "VM", addr: int, end: int) -> int:
     """Split ``[addr, end)`` chunk by chunk, topping the split cache up first.
 
     Best effort: a failed top-up or split ends the loop. The kernel also drops
@@ -149,21 +174,32 @@ def kvm_mmu_split_huge_pages(vm: "VM", addr: int, end: int) -> int:
 
 
 def kvm_mmu_split_memory_region(vm: "VM", slot: Memslot) -> None:
-    kvm_mmu_split_huge_pages(vm, slot.base_gpa, slot.end_gpa)
+    kvm_mmu_split_huge_pages(vm, slot, slot.base_gpa, slot.end_gpa)
 
 
 def kvm_arch_mmu_enable_log_dirty_pt_masked(vm: "VM", slot: Memslot, gfn_offset: int,
                                             mask: int) -> None:
+    """One call per bitmap word: the variant's hook, or vanilla's
+    :func:`enable_log_dirty_pt_masked_body`."""
+    _k(vm, K_LOG_DIRTY_MASKED)
+    hook = mmu_hook(vm, "enable_log_dirty_pt_masked")
+    if hook is not None:
+        hook(MmuCtx(vm, slot, gfn_offset, mask))
+        return
+    enable_log_dirty_pt_masked_body(vm, slot, gfn_offset, mask)
+
+
+def enable_log_dirty_pt_masked_body(vm: "VM", slot: Memslot, gfn_offset: int,
+                                    mask: int) -> None:
     """Write-protect (and with manual-protect + initially-set, eagerly split)
     from the lowest to the highest page set in one 64-bit bitmap word."""
-    _k(vm, K_LOG_DIRTY_MASKED)
     base_gfn = slot.base_gfn + gfn_offset
     shift = vm.geom.page_shift
     start = (base_gfn + ffs(mask)) << shift
     end = (base_gfn + fls(mask) + 1) << shift
     kvm_stage2_wp_range(vm, start, end)
     if vm.manual_protect_and_init_set:
-        kvm_mmu_split_huge_pages(vm, start, end)
+        kvm_mmu_split_huge_pages(vm, slot, start, end)
 
 
 def kvm_arch_commit_memory_region(vm: "VMBase", old: Memslot | None, new: Memslot | None,
@@ -179,8 +215,7 @@ def kvm_arch_commit_memory_region(vm: "VMBase", old: Memslot | None, new: Memslo
             return
         if vm.manual_protect_and_init_set:
             return
-        vm.wp_memory_region(new)
-        vm.split_memory_region(new)
+        vm.enable_log_dirty(new)
     else:
         vm.free_split_cache()
 

@@ -355,6 +355,8 @@ class VM(VMBase):
 
     def _bitmap_changed(self, slot: Memslot, enabled: bool, all_set: bool) -> None:
         slot.dirty_bitmap = slot.new_bitmap(all_set) if enabled else None
+        if enabled:
+            slot.variant_bitmap = slot.new_bitmap(False)
 
     def _slot_deleted(self, slot: Memslot) -> None:
         self._last_slot = None
@@ -379,8 +381,22 @@ class VM(VMBase):
     def split_memory_region(self, slot: Memslot) -> None:
         mmu.kvm_mmu_split_memory_region(self, slot)
 
+    def enable_log_dirty(self, slot: Memslot) -> None:
+        """The enable path: write-protect and split the slot (or the
+        variant's ``enable_log_dirty`` hook)."""
+        hook = mmu.mmu_hook(self, "enable_log_dirty")
+        if hook is not None:
+            hook(mmu.MmuCtx(self, slot, 0, 0))
+            return
+        self.wp_memory_region(slot)
+        self.split_memory_region(slot)
+
     def free_split_cache(self) -> None:
         self._count(K_CACHE_PAGES_FREED, self.split_cache.free_all())
+
+    def split_cache_pages(self) -> int:
+        """Pages held in the split cache."""
+        return self.split_cache.nobjs
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
         s = self._last_slot

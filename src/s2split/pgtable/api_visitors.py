@@ -148,3 +148,33 @@ def batched_flush_make(ctx):
         api.tlbi_range(ctx, lo, api.scratch(ctx, _SPLIT_HI) - lo)
     api.make_deferred(ctx)
     return 0
+
+
+def wp_split_walker(ctx):
+    """The split visitor of the ``wp-split-fused`` and ``enable-split-then-wp``
+    variants: write-protect and split in one walk. A valid block is replaced
+    (break-before-make, as ``stage2_split_walker``) by a subtree built
+    read-only; a valid page is made read-only in place, as
+    ``stage2_attr_walker`` would in a ``kvm_pgtable_stage2_wrprotect()`` walk.
+    Vanilla write-protects the block first and splits it after, with the same
+    break: the tables and TLB invalidations come out the same."""
+    old = api.old(ctx)
+    if not api.is_valid(old):
+        return 0
+    lv = api.level(ctx)
+    if lv == api.LAST_LEVEL:
+        if old & api.S2AP_W:
+            api.write(ctx, old & ~api.S2AP_W)
+        return 0
+    force_pte = api.split_force_pte(ctx, lv)
+    if force_pte < 0:
+        return force_pte
+    child = api.create_unlinked(ctx, api.pte_to_phys(ctx, old), lv,
+                                api.pte_prot(old) & ~api.PROT_W, force_pte != 0)
+    if child < 0:
+        return child
+    if not api.try_break(ctx):
+        api.free_unlinked(ctx, child, lv)
+        return -EAGAIN
+    api.make(ctx, api.make_table(ctx, child))
+    return split_hint(ctx, api.flags(ctx), force_pte)

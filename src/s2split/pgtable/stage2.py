@@ -126,8 +126,12 @@ class Stage2PageTable:
         """``kvm_phys_is_valid()``: below the largest PA KVM supports."""
         return phys < (1 << (52 if (self.geom.lpa2 or self.geom.lpa) else 48))
 
+    #: Walk flags an MMU hook has turned off for the walks it starts
+    #: (``mmu_api.split_huge_pages_all_levels``: the variant's skip flags).
+    flags_clear = 0
+
     def _flags(self, op_name: str, flags: int) -> int:
-        return flags | self.variant.flags_for(op_name)
+        return (flags | self.variant.flags_for(op_name)) & ~self.flags_clear
 
     def _visitor(self, op_name: str, default):
         return self._visitors.get(op_name, default)

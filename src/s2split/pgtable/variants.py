@@ -86,6 +86,21 @@ for _flag in WalkFlags:
 VARIANT_OPS = tuple(op for op in counters.WALK_OPS if op != "get_leaf")
 
 
+#: The functions of the KVM MMU layer a variant may replace (``Variant.mmu``),
+#: each by a hook written with :mod:`s2split.kvm.mmu_api`:
+#: ``kvm_arch_mmu_enable_log_dirty_pt_masked()``, the word loop of
+#: ``kvm_clear_dirty_log_protect()`` (given the words of one call),
+#: ``kvm_mmu_split_huge_pages()`` and the enable path's
+#: ``kvm_mmu_wp_memory_region()`` + ``kvm_mmu_split_memory_region()``.
+MMU_HOOKS = ("enable_log_dirty_pt_masked", "clear_dirty_log", "split_huge_pages",
+             "enable_log_dirty")
+
+#: MMU hooks the fast engine has compiled in (filled by the module that
+#: defines them, :mod:`s2split.kvm.mmu_variants`); others run on the
+#: reference engine only.
+FAST_MMU_HOOKS: set = set()
+
+
 def is_api_visitor(fn: Callable) -> bool:
     """A visitor of one argument, the context: written with
     :mod:`s2split.pgtable.visitor_api`, it runs on both engines. (The older
@@ -126,7 +141,13 @@ class Variant:
     * ``same_maintenance``: whether the variant claims vanilla's TLB
       maintenance, barriers and break-before-make exactly (the check holds
       it to that); a variant that changes them (``bbml2``) says False and is
-      held to the same tables, with every split block invalidated.
+      held to the same tables, with every split block invalidated;
+    * ``mmu``: hooks replacing functions of the KVM MMU layer (names in
+      :data:`MMU_HOOKS`, written with :mod:`s2split.kvm.mmu_api`);
+    * ``extra_protection``: the variant may write-protect pages that vanilla
+      leaves writable (they fault again later; the check counts the faults);
+    * ``cache_differs``: the split cache may hold another number of pages
+      than vanilla's at the end of an ioctl (it tops up at other times).
     """
 
     name: str
@@ -136,6 +157,9 @@ class Variant:
     after_walk: Mapping[str, Callable] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
     same_maintenance: bool = True
+    mmu: Mapping[str, Callable] = field(default_factory=dict)
+    extra_protection: bool = False
+    cache_differs: bool = False
 
     def __post_init__(self) -> None:
         # A variant may come from a user's file: check every type here, so
@@ -147,7 +171,7 @@ class Variant:
             raise S2Error(f"variant {self.name!r}: description must be a string, got "
                           f"{type(self.description).__name__}")
         for what, value in (("walk_flags", self.walk_flags), ("visitors", self.visitors),
-                            ("after_walk", self.after_walk)):
+                            ("after_walk", self.after_walk), ("mmu", self.mmu)):
             if not isinstance(value, Mapping):
                 raise S2Error(f"variant {self.name!r}: {what} must map operation names to "
                               f"{'walk flags' if what == 'walk_flags' else 'functions'}, got "
@@ -168,6 +192,13 @@ class Variant:
             if not is_api_visitor(fn):
                 raise S2Error(f"variant {self.name!r}: after_walk[{op!r}] must be a function "
                               "of one argument, the context (s2split.pgtable.visitor_api)")
+        for name, fn in self.mmu.items():
+            if name not in MMU_HOOKS:
+                raise S2Error(f"variant {self.name!r}: unknown MMU hook {name!r}; choose from "
+                              f"{', '.join(MMU_HOOKS)}")
+            if not callable(fn) or not is_api_visitor(fn):
+                raise S2Error(f"variant {self.name!r}: mmu[{name!r}] must be a function of one "
+                              "argument, the context (s2split.kvm.mmu_api)")
         for op in (*self.walk_flags, *self.visitors, *self.after_walk):
             if op not in VARIANT_OPS:
                 raise S2Error(f"variant {self.name!r}: unknown operation {op!r}; "
@@ -183,6 +214,7 @@ class Variant:
         object.__setattr__(self, "walk_flags", MappingProxyType(dict(self.walk_flags)))
         object.__setattr__(self, "visitors", MappingProxyType(dict(self.visitors)))
         object.__setattr__(self, "after_walk", MappingProxyType(dict(self.after_walk)))
+        object.__setattr__(self, "mmu", MappingProxyType(dict(self.mmu)))
 
     def flags_for(self, op: str) -> int:
         return self.walk_flags.get(op, 0)
@@ -190,13 +222,14 @@ class Variant:
     @property
     def flag_only(self) -> bool:
         """True when it only adds walk flags (no visitors, no hooks)."""
-        return not self.visitors and not self.after_walk
+        return not self.visitors and not self.after_walk and not self.mmu
 
     @property
     def fast_capable(self) -> bool:
         """True when the fast engine can run it: its visitors and hooks are
         written with :mod:`s2split.pgtable.visitor_api`."""
         return all(is_api_visitor(fn) for fn in self.visitors.values()) and \
+            all(fn in FAST_MMU_HOOKS for fn in self.mmu.values()) and \
             not any(uses_reference_only_api(fn)
                     for fn in (*self.visitors.values(), *self.after_walk.values()))
 
@@ -216,7 +249,9 @@ class Variant:
                        flags, {**self.visitors, **other.visitors},
                        {**self.after_walk, **other.after_walk},
                        (*self.requires, *other.requires),
-                       self.same_maintenance and other.same_maintenance)
+                       self.same_maintenance and other.same_maintenance,
+                       {**self.mmu, **other.mmu}, self.extra_protection or other.extra_protection,
+                       self.cache_differs or other.cache_differs)
 
 
 VANILLA = Variant("vanilla", "Linux 6.12: the split walk visits every entry of its range")
@@ -369,4 +404,8 @@ def definition(variant: Variant) -> dict:
         d["after_walk"] = {op: _name(v) for op, v in sorted(variant.after_walk.items())}
     if variant.requires:
         d["requires"] = list(variant.requires)
+    if variant.mmu:
+        d["mmu"] = {name: _name(v) for name, v in sorted(variant.mmu.items())}
+    if variant.extra_protection:
+        d["extra_protection"] = True
     return d

@@ -85,7 +85,7 @@ from .walker import (HINT_SKIP_CHILDREN, HINT_SKIP_SIBLINGS, LEAF, RETURN_HINTS,
 
 __all__ = ["LAST_LEVEL", "LEAF", "TABLE_PRE", "TABLE_POST", "AFTER_WALK", "SHARED",
            "SKIP_BBM_TLBI", "SKIP_CMO", "SKIP_NEW_CHILDREN", "RETURN_HINTS", "SKIP_SIBLINGS",
-           "SKIP_CHILDREN", "TTL_UNKNOWN", "NSCRATCH", "VisitorRuleError", "VisitCtx", "old",
+           "SKIP_CHILDREN", "TTL_UNKNOWN", "NSCRATCH", "S2AP_W", "PROT_W", "VisitorRuleError", "VisitCtx", "old",
            "level", "addr", "visit", "flags", "walk_start", "walk_end", "cache_pages", "read",
            "write", "try_break", "make", "replace", "create_unlinked", "free_unlinked",
            "split_force_pte", "make_table", "is_valid", "is_table", "pte_to_phys", "pte_prot",
@@ -101,6 +101,9 @@ SKIP_CHILDREN = HINT_SKIP_CHILDREN
 TTL_UNKNOWN = -2
 #: Integers of per-walk scratch.
 NSCRATCH = 4
+#: The write permission of a stage-2 descriptor (S2AP[1]) and of a ``Prot``.
+S2AP_W = P.S2AP_W
+PROT_W = int(P.Prot.W)
 
 
 class VisitorRuleError(S2Error):

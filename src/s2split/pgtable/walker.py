@@ -84,6 +84,9 @@ def skip_level(level: int) -> int:
     return 1 << (SKIP_LEVEL_BASE + level)
 
 
+#: Every skip_level(l) flag.
+SKIP_LEVELS_ALL = sum(1 << (SKIP_LEVEL_BASE + lv) for lv in range(4))
+
 #: skip_level(l), indexed by l (the level of the children of a table entry).
 _SKIP_CHILD_LEVEL = tuple(skip_level(level) for level in range(4))
 
