@@ -151,14 +151,15 @@ def read_smaps(path: str = SMAPS) -> list[Vma]:
         raise S2Error(f"cannot read {path} ({e.strerror}) to check the backing") from None
 
 
-def _read(path: str) -> str | None:
+def read_setting(path: str | Path) -> str | None:
+    """A sysfs/procfs file's text, stripped, or None when it cannot be read."""
     try:
-        return Path(path).read_text().strip()
+        return Path(path).read_text(errors="replace").strip()
     except OSError:
         return None
 
 
-def _selected(text: str | None) -> str | None:
+def selected(text: str | None) -> str | None:
     """``always [madvise] never`` -> ``madvise``."""
     if text and "[" in text:
         return text.split("[", 1)[1].split("]", 1)[0]
@@ -169,7 +170,7 @@ def hugetlb_pool(page_size: int, root: str = "/sys/kernel/mm/hugepages") -> dict
     d = f"{root}/hugepages-{page_size >> 10}kB"
     out = {}
     for name in ("nr_hugepages", "free_hugepages", "resv_hugepages", "surplus_hugepages"):
-        v = _read(f"{d}/{name}")
+        v = read_setting(f"{d}/{name}")
         if v is not None and v.isdigit():
             out[name] = int(v)
     return out
@@ -178,13 +179,13 @@ def hugetlb_pool(page_size: int, root: str = "/sys/kernel/mm/hugepages") -> dict
 def host_settings(root: str = "") -> dict[str, Any]:
     """The settings of background work that walks the guest memory or the
     stage-2 tables, as they were (None: this kernel has no such knob)."""
-    damon = _read(f"{root}/sys/module/damon_stat/parameters/enabled")
+    damon = read_setting(f"{root}/sys/module/damon_stat/parameters/enabled")
     return {
         "damon_stat_enabled": damon,
-        "numa_balancing": _read(f"{root}/proc/sys/kernel/numa_balancing"),
-        "thp_enabled": _selected(_read(f"{root}{THP}/enabled")),
-        "thp_defrag": _selected(_read(f"{root}{THP}/defrag")),
-        "khugepaged": {name: _read(f"{root}{THP}/khugepaged/{name}") for name in (
+        "numa_balancing": read_setting(f"{root}/proc/sys/kernel/numa_balancing"),
+        "thp_enabled": selected(read_setting(f"{root}{THP}/enabled")),
+        "thp_defrag": selected(read_setting(f"{root}{THP}/defrag")),
+        "khugepaged": {name: read_setting(f"{root}{THP}/khugepaged/{name}") for name in (
             "scan_sleep_millisecs", "alloc_sleep_millisecs", "pages_to_scan", "defrag")},
     }
 

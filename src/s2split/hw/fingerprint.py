@@ -14,7 +14,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .backing_check import host_settings
+from .backing_check import host_settings, read_setting, selected
 from .kvm import (CAP_NAMES, KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
                   KVM_CAP_ARM_VM_IPA_SIZE, KVM_CAP_DIRTY_LOG_RING,
                   KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_MAX_VCPUS, KVM_CAP_NR_MEMSLOTS,
@@ -26,23 +26,9 @@ SYSTEM_CAPS = (KVM_CAP_ARM_VM_IPA_SIZE, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                KVM_CAP_DIRTY_LOG_RING)
 
 
-def _read(path: str | Path) -> str | None:
-    try:
-        return Path(path).read_text(errors="replace").strip()
-    except OSError:
-        return None
-
-
-def _selected(text: str | None) -> str | None:
-    """``always [madvise] never`` -> ``madvise``."""
-    if text and "[" in text:
-        return text.split("[", 1)[1].split("]", 1)[0]
-    return text
-
-
 def cpu_model() -> dict[str, Any]:
     info: dict[str, Any] = {}
-    text = _read("/proc/cpuinfo") or ""
+    text = read_setting("/proc/cpuinfo") or ""
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key, value = key.strip(), value.strip()
@@ -50,7 +36,7 @@ def cpu_model() -> dict[str, Any]:
                    "CPU part", "CPU revision", "vendor_id", "cpu family", "model",
                    "stepping", "microcode") and key not in info:
             info[key] = value
-    midr = _read("/sys/devices/system/cpu/cpu0/regs/identification/midr_el1")
+    midr = read_setting("/sys/devices/system/cpu/cpu0/regs/identification/midr_el1")
     if midr:
         info["midr_el1"] = midr
     info["cpus"] = os.cpu_count()
@@ -62,7 +48,7 @@ def cpu_model() -> dict[str, Any]:
 
 def hugetlb() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for line in (_read("/proc/meminfo") or "").splitlines():
+    for line in (read_setting("/proc/meminfo") or "").splitlines():
         if line.startswith(("HugePages_Total", "HugePages_Free", "Hugepagesize")):
             k, _, v = line.partition(":")
             out[k] = v.strip()
@@ -70,7 +56,7 @@ def hugetlb() -> dict[str, Any]:
     base = Path("/sys/kernel/mm/hugepages")
     if base.is_dir():
         for d in sorted(base.iterdir()):
-            nr = _read(d / "nr_hugepages")
+            nr = read_setting(d / "nr_hugepages")
             if nr is not None:
                 pools[d.name.removeprefix("hugepages-")] = int(nr)
     out["pools"] = pools
@@ -82,25 +68,25 @@ def thp() -> dict[str, Any]:
     if not base.is_dir():
         return {"configured": False}
     out: dict[str, Any] = {"configured": True,
-                           "enabled": _selected(_read(base / "enabled")),
-                           "defrag": _selected(_read(base / "defrag")),
-                           "hpage_pmd_size": _read(base / "hpage_pmd_size")}
-    shmem = _read(base / "shmem_enabled")
+                           "enabled": selected(read_setting(base / "enabled")),
+                           "defrag": selected(read_setting(base / "defrag")),
+                           "hpage_pmd_size": read_setting(base / "hpage_pmd_size")}
+    shmem = read_setting(base / "shmem_enabled")
     if shmem:
-        out["shmem_enabled"] = _selected(shmem)
+        out["shmem_enabled"] = selected(shmem)
     return out
 
 
 def machine() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    model = _read("/proc/device-tree/model") or _read("/sys/firmware/devicetree/base/model")
+    model = read_setting("/proc/device-tree/model") or read_setting("/sys/firmware/devicetree/base/model")
     if model:
         out["dt_model"] = model.rstrip("\x00")
-    compat = _read("/proc/device-tree/compatible")
+    compat = read_setting("/proc/device-tree/compatible")
     if compat:
         out["dt_compatible"] = [c for c in compat.split("\x00") if c]
     for key in ("sys_vendor", "product_name"):
-        v = _read(f"/sys/class/dmi/id/{key}")
+        v = read_setting(f"/sys/class/dmi/id/{key}")
         if v:
             out[f"dmi_{key}"] = v
     return out
@@ -112,7 +98,7 @@ def kvm_module_params() -> dict[str, str]:
         d = Path(f"/sys/module/{mod}/parameters")
         if d.is_dir():
             for f in sorted(d.iterdir()):
-                v = _read(f)
+                v = read_setting(f)
                 if v is not None:
                     out[f"{mod}.{f.name}"] = v
     return out
@@ -139,7 +125,7 @@ def fingerprint(kvm: Kvm | None = None) -> dict[str, Any]:
         "arch": platform.machine(),
         "kernel_release": u.release,
         "kernel_version": u.version,
-        "kernel_cmdline": _read("/proc/cmdline"),
+        "kernel_cmdline": read_setting("/proc/cmdline"),
         "cpu": cpu_model(),
         "page_size": host_page_size(),
         "thp": thp(),
