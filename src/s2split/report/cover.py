@@ -172,7 +172,8 @@ def cover_sections(data: ReportData, plan_lines: list[str], plan_command: str) -
 
 def build_cover(data: ReportData, full: bool = False) -> Document:
     """The cover letter; with ``full``, the whole report after it as the appendix."""
-    from .plan import PlanOptions, build_plan, matrix_argv, summary
+    from .commandline import matrix_argv
+    from .plan import PlanOptions, build_plan, summary
     import shlex
     opts = PlanOptions(db="s2split-results.sqlite")
     plan = build_plan(data.outcome, opts, "")

@@ -284,21 +284,9 @@ def setup_section(data: ReportData) -> Section:
 def report_command(data: ReportData) -> str:
     """The ``s2split report`` command that computes this report's numbers."""
     from ..reproduce import profile_option
+    from .commandline import matrix_argv
     m = data.matrix
-    argv = ["s2split", "report", "--size", size_name(m.size),
-            "--granule", ",".join(granule_name(g) for g in m.granules),
-            "--backing", ",".join(m.backings), "--scenario", ",".join(m.scenarios),
-            "--variant", ",".join(m.variants)]
-    if m.chunk is not None:
-        argv += ["--chunk-size", size_name(m.chunk)]
-    if m.iterations != 2:
-        argv += ["--iterations", str(m.iterations)]
-    if m.ipa_bits != 40:
-        argv += ["--ipa-bits", str(m.ipa_bits)]
-    if m.hugetlb_1g:
-        argv.append("--hugetlb-1g")
-    if profile_option(data.profile) != "server-vhe":
-        argv += ["--profile", profile_option(data.profile)]
+    argv = ["s2split", "report", *matrix_argv(m, profile_option(data.profile))]
     if data.labels:
         argv += ["--measured", *data.labels]
         others = [v for v in m.variants if v != "vanilla"]

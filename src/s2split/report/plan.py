@@ -33,6 +33,7 @@ from typing import Any
 
 from ..arch import granule_name, size_name
 from ..errors import S2Error
+from .commandline import matrix_argv
 
 PLAN_FORMAT = "s2split-hw-plan/1"
 #: The 95% normal quantile of the interval ``hw compare`` reports.
@@ -466,33 +467,6 @@ def plan_report_command(matrix: Any, opts: PlanOptions) -> str:
     if opts.variant:
         argv += ["--measured-variant", opts.variant]
     return shlex.join(argv)
-
-
-def matrix_argv(m: Any) -> list[str]:
-    """The matrix options that select ``m`` (defaults left out)."""
-    argv = ["--size", size_name(m.size)]
-    if m.granules != (4096, 16384, 65536):
-        argv += ["--granule", ",".join(granule_name(g) for g in m.granules)]
-    if m.backings != ("regular", "thp", "hugetlb"):
-        argv += ["--backing", ",".join(m.backings)]
-    if m.scenarios != ("clear", "enable"):
-        argv += ["--scenario", ",".join(m.scenarios)]
-    from ..pgtable.variants import DEFAULT_VARIANTS
-    if tuple(m.variants) != tuple(DEFAULT_VARIANTS):
-        argv += ["--variant", ",".join(m.variants)]
-    if m.chunk is not None:
-        argv += ["--chunk-size", size_name(m.chunk)]
-    if m.iterations != 2:
-        argv += ["--iterations", str(m.iterations)]
-    if m.ipa_bits != 40:
-        argv += ["--ipa-bits", str(m.ipa_bits)]
-    if m.hugetlb_1g:
-        argv.append("--hugetlb-1g")
-    if m.profile != "server-vhe":
-        argv += ["--profile", m.profile]
-    if m.cpu:
-        argv += ["--cpu", m.cpu]
-    return argv
 
 
 def run_plan(args: Any, matrix: Any, run_matrix: Any) -> int:
