@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _hyp import HYP
-from test_differential import GIB, MIB, _p, configs, run_both
+from test_differential import GIB, MIB, VARIANTS, _p, configs, run_both
 
 from s2split.engine.guest import guest_random_skip as compiled_skip
 from s2split.memstress import INT_MAX, guest_random_skip, guest_random_u32
@@ -42,15 +42,17 @@ def one_vcpu_in_order(p):
 
 
 @settings(HYP, max_examples=30)
-@given(p=configs().map(one_vcpu_in_order))
-def test_table_runs_agree(p):
-    run_both(p, "vanilla")
+@given(p=configs().map(one_vcpu_in_order), variant=st.sampled_from(VARIANTS))
+def test_table_runs_agree(p, variant):
+    # Every variant: a guest pass must also agree over tables a variant split.
+    run_both(p, variant)
 
 
 @settings(HYP, max_examples=15)
-@given(p=configs(min_pages=2).filter(lambda p: p.vcpus > 1))
-def test_translation_cache_agrees_with_several_vcpus(p):
-    run_both(p, "vanilla")
+@given(p=configs(min_pages=2).filter(lambda p: p.vcpus > 1),
+       variant=st.sampled_from(VARIANTS))
+def test_translation_cache_agrees_with_several_vcpus(p, variant):
+    run_both(p, variant)
 
 
 @settings(HYP, max_examples=200)

@@ -20,6 +20,11 @@ offsets (numba compiles an ``IntEnum`` member as a constant):
 * the walker's stack (``STACK_*``) and ``free_unlinked``'s (``FREE_STACK_*``);
 * the root table pages (``ROOT``).
 
+The entries a two-phase visitor defers (``visitor_api.defer_make``) are rows
+of the ``deferred`` region, sized by the VM to what one
+``kvm_pgtable_stage2_split()`` call can break (no rows for a variant that
+does not defer).
+
 Memslots (:class:`SlotCol`) and vCPU registers (:class:`VcpuReg`) are rows
 in variable regions whose offsets are in ``M`` itself.
 """
@@ -83,6 +88,8 @@ class S(enum.IntEnum):
     SLOTS = enum.auto()
     STAMPS = enum.auto()            # a line's last tick, per line of table memory
     FLAGS_CLEAR = enum.auto()       # walk flags an MMU hook turned off (mmu_api)
+    DEFERRED = enum.auto()          # visitor_api.defer_make's entries: the last region
+    DEFER_FAULT = enum.auto()       # sticky: DEFER_OVERFLOW, or entries a walk never made
 
 
 VARIANT_FLAGS = len(S)
@@ -117,6 +124,7 @@ class W(enum.IntEnum):
     ATTR_SET = enum.auto()        # struct stage2_attr_data
     ATTR_CLR = enum.auto()
     ATTR_LEVEL = enum.auto()      # the level the attr visitor last saw
+    NDEFERRED = enum.auto()       # entries deferred by defer_make in this walk
     SCRATCH = enum.auto()         # visitor_api.scratch(): NSCRATCH (4) integers,
     SCRATCH_LAST = SCRATCH + 3    # up to this one
 
@@ -166,12 +174,31 @@ class VcpuReg(enum.IntEnum):
 
 NREGS = len(VcpuReg)
 
+#: A deferred make's row (``visitor_api.defer_make``): the entry (table page,
+#: index, level) and its new value, until ``make_deferred``.
+DEFER_PFN, DEFER_IDX, DEFER_LEVEL, DEFER_NEW = range(4)
+DEFER_COLS = 4
+#: ``S.DEFER_FAULT`` when a walk deferred more entries than the region holds
+#: (else the number of entries a walk left unmade, 0 when all is well).
+DEFER_OVERFLOW = -1
+
 #: The variable regions of M, in order: (name, the scalar holding its offset,
-#: columns per row).
+#: columns per row). ``deferred`` is last: its rows run to the end of ``M``
+#: (:func:`defer_capacity`), and state comparisons leave it out (walk scratch).
 REGIONS = (("refc", S.REFCOUNT, 1), ("fstack", S.FREE_STACK, 1),
            ("vcache", S.VCPU_CACHE, VCPU_CACHE_CAPACITY), ("vcn", S.VCPU_NOBJS, 1),
            ("vregs", S.VCPU_REGS, NREGS), ("scache", S.SPLIT_CACHE, 1),
-           ("slots", S.SLOTS, NCOL), ("stamps", S.STAMPS, 1))
+           ("slots", S.SLOTS, NCOL), ("stamps", S.STAMPS, 1),
+           ("deferred", S.DEFERRED, DEFER_COLS))
+
+assert REGIONS[-1][0] == "deferred"
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def defer_capacity(M):
+    """Rows of the ``deferred`` region: those up to the end of ``M``."""
+    return (len(M) - M[S.DEFERRED]) // DEFER_COLS
+
 
 #: Memory-cache ids: a vCPU's is its index; these two are not vCPUs.
 MC_NONE = -1

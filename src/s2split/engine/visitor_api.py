@@ -31,7 +31,8 @@ from .entries import _make, _set, _try_break, create_unlinked, free_unlinked
 from .fnptr import C_SIGNATURE
 from .memory import cache_nobjs
 from .pte import make_table, pte_to_phys
-from .state import MC_NONE, MC_SPLIT, NOLV, S, W, count, granule_size
+from .state import (DEFER_COLS, DEFER_IDX, DEFER_LEVEL, DEFER_NEW, DEFER_OVERFLOW, DEFER_PFN,
+                    MC_NONE, MC_SPLIT, NOLV, S, W, count, defer_capacity, granule_size)
 from .tlb import dsb_ishst, flush_vmid, flush_vmid_ipa, flush_vmid_range
 
 #: The fast engine's context of one visit.
@@ -252,6 +253,40 @@ def _scratch(ctx, i):
 @_ctx_overload(api.set_scratch)
 def _set_scratch(ctx, i, value):
     ctx.M[W.SCRATCH + i] = value
+
+
+# -- two-phase changes ----------------------------------------------------------------------
+@_ctx_overload(api.defer_make)
+def _defer_make(ctx, new):
+    # The entry stays as try_break left it (locked, invalid) until
+    # make_deferred; a row past the region is refused, not written: the VM
+    # reports DEFER_OVERFLOW after the call (the reference has no bound). The
+    # rule "only over a broken entry" is checked on the reference engine.
+    M = ctx.M
+    n = M[W.NDEFERRED]
+    if n >= defer_capacity(M):
+        M[S.DEFER_FAULT] = DEFER_OVERFLOW
+        return
+    row = M[S.DEFERRED] + n * DEFER_COLS
+    M[row + DEFER_PFN] = ctx.pfn
+    M[row + DEFER_IDX] = ctx.idx
+    M[row + DEFER_LEVEL] = ctx.level
+    M[row + DEFER_NEW] = new
+    M[W.NDEFERRED] = n + 1
+
+
+@_ctx_overload(api.make_deferred)
+def _make_deferred(ctx):
+    M = ctx.M
+    n = M[W.NDEFERRED]
+    base = M[S.DEFERRED]
+    op = M[W.OP]
+    for i in range(n):
+        row = base + i * DEFER_COLS
+        _make(ctx.T, M, op, M[row + DEFER_PFN], M[row + DEFER_IDX], M[row + DEFER_NEW],
+              M[row + DEFER_LEVEL])
+    M[W.NDEFERRED] = 0
+    return n
 
 
 # -- compiling a user's visitor -------------------------------------------------------------

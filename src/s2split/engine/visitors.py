@@ -200,21 +200,26 @@ def _attr_visitor(T, M, pfn, idx, old, level, visit):
 #: The visitors written once with the visitor API (pgtable/api_visitors.py),
 #: compiled and cached here (their helpers first made callable from compiled code).
 for _fn in (AV.stage2_split_walker, AV.bbml2_split_walker, AV.bbml2_flush_split,
-            AV.wp_split_walker):
+            AV.wp_split_walker, AV.batched_split_walker, AV.batched_flush_make):
     register_helpers(_fn)
 _stage2_split_walker = njit(cache=True, _nrt=False)(AV.stage2_split_walker)
 _wp_split_walker = njit(cache=True, _nrt=False)(AV.wp_split_walker)
 _bbml2_split_walker = njit(cache=True, _nrt=False)(AV.bbml2_split_walker)
 _bbml2_flush_split = njit(cache=True, _nrt=False)(AV.bbml2_flush_split)
+_batched_split_walker = njit(cache=True, _nrt=False)(AV.batched_split_walker)
+_batched_flush_make = njit(cache=True, _nrt=False)(AV.batched_flush_make)
 
 #: The id of the bbml2 variant's split visitor and of its hook.
 BBML2 = 1
 #: The id of the split visitor that write-protects as it splits.
 WP_SPLIT = 2
+#: The id of split-batched-tlbi's split visitor (phase one) and of its hook (phase two).
+BATCHED = 3
 #: Ids of built-in API visitors and hooks at ``VARIANT_VISITORS + op`` /
 #: ``VARIANT_AFTER + op`` (any larger value is a compiled user visitor's address).
-BUILTIN_VISITORS = {AV.bbml2_split_walker: BBML2, AV.wp_split_walker: WP_SPLIT}
-BUILTIN_HOOKS = {AV.bbml2_flush_split: BBML2}
+BUILTIN_VISITORS = {AV.bbml2_split_walker: BBML2, AV.wp_split_walker: WP_SPLIT,
+                    AV.batched_split_walker: BATCHED}
+BUILTIN_HOOKS = {AV.bbml2_flush_split: BBML2, AV.batched_flush_make: BATCHED}
 
 
 def variant_visitor_id(fn) -> int:
@@ -265,6 +270,8 @@ def call_visitor(T, M, pfn, idx, old, level, visit):
             return _bbml2_split_walker(FastCtx(T, M, pfn, idx, old, level, visit))
         if vid == WP_SPLIT:
             return _wp_split_walker(FastCtx(T, M, pfn, idx, old, level, visit))
+        if vid == BATCHED:
+            return _batched_split_walker(FastCtx(T, M, pfn, idx, old, level, visit))
         return call_visitor_ptr(vid, T, M, pfn, idx, old, level, visit)
     if op == C.OP_MAP:
         return _map_visitor(T, M, pfn, idx, old, level, visit)
@@ -287,4 +294,6 @@ def call_after_walk(T, M, op):
         return 0
     if hid == BBML2:
         return _bbml2_flush_split(FastCtx(T, M, -1, -1, 0, NOLV, AFTER_WALK))
+    if hid == BATCHED:
+        return _batched_flush_make(FastCtx(T, M, -1, -1, 0, NOLV, AFTER_WALK))
     return call_visitor_ptr(hid, T, M, -1, -1, 0, NOLV, AFTER_WALK)

@@ -41,9 +41,9 @@ from .mmu import kvm_mmu_wp_memory_region, kvm_stage2_destroy
 from .mmu_hooks import enable_log_dirty, mmu_hook_id, split_memory_region
 from .pte import table_pfn
 from .stage2 import stage2_init, stage2_unmap
-from .state import (BACKING, FIXED, MC_SPLIT, NCOL, NREGS, REGIONS, ROOT, VARIANT_AFTER,
-                    VARIANT_FLAGS, VARIANT_MMU, VARIANT_VISITORS, COUNTERS, S, SlotCol, VcpuReg,
-                    kvm_count)
+from .state import (BACKING, DEFER_OVERFLOW, FIXED, MC_SPLIT, NCOL, NREGS, REGIONS, ROOT,
+                    VARIANT_AFTER, VARIANT_FLAGS, VARIANT_MMU, VARIANT_VISITORS, COUNTERS, S,
+                    SlotCol, VcpuReg, kvm_count)
 from ..pgtable.variants import MMU_HOOKS
 from .visitors import variant_hook_id, variant_visitor_id
 from ..bits import LOCKED
@@ -75,12 +75,21 @@ def require_flag_only(variant: Variant) -> None:
     only the reference engine runs those."""
     if not variant.fast_capable:
         if all(fn in FAST_MMU_HOOKS for fn in variant.mmu.values()):
-            what = "a visitor not written with the visitor API (s2split.pgtable.visitor_api), " \
-                "or uses its reference-only functions (defer_make, make_deferred)"
+            what = "a visitor not written with the visitor API (s2split.pgtable.visitor_api)"
         else:
             what = "a function of the MMU layer with a hook that is not built in"
         raise S2Error(f"variant {variant.name!r} replaces {what}; only the reference engine "
                       "can run it")
+
+
+def deferred_rows(chunk: int, level2_granule: int) -> int:
+    """The most entries one ``kvm_pgtable_stage2_split()`` call can defer:
+    it splits one chunk-aligned window of at most ``chunk`` bytes (chunks are
+    block sizes, so powers of two), and each deferred entry is a distinct
+    block, of level 2 or above, that meets the window -- at most
+    ``chunk / level-2 block`` of them, or the one block holding the window
+    when the chunk is smaller than a level-2 block."""
+    return max(1, chunk // level2_granule)
 
 
 class FastVM(VMBase):
@@ -93,7 +102,7 @@ class FastVM(VMBase):
         super().__init__(geom, features, variant, host_va_bits, kernel)
         g = geom
         self._rows = {"refc": 0, "fstack": 0, "vcache": 1, "vcn": 1, "vregs": 1, "scache": 1,
-                      "slots": 4, "stamps": 0}
+                      "slots": 4, "stamps": 0, "deferred": 0}
         self.M = np.zeros(FIXED, dtype=np.int64)
         self._layout(self._rows)
         M = self.M
@@ -203,6 +212,27 @@ class FastVM(VMBase):
         self.M[S.CHUNK] = size
         self._ensure_rows("scache", KM.kvm_mmu_split_nr_page_tables(self, size) + 1)
         self._grow_tables()
+        self._size_deferred()
+
+    def _size_deferred(self) -> None:
+        """Room for the entries one split call defers, only for a variant
+        that defers (the others keep an empty region)."""
+        if self.variant.defers:
+            self._ensure_rows("deferred",
+                              deferred_rows(self.split_chunk_size, self.geom.granule_size(2)))
+
+    def _check_deferred(self) -> None:
+        """Refuse, after the call, a walk whose two-phase changes went wrong."""
+        fault = int(self.M[S.DEFER_FAULT])
+        if fault == 0:
+            return
+        self.M[S.DEFER_FAULT] = 0
+        if fault == DEFER_OVERFLOW:
+            raise S2Error(f"a walk deferred more than {self._rows['deferred']} entries with "
+                          "defer_make, the most one kvm_pgtable_stage2_split() call can break "
+                          "(defer_make is for the split walk's blocks)")
+        raise S2Error(f"{fault} entries broken with defer_make were never made "
+                      "(call make_deferred in the after-walk hook)")
 
     def enable_cap(self, cap: int, value: int) -> None:
         super().enable_cap(cap, value)
@@ -258,6 +288,7 @@ class FastVM(VMBase):
     def _get_dirty_log(self, slot: Memslot) -> np.ndarray:
         out = np.zeros(slot.nwords, dtype=np.int64)
         kvm_get_dirty_log_protect(self.T, self.M, self.B, self._row(slot), out)
+        self._check_deferred()
         return out.view(np.uint64)  # unsigned words, like the reference's ints
 
     def _clear_dirty_log(self, slot: Memslot, first_page: int, num_pages: int,
@@ -270,6 +301,7 @@ class FastVM(VMBase):
         # A copy: a variant's clear hook gets the cleared bits back in it.
         kvm_clear_dirty_log_protect(self.T, self.M, self.B, self._row(slot), first_page, num_pages,
                                     np.array(user, dtype=np.int64, order="C"))
+        self._check_deferred()
 
     def _vcpu_added(self, vcpu: Vcpu) -> None:
         n = len(self.vcpus)
@@ -289,9 +321,11 @@ class FastVM(VMBase):
 
     def split_memory_region(self, slot: Memslot) -> None:
         split_memory_region(self.T, self.M, self.B, self._row(slot))
+        self._check_deferred()
 
     def enable_log_dirty(self, slot: Memslot) -> None:
         enable_log_dirty(self.T, self.M, self.B, self._row(slot))
+        self._check_deferred()
 
     def split_cache_pages(self) -> int:
         """Pages held in the split cache."""
@@ -312,6 +346,7 @@ class FastVM(VMBase):
             self.M[VARIANT_AFTER + OP[op]] = variant_hook_id(variant.after_walk.get(op))
         for i, name in enumerate(MMU_HOOKS):
             self.M[VARIANT_MMU + i] = mmu_hook_id(name, variant.mmu.get(name))
+        self._size_deferred()
 
     def snapshot(self) -> tuple:
         used = int(self.M[S.NEXT_PAGE])
@@ -332,14 +367,16 @@ class FastVM(VMBase):
          self._slot_row, self._table_bound) = copy.deepcopy(py)
 
     def _state_parts(self, T: np.ndarray, M: np.ndarray, B: np.ndarray) -> tuple:
-        """Everything but the counters, the scratch and the variant flags."""
+        """Everything but the counters, the scratch and the variant flags
+        (and the deferred makes' rows, walk scratch a variant may add)."""
         used = int(M[S.NEXT_PAGE])
-        return T[:used], M[:VARIANT_FLAGS], M[ROOT:], B
+        return T[:used], M[:VARIANT_FLAGS], M[ROOT:int(M[S.DEFERRED])], B
 
     def state_equals(self, snap: tuple) -> bool:
         """True when the live state equals the snapshot's (counters aside)."""
         T, M, B, rows, _ = snap
-        if rows != self._rows or int(M[S.NEXT_PAGE]) != int(self.M[S.NEXT_PAGE]):
+        if {**rows, "deferred": 0} != {**self._rows, "deferred": 0} or \
+                int(M[S.NEXT_PAGE]) != int(self.M[S.NEXT_PAGE]):
             return False
         return all(np.array_equal(a, b) for a, b in
                    zip(self._state_parts(self.T, self.M, self.B), self._state_parts(T, M, B)))

@@ -26,7 +26,7 @@ from .lines import touch, touch_run
 from .pte import is_table, table_pfn
 from .state import (NOLV, ROOT, STACK_IDX, STACK_OLD, STACK_PFN, VARIANT_VISITORS, S, W, count,
                     count_leaf_visit, count_leaf_visits, granule_size, level_shift)
-from .visitors import BBML2, WP_SPLIT, call_after_walk, call_visitor
+from .visitors import BATCHED, BBML2, WP_SPLIT, call_after_walk, call_visitor
 
 LEAF, TABLE_PRE, TABLE_POST, SHARED = WK.LEAF, WK.TABLE_PRE, WK.TABLE_POST, WK.SHARED
 HANDLE_FAULT, RETURN_HINTS, SKIP_LEVEL_BASE = WK.HANDLE_FAULT, WK.RETURN_HINTS, WK.SKIP_LEVEL_BASE
@@ -212,7 +212,7 @@ def walk_table(T, M, pfn, level):
     vid = M[VARIANT_VISITORS + op]
     run = (op == C.OP_WRPROTECT or op == C.OP_SPLIT) and \
         not flags & (TABLE_PRE | TABLE_POST | SHARED | HANDLE_FAULT | RETURN_HINTS) and \
-        (vid == 0 or (op == C.OP_SPLIT and (vid == BBML2 or vid == WP_SPLIT)))
+        (vid == 0 or (op == C.OP_SPLIT and (vid == BBML2 or vid == WP_SPLIT or vid == BATCHED)))
     attr_clr = M[W.ATTR_CLR] if op == C.OP_WRPROTECT and M[W.ATTR_SET] == 0 else 0
     if op == C.OP_SPLIT and vid == WP_SPLIT:
         attr_clr = S2AP_W
@@ -270,6 +270,7 @@ def kvm_pgtable_walk(T, M, op, addr, size, flags):
     M[W.FLAGS] = flags
     M[W.OP] = op
     M[W.BUILT_COMPLETE] = 0
+    M[W.NDEFERRED] = 0
     for i in range(W.SCRATCH, W.SCRATCH_LAST + 1):
         M[i] = 0
     limit = 1 << M[S.IPA_BITS]
@@ -284,4 +285,8 @@ def kvm_pgtable_walk(T, M, op, addr, size, flags):
         ridx += 1
     # A variant's hook: what it deferred to the end of the call (whatever ret).
     call_after_walk(T, M, op)
+    if M[W.NDEFERRED] != 0 and M[S.DEFER_FAULT] == 0:
+        # Entries broken with defer_make and never made: the VM refuses the
+        # run after the call, as the reference does at this point.
+        M[S.DEFER_FAULT] = M[W.NDEFERRED]
     return ret

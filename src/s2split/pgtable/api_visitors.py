@@ -7,7 +7,7 @@ the kernel's split visitor (Linux 6.12); the ``bbml2_*`` pair is the
 ``kvm_pgtable_stage2_split()`` call (``docs/design-notes.md``); the
 ``batched_*`` pair is ``split-batched-tlbi``: a two-phase split that breaks
 every block of one call, invalidates them with one range TLBI, then makes
-them (reference engine only: it uses ``defer_make``).
+them (``defer_make``/``make_deferred``).
 """
 
 from __future__ import annotations

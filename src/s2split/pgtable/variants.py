@@ -37,8 +37,8 @@ Built-in variants (the 2026 "Optimize S2 page splitting" series and its RFC):
     call whose subtree is complete is broken without its TLBI (its make
     deferred), one range TLBI over them all follows the walk, then the
     tables are made. Break-before-make holds on any CPU; the per-block
-    by-IPA TLBIs become one range flush per call. Reference engine only (it
-    uses ``visitor_api.defer_make``, which the fast engine does not have yet).
+    by-IPA TLBIs become one range flush per call. Both engines run it (the
+    fast engine keeps the deferred entries in its state arrays).
 
 Defining a variant takes a few lines::
 
@@ -116,14 +116,26 @@ def is_api_visitor(fn: Callable) -> bool:
 
 _FEATURES = tuple(f.name for f in fields(Features))
 
-#: Visitor API functions only the reference engine has: a variant whose
-#: visitor or hook calls one runs there only.
-REFERENCE_ONLY_API = ("defer_make", "make_deferred")
-
-
-def uses_reference_only_api(fn: Callable) -> bool:
+def calls_defer_make(fn: Callable, _seen: set | None = None) -> bool:
+    """True when ``fn``, or a plain function it calls by name, calls
+    ``visitor_api.defer_make``: the fast engine then keeps room for the
+    entries one walk defers (``engine/state.py``)."""
     code = getattr(fn, "__code__", None)
-    return code is not None and any(n in code.co_names for n in REFERENCE_ONLY_API)
+    if code is None:
+        return False
+    if "defer_make" in code.co_names:
+        return True
+    seen = _seen if _seen is not None else set()
+    seen.add(fn)
+    found = []
+    for n in code.co_names:
+        obj = getattr(fn, "__globals__", {}).get(n)
+        if inspect.ismodule(obj):  # module.function
+            found += [getattr(obj, a, None) for a in code.co_names]
+        else:
+            found.append(obj)
+    return any(inspect.isfunction(f) and f not in seen and calls_defer_make(f, seen)
+               for f in found)
 
 
 @dataclass(frozen=True)
@@ -229,9 +241,14 @@ class Variant:
         """True when the fast engine can run it: its visitors and hooks are
         written with :mod:`s2split.pgtable.visitor_api`."""
         return all(is_api_visitor(fn) for fn in self.visitors.values()) and \
-            all(fn in FAST_MMU_HOOKS for fn in self.mmu.values()) and \
-            not any(uses_reference_only_api(fn)
-                    for fn in (*self.visitors.values(), *self.after_walk.values()))
+            all(fn in FAST_MMU_HOOKS for fn in self.mmu.values())
+
+    @property
+    def defers(self) -> bool:
+        """True when a visitor or hook makes two-phase changes
+        (``visitor_api.defer_make``)."""
+        return any(calls_defer_make(fn)
+                   for fn in (*self.visitors.values(), *self.after_walk.values()))
 
     def check_cpu(self, features: Features) -> None:
         """Refuse a CPU without a feature the variant requires."""
@@ -277,7 +294,7 @@ SKIP_LEVELS_BBML2 = SKIP_LEVELS + BBML2
 SPLIT_BATCHED_TLBI = Variant(
     "split-batched-tlbi",
     "two-phase split: break every block of one kvm_pgtable_stage2_split() call without its "
-    "TLBI, one range TLBI over them, then make them (reference engine only)",
+    "TLBI, one range TLBI over them, then make them",
     walk_flags={"split": SKIP_BBM_TLBI}, visitors={"split": AV.batched_split_walker},
     after_walk={"split": AV.batched_flush_make}, same_maintenance=False)
 

@@ -46,11 +46,14 @@ counted (under the walk's operation):
 * TLB maintenance and barriers: :func:`tlbi_ipa`, :func:`tlbi_range`
   (``kvm_tlb_flush_vmid_range``), :func:`tlbi_vmid`, :func:`dsb_ishst`,
   :func:`dsb_ish`, :func:`isb`;
-* two-phase changes (reference engine only, for now): :func:`defer_make`
+* two-phase changes: :func:`defer_make`
   (after a :func:`try_break`, make the entry later) and
   :func:`make_deferred` (make every deferred entry of the walk, in order):
   break several entries of one walk, invalidate them all with one
-  :func:`tlbi_range`, then make them (the ``split-batched-tlbi`` variant);
+  :func:`tlbi_range`, then make them (the ``split-batched-tlbi`` variant;
+  the fast engine holds as many deferred entries as one
+  ``kvm_pgtable_stage2_split()`` call can break, and refuses a walk that
+  defers more);
 * hints to the walker: the return values above, and
   :func:`built_complete` (``SKIP_NEW_CHILDREN``);
 * per-walk state: :func:`scratch`/:func:`set_scratch`, ``NSCRATCH`` integers
@@ -360,7 +363,7 @@ def set_scratch(ctx, i, value):
     ctx.w.scratch[i] = value
 
 
-# -- two-phase changes (reference engine only) ----------------------------------------
+# -- two-phase changes ------------------------------------------------------------------
 def defer_make(ctx, new):
     """Phase one of a two-phase change: the entry being visited, broken by
     :func:`try_break` (on a walk with ``SKIP_BBM_TLBI``, its TLBI not yet
