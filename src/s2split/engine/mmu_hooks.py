@@ -207,21 +207,29 @@ _enable_split_then_wp = njit(cache=True, _nrt=False)(MV.enable_split_then_wp)
 # the call graph without cycles.
 @njit(cache=True, _nrt=False)
 def _call_split(T, M, B, s, hid, addr, end):
+    """``kvm_mmu_split_huge_pages()`` by its built-in hook (split-once);
+    ``hid`` names the hook, the only one there is for this function."""
     return _split_once(FastMmu(T, M, B, s, addr, end, B[:0]))
 
 
 @njit(cache=True, _nrt=False)
 def _call_masked(T, M, B, s, hid, gfn_offset, mask):
+    """``kvm_arch_mmu_enable_log_dirty_pt_masked()`` by its built-in hook
+    (wp-split-fused); ``hid`` names the hook, the only one there is."""
     return _wp_split_fused(FastMmu(T, M, B, s, gfn_offset, mask, B[:0]))
 
 
 @njit(cache=True, _nrt=False)
 def _call_clear(T, M, B, s, hid, first_word, words):
+    """The word loop of ``kvm_clear_dirty_log_protect()`` by its built-in
+    hook (clear-coalesce); ``hid`` names the hook, the only one there is."""
     return _clear_coalesce(FastMmu(T, M, B, s, first_word, len(words), words))
 
 
 @njit(cache=True, _nrt=False)
 def _call_enable(T, M, B, s, hid):
+    """``kvm_mmu_wp_memory_region()`` + split on enable by its built-in hook
+    (enable-split-then-wp); ``hid`` names the hook, the only one there is."""
     return _enable_split_then_wp(FastMmu(T, M, B, s, 0, 0, B[:0]))
 
 
