@@ -271,6 +271,11 @@ def hierarchy_costs(h: Hierarchy) -> dict[str, float]:
     return dict(zip(HIT_KINDS, h.latency_ns))
 
 
+def format_ms(ns: float) -> str:
+    """An estimate in milliseconds, to 0.1 ms from 10 ms up, to 1 us below."""
+    return f"{ns / 1e6:,.1f} ms" if ns >= 1e7 else f"{ns / 1e6:,.3f} ms"
+
+
 def format_seconds(ns: float) -> str:
     """``S.NNNNNNNNNs`` as the selftest prints times."""
     return phases.format_seconds(int(round(ns)))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from rich.table import Table
 
-from .cost import Profile, format_seconds
+from .cost import Profile, format_ms
 from .counters import HIT_KINDS
 from .counts import Counts
 from .hierarchy import LINE_BYTES
@@ -123,8 +123,8 @@ def mmu_sentences(phase_label: str, base: Counts, other: Counts, profile: Profil
                    "from the root).")
     held0, held1 = lock_held_ns(base, profile), lock_held_ns(other, profile)
     if held0 and held0 != held1:
-        out.append(f"The MMU lock is held {format_seconds(held1)} per ioctl instead of "
-                   f"{format_seconds(held0)} (estimate, profile {profile.name}): the vCPUs' "
+        out.append(f"The MMU lock is held {format_ms(held1)} per ioctl instead of "
+                   f"{format_ms(held0)} (estimate, profile {profile.name}): the vCPUs' "
                    "faults wait that much less.")
     return out
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .cost import format_ms as _ms
 from .counts import Counts, sum_counts
 from .intervals import Interval, saving_interval
 from .reproduce import syscall_phases
@@ -79,10 +80,6 @@ def at_iterations(parts: list[Part], n: int) -> float | None:
     k = (n - 1) / steady.calls
     base = first.vanilla_ns + k * steady.vanilla_ns
     return 100.0 * (base - first.variant_ns - k * steady.variant_ns) / base if base else None
-
-
-def _ms(ns: float) -> str:
-    return f"{ns / 1e6:,.1f} ms" if ns >= 1e7 else f"{ns / 1e6:,.3f} ms"
 
 
 def sentence(scenario: str, iterations: int, parts: list[Part], profile_name: str,
