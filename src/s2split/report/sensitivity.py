@@ -38,7 +38,7 @@ KEY_WORDS = {
     "split:visit_leaf": "the split visitor's cost",
     "wrprotect:visit_leaf": "the write-protect visitor's cost",
     "create_unlinked:visit_leaf": "the cost of the visitor that builds new tables",
-    "read_leaf@3": "the level-3 entry read",
+    "read_leaf@3": "the level-3 entry read's instructions",
     "read_invalid@3": "the level-3 invalid-entry read",
     "read_leaf": "an entry read (levels 0-2)",
     "read_table": "a table-entry read",
@@ -56,6 +56,10 @@ KEY_WORDS = {
     "ioctls": "the ioctl's fixed cost",
     "walks": "a walk's set-up",
     "cache_pages_alloc": "a page allocated into a memory cache",
+    "hit_l1": "an entry read's line in L1",
+    "hit_l2": "an entry read's line in L2",
+    "hit_llc": "an entry read's line in the last-level cache",
+    "hit_dram": "an entry read's line from DRAM",
 }
 
 
