@@ -271,7 +271,7 @@ class Variant:
                        self.cache_differs or other.cache_differs)
 
 
-VANILLA = Variant("vanilla", "Linux 6.12: the split walk visits every entry of its range")
+VANILLA = Variant("vanilla", "the kernel as it is (6.12 to 7.3: the same eager split): the split walk visits every entry of its range")
 SKIP_LEVELS = Variant("skip-levels", "the split walk skips level 3 (SKIP_LEVEL3)",
                       {"split": skip_level(3)})
 SKIP_CHILDREN = Variant("skip-children",
