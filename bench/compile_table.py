@@ -48,7 +48,7 @@ class Listener(ev.Listener):
                         "depth": len(stack)})
 
 ev.register("numba:compile", Listener())
-from s2split.cli import main
+from s2split.cli.parser import main
 t0 = time.perf_counter()
 try:
     code = main(sys.argv[2:])

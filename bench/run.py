@@ -91,8 +91,8 @@ def bench_wrprotect(size: int, runs: int) -> dict:
     import numpy as np
 
     from s2split.engine import get_engine
-    from s2split.modes import parse_mode
-    from s2split.pgtable.variants import get as get_variant
+    from s2split.selftest.modes import parse_mode
+    from s2split.model.pgtable.variants import get as get_variant
     from s2split.engine.state import S
     from s2split.workload import PerfTestParams, phase_steps, memstress_layout
 
@@ -317,7 +317,7 @@ def main() -> int:
     if 1 in only:
         res["variants"] = bench_variants(args.size, args.runs)
     if 2 in only:
-        from s2split.sizes import parse_size
+        from s2split.selftest.sizes import parse_size
         res["wrprotect"] = bench_wrprotect(parse_size(args.size), args.runs)
     if 3 in only:
         res["matrix"] = bench_matrix(args.size, args.runs)

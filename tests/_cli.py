@@ -1,6 +1,6 @@
 """Running the command line in-process, for tests."""
 
-from s2split.cli import main
+from s2split.cli.parser import main
 
 
 def run_cli(argv, capsys):

@@ -11,9 +11,11 @@ run and only name types.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 
@@ -186,3 +188,106 @@ def test_long_module_exemptions_are_still_needed():
         path = PACKAGE.joinpath(*name.split(".")[1:]).with_suffix(".py")
         assert path.exists() and len(path.read_text().splitlines()) > MAX_LINES, \
             f"{name} is gone or short now: drop it from LONG_MODULES"
+
+
+def _layer_folders() -> list[str]:
+    return sorted(p.name for p in PACKAGE.iterdir()
+                  if p.is_dir() and p.name != "__pycache__")
+
+
+def test_the_top_holds_only_the_face_and_main():
+    """Every module lives in a layer folder; only the package's face and
+    ``__main__`` sit at the top, and every folder is a package."""
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__.py", "__main__.py"], top
+    for name in _layer_folders():
+        assert (PACKAGE / name / "__init__.py").is_file(), f"{name}/ is not a package"
+
+
+def _layers_contract() -> list[list[str]]:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (contract,) = [c for c in config["contracts"] if c["id"] == "layers"]
+    assert contract["containers"] == ["s2split"] and contract["exhaustive"]
+    return [[m.strip() for m in layer.replace(":", "|").split("|")]
+            for layer in contract["layers"]]
+
+
+def test_the_layers_contract_reads_like_the_tree():
+    """One layer per folder (two independent folders may share one): the
+    contract names exactly the folders, and the README's tree lists them in
+    the contract's order, top to bottom."""
+    layers = _layers_contract()
+    assert layers[0] == ["__main__"]
+    named = [m for layer in layers[1:] for m in layer]
+    assert sorted(named) == _layer_folders()
+    assert all(len(layer) == 1 for layer in layers if layer != ["selftest", "counting"])
+    readme = (ROOT / "README.md").read_text()
+    tree = readme[readme.index("src/s2split/\n"):]
+    tree = tree[:tree.index("```")]
+    listed = []
+    for line in tree.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in ("├──", "└──") and parts[1].endswith("/"):
+            listed.append(parts[1].rstrip("/"))
+    assert listed == named, listed
+
+
+def _moved() -> dict[str, str]:
+    path = PACKAGE / "plumbing" / "moved.py"
+    spec = importlib.util.spec_from_file_location("_moved_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.MOVED
+
+
+def test_no_code_of_ours_uses_an_old_module_name():
+    """Old names are for users' code: the package, its tests (but the one
+    below) and benchmarks import modules by their place in the tree."""
+    old = _moved()
+    offenders = []
+    for base in ("src", "tests", "bench", "examples"):
+        for path in sorted((ROOT / base).rglob("*.py")):
+            if path.name == "test_architecture.py":
+                continue
+            for node in _imports(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                if not isinstance(node, ast.Import) and node.level:
+                    continue  # relative imports are checked by lint-imports' resolution
+                for n in names:
+                    if any(n == o or n.startswith(o + ".") for o in old):
+                        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {n}")
+    assert not offenders, offenders
+
+
+def test_old_module_names_still_import():
+    """Every module that moved imports by its old name too, as the same
+    module object (one registry of variants), with a DeprecationWarning
+    naming the new place; the README's Python API of earlier releases works."""
+    old = _moved()
+    script = f"""
+import importlib, sys, warnings
+moved = {old!r}
+for o, n in sorted(moved.items()):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        a = importlib.import_module(o)
+    b = importlib.import_module(n)
+    assert a is b, (o, n)
+    assert any(issubclass(x.category, DeprecationWarning) and n in str(x.message) for x in w), o
+# a submodule of a moved package, by the old dotted path and by attribute
+from s2split.pgtable.visitor_api import VisitCtx
+from s2split.model.pgtable.visitor_api import VisitCtx as V2
+assert VisitCtx is V2
+import s2split.pgtable.variants as V
+from s2split.pgtable.walker import skip_level
+from s2split.arch import Geometry
+from s2split.pte import Prot
+from s2split.kvm import mmu_api
+from s2split.workload import PerfTestParams, run_perf_test
+assert V.get("skip-levels") is sys.modules["s2split.model.pgtable.variants"].get("skip-levels")
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

@@ -5,13 +5,13 @@ __invalidate_icache_guest_page())."""
 
 import pytest
 
-from s2split.arch import Geometry
-from s2split.counters import KIND, NKINDS, NOLEVEL, SLOTS
-from s2split.features import Features
-from s2split.pgtable import tlb
-from s2split.pgtable.memory import MemoryCache
-from s2split.pgtable.stage2 import Stage2PageTable
-from s2split.pte import Prot
+from s2split.arm64.arch import Geometry
+from s2split.counting.counters import KIND, NKINDS, NOLEVEL, SLOTS
+from s2split.arm64.features import Features
+from s2split.model.pgtable import tlb
+from s2split.model.pgtable.memory import MemoryCache
+from s2split.model.pgtable.stage2 import Stage2PageTable
+from s2split.arm64.pte import Prot
 
 BARRIERS = ("hyp_call", "dsb_ishst", "dsb_ish", "dsb_nshst", "dsb_nsh", "isb", "tlbi_s1")
 VHE, NVHE = Features(vhe=True), Features(vhe=False)

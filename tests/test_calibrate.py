@@ -4,7 +4,7 @@ reporting what the data cannot determine, and refusing bad input in one line.
 The measurements are generated here from a "truth" profile and the model's
 exact counts; which keys the data determine is derived independently of the
 fitting code: from each key's column (the change of the estimate when only that
-key's cost changes, through :class:`~s2split.cost.Profile`) and ranks.
+key's cost changes, through :class:`~s2split.estimate.cost.Profile`) and ranks.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from s2split.calibrate import params_of
+from s2split.tasks.calibrate import params_of
 
 from _cli import run_cli as cli
-from s2split.cost import Profile, load_profile
-from s2split.pgtable.variants import get as get_variant
+from s2split.estimate.cost import Profile, load_profile
+from s2split.model.pgtable.variants import get as get_variant
 from s2split.workload import run_perf_test
 
 BASE = "server-vhe"
@@ -167,7 +167,7 @@ def test_recovers_known_costs(model, tmp_path, capsys, fmt):
     assert code == 0, err
     res = json.loads(out)
     assert res["profile"] == "fitted"
-    from s2split.counts import Counts
+    from s2split.counting.counts import Counts
     for v in ("vanilla", "skip-levels"):
         for p in res["variants"][v]["phases"]:
             c = Counts.from_dict(p["counts"])
@@ -314,9 +314,9 @@ def test_calibrates_from_hw_measurements_in_the_store(model, tmp_path, capsys):
     # (no perf-test options string), several repetitions per phase. Calibration
     # takes the median of each phase's repetitions, so one wild repetition per
     # phase (here 3x) must not move the fit.
-    from s2split.calibrate import params_of
+    from s2split.tasks.calibrate import params_of
     from s2split.hw.params import HwParams
-    from s2split.store import Store
+    from s2split.storage.store import Store
 
     base, _ = model
     truth = with_costs(base, **TRUTH)
@@ -355,9 +355,9 @@ def test_calibrates_from_hw_measurements_in_the_store(model, tmp_path, capsys):
 def test_store_measurements_run_on_the_hosts_page_size(tmp_path):
     # A 4K guest mode timed on a 16K host kernel: the model must use a 16K
     # stage-2, so the measurement's options say so; on a 4K host they do not.
-    from s2split.calibrate import measurements_from_store
+    from s2split.tasks.calibrate import measurements_from_store
     from s2split.hw.params import HwParams
-    from s2split.store import Store
+    from s2split.storage.store import Store
     hp = HwParams(vcpu_memory_bytes=16 << 20)
     db = tmp_path / "hw.sqlite"
     store = Store.open(db)

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from _cli import run_cli
-from s2split.calibrate_savings import compute_cells, cost_keys, fit_savings
-from s2split.cost import Profile, load_profile
+from s2split.tasks.calibrate_savings import compute_cells, cost_keys, fit_savings
+from s2split.estimate.cost import Profile, load_profile
 from s2split.report.reproduce import outcome_json, savings
-from s2split.reproduce import LocalExecutor, Matrix, reproduce
-from s2split.savings_table import read_savings
-from s2split.store import Store
+from s2split.tasks.reproduce import LocalExecutor, Matrix, reproduce
+from s2split.tasks.savings_table import read_savings
+from s2split.storage.store import Store
 
 SIZE = "1G"  # the fast engine (from 64M) computes each cell in well under a second
 BASE = "server-vhe"
@@ -271,7 +271,7 @@ ROW = "scenario,backing,granule,variant,saved_pct\n"
     ("[{\"scenario\": \"clear\",", [], "not valid JSON"),
     ("[{\"scenario\": \"clear\", \"backing\": \"thp\", \"granule\": \"4K\", "
      "\"variant\": \"skip-levels\", \"saved\": 3}]", [], "unknown field 'saved'"),
-    # read strictly, as every JSON file (s2split.validate): NaN is no JSON number
+    # read strictly, as every JSON file (s2split.plumbing.validate): NaN is no JSON number
     ("[{\"scenario\": \"clear\", \"backing\": \"thp\", \"granule\": \"4K\", "
      "\"variant\": \"skip-levels\", \"saved_pct\": NaN}]", [], "NaN is not a JSON number"),
     (ROW + "clear,regular,avg,skip-levels,20\n", ["--fit", "no_such_counter"],

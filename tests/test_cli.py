@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from s2split.cli import build_parser
+from s2split.cli.parser import build_parser
 
 from _cli import run_cli as run
 
@@ -50,10 +50,10 @@ def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
 
 
 def test_chunk_size_after_memslot_is_rejected():
-    from s2split.arch import Geometry
-    from s2split.errors import KernelError
-    from s2split.kvm.backing import parse_backing
-    from s2split.kvm.vm import VM
+    from s2split.arm64.arch import Geometry
+    from s2split.plumbing.errors import KernelError
+    from s2split.model.kvm.backing import parse_backing
+    from s2split.model.kvm.vm import VM
     vm = VM(Geometry())
     vm.add_memslot(1, 0, 1 << 21, parse_backing("anonymous", 4096))
     with pytest.raises(KernelError, match="before any memslot"):
@@ -133,7 +133,7 @@ def test_perf_test_json_is_consistent(capsys):
 
 
 def test_console_script_entry_point():
-    r = subprocess.run([sys.executable, "-m", "s2split.cli", "geometry", "--granule", "16K"],
+    r = subprocess.run([sys.executable, "-m", "s2split.cli.parser", "geometry", "--granule", "16K"],
                        capture_output=True, text=True)
     assert r.returncode == 0
     assert "16K/40-bit: 2 levels from level 2, 16 root page(s)" in r.stdout
@@ -144,8 +144,8 @@ def test_parser_builds():
 
 
 USER_VARIANT = '''
-from s2split.pgtable.variants import Variant, register
-from s2split.pgtable.walker import skip_level
+from s2split.model.pgtable.variants import Variant, register
+from s2split.model.pgtable.walker import skip_level
 register(Variant("skip-l3-wp", "also skip level 3 when write-protecting",
                  walk_flags={"split": skip_level(3), "wrprotect": skip_level(3)}))
 '''

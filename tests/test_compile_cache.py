@@ -77,15 +77,15 @@ def test_the_hash_covers_every_module_the_kernels_read():
     assert needed <= hashed, sorted(str(p) for p in needed - hashed)
     # The shared rules and the counter layout are among them, explicitly.
     names = {p.relative_to(CC._ROOT).as_posix() for p in hashed}
-    assert {"rules.py", "counters.py", "bits.py", "pgtable/tlb.py", "pgtable/walker.py",
-            "engine/state.py", "engine/rules.py"} <= names
+    assert {"arm64/rules.py", "counting/counters.py", "arm64/bits.py", "model/pgtable/tlb.py",
+            "model/pgtable/walker.py", "engine/state.py", "engine/rules.py"} <= names
 
 
 def test_the_hash_changes_with_any_hashed_source(tmp_path, monkeypatch):
     """Edit a callee's module in a copy of the sources: the hash changes."""
     before = CC._sources_hash()
     sources = CC.compiled_in_sources()
-    target = next(p for p in sources if p.name == "rules.py" and p.parent.name == "s2split")
+    target = next(p for p in sources if p.name == "rules.py" and p.parent.name == "arm64")
     copy = tmp_path / "rules.py"
     copy.write_bytes(target.read_bytes() + b"\n# edited\n")
     monkeypatch.setattr(CC, "compiled_in_sources",
@@ -100,8 +100,8 @@ import json, sys
 import numpy as np
 from numba.core import event as ev
 from s2split.engine import compile_cache as K, get_engine
-from s2split.modes import parse_mode
-from s2split.pgtable.variants import get
+from s2split.selftest.modes import parse_mode
+from s2split.model.pgtable.variants import get
 from s2split.workload import PerfTestParams, run_variants
 
 if sys.argv[1] == "pretend-other-sources":
@@ -191,7 +191,7 @@ def test_a_cold_compile_says_so_and_compiles_everything_first_with_the_right_cou
 
 
 def test_the_note_goes_to_a_terminal_only(capsys, monkeypatch):
-    from s2split import console
+    from s2split.plumbing import console
 
     class Tty:
         def __init__(self, tty):

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from s2split.cost import governing_keys, load_profile
-from s2split.counts import Counts
-from s2split.errors import S2Error
+from s2split.estimate.cost import governing_keys, load_profile
+from s2split.counting.counts import Counts
+from s2split.plumbing.errors import S2Error
 
 
 def test_most_specific_key_prices_a_cell(tmp_path):

@@ -30,16 +30,16 @@ from hypothesis import strategies as st
 
 from _hyp import HYP
 
-from s2split.arch import GRANULES, Geometry
-from s2split.backing_names import ANONYMOUS_HUGETLB_SIZES
+from s2split.arm64.arch import GRANULES, Geometry
+from s2split.selftest.backing_names import ANONYMOUS_HUGETLB_SIZES
 from s2split.engine import get_engine
-from s2split.features import Features
-from s2split.kvm.backing import parse_backing
-from s2split.memstress import INT_MAX
-from s2split.errors import S2Error
-from s2split.modes import MODES, mode_for, parse_mode
-from s2split.pgtable.variants import get as get_variant, names as variant_names
-from s2split.versions import DEFAULT_KERNEL, KERNELS
+from s2split.arm64.features import Features
+from s2split.model.kvm.backing import parse_backing
+from s2split.selftest.memstress import INT_MAX
+from s2split.plumbing.errors import S2Error
+from s2split.selftest.modes import MODES, mode_for, parse_mode
+from s2split.model.pgtable.variants import get as get_variant, names as variant_names
+from s2split.arm64.versions import DEFAULT_KERNEL, KERNELS
 from s2split.workload import PerfTestParams, memstress_layout, run_perf_test, run_variants
 
 MIB = 1 << 20

@@ -30,8 +30,8 @@ from _hyp import HYP
 from test_differential import GIB, MIB, VARIANTS, _p, configs, run_both
 
 from s2split.engine.guest import guest_random_skip as compiled_skip
-from s2split.memstress import INT_MAX, guest_random_skip, guest_random_u32
-from s2split.modes import mode_for
+from s2split.selftest.memstress import INT_MAX, guest_random_skip, guest_random_u32
+from s2split.selftest.modes import mode_for
 
 
 def one_vcpu_in_order(p):

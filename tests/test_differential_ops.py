@@ -41,8 +41,8 @@ from hypothesis import strategies as st
 
 from _hyp import HYP
 
-from s2split import pte as P
-from s2split.arch import Geometry
+from s2split.arm64 import pte as P
+from s2split.arm64.arch import Geometry
 from s2split.engine import get_engine
 from s2split.engine import guest as FGUEST
 from s2split.engine import memory as FMEM
@@ -50,21 +50,21 @@ from s2split.engine import mmu as FMMU
 from s2split.engine import stage2 as FS2
 from s2split.engine import visitors as FVIS
 from s2split.engine.state import MC_NONE, MC_SPLIT, S
-from s2split.kvm.mmu import VCPU_CACHE_CAPACITY
+from s2split.model.kvm.mmu import VCPU_CACHE_CAPACITY
 from s2split.engine.vm import FastVM
-from s2split.errors import KernelError, S2Error
-from s2split.features import Features
-from s2split.kvm import mmu
-from s2split.kvm.backing import parse_backing
-from s2split.pgtable.memory import MemoryCache
-from s2split.pgtable.stage2 import Stage2PageTable
-from s2split.pgtable.variants import get as get_variant, names as variant_names
-from s2split.pgtable.walker import HANDLE_FAULT, SHARED, SKIP_BBM_TLBI, SKIP_CMO
-from s2split.pte import Prot
-from s2split.uapi import (KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+from s2split.plumbing.errors import KernelError, S2Error
+from s2split.arm64.features import Features
+from s2split.model.kvm import mmu
+from s2split.model.kvm.backing import parse_backing
+from s2split.model.pgtable.memory import MemoryCache
+from s2split.model.pgtable.stage2 import Stage2PageTable
+from s2split.model.pgtable.variants import get as get_variant, names as variant_names
+from s2split.model.pgtable.walker import HANDLE_FAULT, SHARED, SKIP_BBM_TLBI, SKIP_CMO
+from s2split.arm64.pte import Prot
+from s2split.arm64.uapi import (KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                           KVM_DIRTY_LOG_MANUAL_CAPS, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
                           KVM_MEM_LOG_DIRTY_PAGES)
-from s2split.versions import DEFAULT_KERNEL, KERNELS, kernel_rules
+from s2split.arm64.versions import DEFAULT_KERNEL, KERNELS, kernel_rules
 
 U64 = (1 << 64) - 1
 MAX_ROWS = 40  # differing counters shown in a failure

@@ -7,8 +7,8 @@ import inspect
 from numba.core.dispatcher import Dispatcher
 
 from s2split.engine import compile_cache, entries, stage2, visitors, walker
-from s2split.pgtable import stage2 as ref_stage2
-from s2split.pgtable import walker as ref_walker
+from s2split.model.pgtable import stage2 as ref_stage2
+from s2split.model.pgtable import walker as ref_walker
 
 #: Fast-engine functions with no reference function of the same name, and why.
 NO_COUNTERPART = {

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from s2split.cli import main
-from s2split.fidelity import check_fixture
+from s2split.cli.parser import main
+from s2split.tasks.fidelity import check_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 # The fixtures shipped with the project, plus any newer ones in the shared

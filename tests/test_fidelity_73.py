@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from s2split.cli import main
-from s2split.fidelity import check_fixture, describe_fixture, load_fixture
+from s2split.cli.parser import main
+from s2split.tasks.fidelity import check_fixture, describe_fixture, load_fixture
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real-kernel-7.3"
 FIXTURES = sorted(SHARED.glob("*.json"))

@@ -6,10 +6,10 @@ model's own counts, then changed the way a real kernel could differ."""
 import copy
 import json
 
-from s2split.cli import main
-from s2split.fidelity import FIXTURE_FORMAT, check_fixture, params_from_command
-from s2split.kernel_counters import kernel_counts
-from s2split.pgtable.variants import get
+from s2split.cli.parser import main
+from s2split.tasks.fidelity import FIXTURE_FORMAT, check_fixture, params_from_command
+from s2split.counting.kernel_counters import kernel_counts
+from s2split.model.pgtable.variants import get
 from s2split.workload import run_perf_test
 
 SMALL = "dirty_log_perf_test -v 2 -b 1M -s anonymous -i 2 -m 6 -k 2M -g"

@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from s2split.cli import main
+from s2split.cli.parser import main
 from s2split.hw import record as R
 
 
@@ -337,15 +337,15 @@ def test_output_is_required_and_db_refused(capsys, tmp_path):
 
 
 def test_fixture_format_matches_fidelity():
-    from s2split.fidelity import FIXTURE_FORMAT
+    from s2split.tasks.fidelity import FIXTURE_FORMAT
     assert R.FIXTURE_FORMAT == FIXTURE_FORMAT
 
 
 def test_selftest_command_reads_back():
     # the command the recorder writes is what fidelity parses into the same run
-    from s2split.fidelity import params_from_command
+    from s2split.tasks.fidelity import params_from_command
     from s2split.hw.params import HwParams
-    from s2split.modes import MODES
+    from s2split.selftest.modes import MODES
     p = HwParams(vcpu_memory_bytes=1 << 20, vcpus=2, partition=False, manual_protect=False,
                  chunk_size=2 << 20, write_percent=50, random_access=True, seed=3,
                  mode=MODES[6])

@@ -7,12 +7,12 @@ full subtree.
 
 import pytest
 
-from s2split.arch import Geometry
-from s2split.errors import ENOMEM
-from s2split.pgtable.memory import MemoryCache
-from s2split.pgtable.stage2 import Stage2PageTable
-from s2split.pgtable.variants import get
-from s2split.pte import Prot
+from s2split.arm64.arch import Geometry
+from s2split.plumbing.errors import ENOMEM
+from s2split.model.pgtable.memory import MemoryCache
+from s2split.model.pgtable.stage2 import Stage2PageTable
+from s2split.model.pgtable.variants import get
+from s2split.arm64.pte import Prot
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 PA = 1 << 44  # guest memory PA base, aligned to every block size

@@ -33,8 +33,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from s2split.cli import main
-from s2split.pgtable import variants as V
+from s2split.cli.parser import main
+from s2split.model.pgtable import variants as V
 
 from _cli import one_line
 
@@ -361,7 +361,7 @@ RAISES = st.sampled_from([
 def test_hostile_variant_files(tmp_path, capsys, stmt, n):
     d = fresh_dir(tmp_path)
     f = d / f"v:{n}.py"  # a ':' in the path too
-    f.write_text("from s2split.pgtable.variants import Variant, register\n"
+    f.write_text("from s2split.model.pgtable.variants import Variant, register\n"
                  "class Custom(BaseException):\n    pass\n"
                  "class KeyboardInterrupt_(KeyboardInterrupt):\n    pass\n"
                  "def f():\n    return f()\n" + stmt.format(n=n) + "\n")

@@ -165,7 +165,7 @@ def test_fidelity_record_under_emulation(emulated, tmp_path):
     then ``fidelity`` on the fixtures it wrote: the model matches the real
     kernel -- exactly, and within the derived bounds where two vCPUs write the
     same pages -- and the recorder left nothing behind in tracefs."""
-    from s2split.fidelity import check_fixture
+    from s2split.tasks.fidelity import check_fixture
     from s2split.hw.record import PROBES
 
     records = emulated["records"]

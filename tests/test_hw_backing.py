@@ -15,10 +15,10 @@ import sqlite3
 import pytest
 
 from _cli import one_line, run_cli
-from s2split.errors import S2Error
+from s2split.plumbing.errors import S2Error
 from s2split.hw.backing_check import (coverage, damon_stat_on, host_settings, parse_smaps,
                                       refusal)
-from s2split.store import SCHEMA_VERSION, Store
+from s2split.storage.store import SCHEMA_VERSION, Store
 
 MIB = 1 << 20
 BASE = 0x7f0000000000

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from s2split.cli import main
-from s2split.errors import S2Error
+from s2split.cli.parser import main
+from s2split.plumbing.errors import S2Error
 from s2split.hw.compare import compare_measurements, holm, sample_stats
 
 KEY = "-m 6 -b 8M -s anonymous"
@@ -157,7 +157,7 @@ def test_model_estimates_side_by_side():
 
 
 def store_with(tmp_path, *row_sets):
-    from s2split.store import Store
+    from s2split.storage.store import Store
     db = tmp_path / "r.sqlite"
     s = Store.open(db)
     for r in row_sets:

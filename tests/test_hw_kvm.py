@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from s2split.errors import S2Error
+from s2split.plumbing.errors import S2Error
 from s2split.hw import guest as G
 from s2split.hw.harness import phase_names, run_config
-from s2split.uapi import KVM_MEM_LOG_DIRTY_PAGES
+from s2split.arm64.uapi import KVM_MEM_LOG_DIRTY_PAGES
 from s2split.hw.kvm import (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, Kvm,
                             KvmError, bitmap_pages, host_arch)
 from s2split.hw.machine import CODE_GPA, Machine
 from s2split.hw.params import HwParams, memstress_layout
 from s2split.hw.selftest import import_rows, parse_output
-from s2split.modes import parse_mode
+from s2split.selftest.modes import parse_mode
 
 from _guest_writes import written_pages
 
@@ -230,7 +230,7 @@ def test_harness_verifies_every_bitmap(kw):
 
 def test_harness_bitmap_matches_the_model():
     """The last GET on real KVM equals the model's last GET, bit for bit."""
-    from s2split.pgtable.variants import VANILLA
+    from s2split.model.pgtable.variants import VANILLA
     from s2split.workload import PerfTestParams, run_perf_test
 
     kw = dict(vcpu_memory_bytes=4 * MIB, vcpus=2, write_percent=35, random_access=True,
@@ -353,7 +353,7 @@ def test_hw_run_needs_no_numpy(tmp_path):
 
 
 def test_hw_run_into_the_store_then_import_json(tmp_path):
-    from s2split.store import Store
+    from s2split.storage.store import Store
     db = tmp_path / "r.sqlite"
     proc = run_cli("run", "-b", "2M", "-g", "--db", str(db), "--label", "k2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from s2split.errors import S2Error
+from s2split.plumbing.errors import S2Error
 from s2split.hw import guest as G
 from s2split.hw.params import HwParams, memstress_layout
-from s2split.kvm.backing import parse_backing
-from s2split.modes import MODES
+from s2split.model.kvm.backing import parse_backing
+from s2split.selftest.modes import MODES
 from s2split.workload import PerfTestParams, memstress_layout as model_layout
 
 MIB = 1 << 20
@@ -55,7 +55,7 @@ class FakeVcpu:
 def test_access_pattern_is_the_models(seed, pages, wp, random_access):
     """guest_pass (what the harness checks the real guest against) makes the
     accesses of the model's memstress_pass, pass after pass."""
-    from s2split.memstress import memstress_pass
+    from s2split.selftest.memstress import memstress_pass
 
     class Vm:
         guest_page_size = 4096
@@ -94,7 +94,7 @@ def test_vcpu_seeds_follow_upstream():
 
 
 def test_config_round_trip_and_key():
-    from s2split.modes import parse_mode
+    from s2split.selftest.modes import parse_mode
     p = HwParams(vcpu_memory_bytes=64 * MIB, vcpus=2, backing="anonymous_thp",
                  manual_protect=False, iterations=3, mode=parse_mode(7), slots=2,
                  write_percent=40, random_access=True, partition=False, seed=5,
@@ -114,7 +114,7 @@ def test_config_round_trip_and_key():
 
 
 def test_hw_run_has_perf_tests_upstream_options():
-    from s2split.options import add_perf_test_options
+    from s2split.selftest.options import add_perf_test_options
     from s2split.hw.cli import add_run_options
 
     def upstream(p):
@@ -137,7 +137,7 @@ def test_hw_run_has_perf_tests_upstream_options():
 
 def test_default_db_is_the_stores():
     from s2split.hw.cli import DEFAULT_DB
-    from s2split.store import DEFAULT_DB as STORE_DEFAULT
+    from s2split.storage.store import DEFAULT_DB as STORE_DEFAULT
     assert DEFAULT_DB == STORE_DEFAULT
 
 
@@ -146,10 +146,10 @@ def test_features_are_a_core_module():
     the stage-2 model must not import s2split.hw to learn what FWB is."""
     import pickle
 
-    from s2split.features import Features
+    from s2split.arm64.features import Features
     f = Features.parse("-fwb")
     assert f.fwb is False and pickle.loads(pickle.dumps(f)) == f
-    assert Features.__module__ == "s2split.features"
+    assert Features.__module__ == "s2split.arm64.features"
 
 
 # -- the guest machine code -------------------------------------------------------------------

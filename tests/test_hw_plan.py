@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from s2split.arch import pmd_size, size_name
-from s2split.cli import main
+from s2split.arm64.arch import pmd_size, size_name
+from s2split.cli.parser import main
 from s2split.report.plan import PlanOptions, repetitions
 
 

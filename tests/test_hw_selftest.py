@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from s2split.cli import main
-from s2split.errors import S2Error
+from s2split.cli.parser import main
+from s2split.plumbing.errors import S2Error
 from s2split.hw.selftest import import_rows, mode_from_string, parse_output
 
 DATA = Path(__file__).resolve().parent / "hw" / "data"
@@ -136,7 +136,7 @@ def test_not_selftest_output():
 
 
 def test_cli_import_into_the_store(tmp_path, capsys):
-    from s2split.store import Store
+    from s2split.storage.store import Store
     db = tmp_path / "r.sqlite"
     files = [str(DATA / "v6.12-arm64-thp-3modes.txt"),
              str(DATA / "v6.12-kselftest-assertion-failure.txt")]
@@ -170,7 +170,7 @@ def test_patched_selftest_chunk_size_gives_hw_runs_key():
     sets the chunk size, so the import has the key 'hw run --chunk-size'
     stores; -k in --args must agree with it."""
     from s2split.hw.params import HwParams
-    from s2split.modes import parse_mode
+    from s2split.selftest.modes import parse_mode
     text = (DATA / "v6.12-arm64-thp-3modes.txt").read_text().replace(
         "Testing guest mode: PA-bits:40,  VA-bits:48,  4K pages\n",
         "Testing guest mode: PA-bits:40,  VA-bits:48,  4K pages\n"

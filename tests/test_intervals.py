@@ -17,9 +17,9 @@ import pytest
 from scipy.optimize import linprog
 
 from _cli import one_line, run_cli
-from s2split.cost import load_profile
-from s2split.intervals import fmt_interval, interval_of, mean_interval, ratio_extremes
-from s2split.store import Store
+from s2split.estimate.cost import load_profile
+from s2split.estimate.intervals import fmt_interval, interval_of, mean_interval, ratio_extremes
+from s2split.storage.store import Store
 
 SMALL = ["--size", "64M", "--granule", "4K,16K", "--backing", "thp", "--workers", "1",
          "--no-progress"]
@@ -109,7 +109,7 @@ def few(tmp_path_factory):
     db = str(d / "r.sqlite")
     ranged = _profile_file(d, RANGED)
     code_out = {}
-    from s2split.cli import main
+    from s2split.cli.parser import main
     import contextlib
     import io
     for key, prof, extra in (("ranged", ranged, []), ("plain", _profile_file(d, None, "plain"),
@@ -193,7 +193,7 @@ def test_parts_add_up_to_the_total_and_extrapolate_to_more_iterations(few):
     """The parts' points sum to the total saving; their vanilla times to the
     total's. Extrapolated from -i 2, the total at -i 3 is the -i 3 run's (its
     third CLEAR repeats the second, which the run checks)."""
-    from s2split.per_iteration import Part, at_iterations
+    from s2split.tasks.per_iteration import Part, at_iterations
     for row in few["ranged"]["rows"]:
         if row["variant"] == "vanilla":
             continue
@@ -245,7 +245,7 @@ def test_bad_ranges_are_one_line_errors(tmp_path, capsys, ranges, prov, needle):
 
 
 def test_shipped_profiles_range_and_explain_every_key(tmp_path):
-    from s2split.cost import builtin_profiles
+    from s2split.estimate.cost import builtin_profiles
     for name in builtin_profiles():
         p = load_profile(name)
         assert set(p.provenance_by_key) == set(p.unit_costs_ns), name

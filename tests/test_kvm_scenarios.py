@@ -7,12 +7,12 @@ the reference engine stays quick.
 
 import pytest
 
-from s2split.arch import Geometry
-from s2split.errors import KernelError, S2Error
-from s2split.kvm.backing import parse_backing
-from s2split.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
-from s2split.kvm.vm import KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES, VM
-from s2split.pgtable.variants import get
+from s2split.arm64.arch import Geometry
+from s2split.plumbing.errors import KernelError, S2Error
+from s2split.model.kvm.backing import parse_backing
+from s2split.model.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
+from s2split.model.kvm.vm import KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES, VM
+from s2split.model.pgtable.variants import get
 
 MIB, GIB = 1 << 20, 1 << 30
 G4 = Geometry(4096, 40)

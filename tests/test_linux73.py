@@ -1,4 +1,4 @@
-"""Linux 7.3 and the kernel-rules table (versions.py): one test per rule that
+"""Linux 7.3 and the kernel-rules table (arm64/versions.py): one test per rule that
 differs between the modelled kernels, the AC04_CPU_23 erratum, the selftest's
 teardown and mode numbering, and fidelity's reading of kernel_release."""
 
@@ -7,14 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from s2split.counters import KIND, NKINDS, NOLEVEL, SLOTS
-from s2split.errors import EAGAIN, S2Error
-from s2split.features import Features
-from s2split.kernel_counters import kernel_counts
-from s2split.modes import parse_mode
-from s2split.pgtable import tlb
-from s2split.pgtable.variants import VANILLA
-from s2split.versions import (DEFAULT_KERNEL, KERNELS, kernel_for_release, kernel_rules,
+from s2split.counting.counters import KIND, NKINDS, NOLEVEL, SLOTS
+from s2split.plumbing.errors import EAGAIN, S2Error
+from s2split.arm64.features import Features
+from s2split.counting.kernel_counters import kernel_counts
+from s2split.selftest.modes import parse_mode
+from s2split.model.pgtable import tlb
+from s2split.model.pgtable.variants import VANILLA
+from s2split.arm64.versions import (DEFAULT_KERNEL, KERNELS, kernel_for_release, kernel_rules,
                               nearest_kernel)
 from s2split.workload import PerfTestParams, run_perf_test
 
@@ -129,7 +129,7 @@ def test_erratum_is_a_cpu_feature_spelled_with_dashes():
 
 
 def test_ampereone_profile():
-    from s2split.cost import load_profile
+    from s2split.estimate.cost import load_profile
     f = load_profile("ampereone").features
     assert f.ampere_ac04_cpu_23 and f.bbml2 and f.vhe and f.fwb and f.tlbirange
 
@@ -179,7 +179,7 @@ MARK = 1 << 30  # KVM_PGTABLE_WALK_IGNORE_EAGAIN, as a test-only walk flag
 def _ignore_eagain(monkeypatch, mark_wrprotect=True):
     """The 7.x rule, literally: -EAGAIN stops every walk without the flag,
     and only kvm_pgtable_stage2_wrprotect() sets it."""
-    from s2split.pgtable import stage2, walker
+    from s2split.model.pgtable import stage2, walker
 
     def cont(flags, ret):
         if ret == -EAGAIN:
@@ -212,10 +212,10 @@ def test_ignore_eagain_rule_changes_no_count(monkeypatch, backing, manual, wp):
 def test_ignore_eagain_rule_would_matter_for_an_unflagged_wrprotect(monkeypatch):
     # The wrong rule (write-protect walk without the flag) stops at the first
     # invalid entry: a hole in front of a mapped page leaves it writable.
-    from s2split.arch import Geometry
-    from s2split.pgtable.memory import MemoryCache
-    from s2split.pgtable.stage2 import Stage2PageTable
-    from s2split.pte import Prot
+    from s2split.arm64.arch import Geometry
+    from s2split.model.pgtable.memory import MemoryCache
+    from s2split.model.pgtable.stage2 import Stage2PageTable
+    from s2split.arm64.pte import Prot
 
     def visits(mark):
         pgt = Stage2PageTable(Geometry(4096, 40), Features(), kernel="7.3")

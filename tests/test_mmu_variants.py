@@ -1,18 +1,18 @@
-"""Variants above the walker: MMU-layer hooks written once (kvm/mmu_api.py),
+"""Variants above the walker: MMU-layer hooks written once (model/kvm/mmu_api.py),
 the four built-in variants on both engines, and the check that holds them to
-what matters (mmu_check.py) -- with wrong hooks it must catch."""
+what matters (tasks/mmu_check.py) -- with wrong hooks it must catch."""
 
 from __future__ import annotations
 
 import pytest
 
-from s2split.arch import Geometry
-from s2split.errors import S2Error
-from s2split.kvm import mmu_api as api
-from s2split.kvm.backing import parse_backing
-from s2split.mmu_check import check_mmu, check_mmu_variant
-from s2split.pgtable.variants import VANILLA, Variant, get
-from s2split.uapi import (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_CAPS,
+from s2split.arm64.arch import Geometry
+from s2split.plumbing.errors import S2Error
+from s2split.model.kvm import mmu_api as api
+from s2split.model.kvm.backing import parse_backing
+from s2split.tasks.mmu_check import check_mmu, check_mmu_variant
+from s2split.model.pgtable.variants import VANILLA, Variant, get
+from s2split.arm64.uapi import (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_CAPS,
                           KVM_MEM_LOG_DIRTY_PAGES)
 
 MIB = 1 << 20
@@ -134,7 +134,7 @@ def test_builtin_passes_the_check_on_both_engines(name):
 
 
 def test_each_builtin_says_its_kernel_change_in_a_docstring():
-    from s2split.kvm import mmu_variants as MV
+    from s2split.model.kvm import mmu_variants as MV
     for fn in (MV.clear_coalesce, MV.wp_split_fused, MV.split_once, MV.enable_split_then_wp):
         assert fn.__doc__ and fn.__doc__.split(".")[0].strip()
     for name in BUILTINS:

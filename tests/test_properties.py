@@ -27,17 +27,18 @@ from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
 
-from s2split import errors, pte as P
-from s2split.arch import Geometry
-from s2split.counters import KIND
-from s2split.errors import S2Error
-from s2split.features import Features
-from s2split.pgtable import variants
-from s2split.variant_check import INVARIANT_KINDS, random_ops
-from s2split.pgtable.memory import MemoryCache
-from s2split.pgtable.stage2 import Stage2PageTable
-from s2split.pgtable.walker import HANDLE_FAULT, SHARED
-from s2split.pte import Prot
+from s2split.plumbing import errors
+from s2split.arm64 import pte as P
+from s2split.arm64.arch import Geometry
+from s2split.counting.counters import KIND
+from s2split.plumbing.errors import S2Error
+from s2split.arm64.features import Features
+from s2split.model.pgtable import variants
+from s2split.tasks.variant_check import INVARIANT_KINDS, random_ops
+from s2split.model.pgtable.memory import MemoryCache
+from s2split.model.pgtable.stage2 import Stage2PageTable
+from s2split.model.pgtable.walker import HANDLE_FAULT, SHARED
+from s2split.arm64.pte import Prot
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 

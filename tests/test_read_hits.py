@@ -1,7 +1,7 @@
-"""Where entry reads hit (``hit_l1`` .. ``hit_dram``, s2split.hierarchy).
+"""Where entry reads hit (``hit_l1`` .. ``hit_dram``, s2split.arm64.hierarchy).
 
 The engines classify each entry read with a line clock
-(:func:`s2split.rules.hit_class`): the ticks since a line's last touch, one
+(:func:`s2split.arm64.rules.hit_class`): the ticks since a line's last touch, one
 per touch of a line other than the one touched last. That counts the touches
 of other lines in between, which is the LRU reuse distance when no line
 repeats in between and an upper bound on it otherwise. Here it is checked
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import pytest
 
-from s2split.counters import HIT_KINDS, OPS
+from s2split.counting.counters import HIT_KINDS, OPS
 from s2split.engine import get_engine
-from s2split.pgtable.variants import get as get_variant
+from s2split.model.pgtable.variants import get as get_variant
 from s2split.workload import PerfTestParams, run_perf_test
 
 MIB = 1 << 20
@@ -74,7 +74,7 @@ class SmallCaches:
 
 
 def params(size: int, backing: str, granule: int = 4096, **kw) -> PerfTestParams:
-    from s2split.modes import mode_for
+    from s2split.selftest.modes import mode_for
     return PerfTestParams(vcpu_memory_bytes=size, backing=backing,
                           mode=mode_for(granule, 40), **kw)
 
@@ -256,9 +256,9 @@ def _profile(tmp_path, **extra) -> str:
 def test_a_read_is_priced_once_for_its_instructions_and_once_for_where_it_hits():
     import numpy as np
 
-    from s2split.cost import load_profile
-    from s2split.counters import KIND, OP, slot
-    from s2split.counts import Counts
+    from s2split.estimate.cost import load_profile
+    from s2split.counting.counters import KIND, OP, slot
+    from s2split.counting.counts import Counts
     prof = load_profile("server-vhe")
     arr = np.zeros_like(prof.array, dtype=np.int64)
     arr[OP["split"], KIND["read_leaf"], slot(3)] = 8  # one line: 1 DRAM read, 7 in L1
@@ -274,7 +274,7 @@ def test_a_read_is_priced_once_for_its_instructions_and_once_for_where_it_hits()
 
 
 def test_memory_hierarchy_latencies_price_the_classes_and_keys_override(tmp_path):
-    from s2split.cost import load_profile
+    from s2split.estimate.cost import load_profile
     p = load_profile(_profile(tmp_path, memory_hierarchy={"dram": {"latency_ns": 80}},
                               unit_costs_ns={"hit_llc": 7}))
     assert p.unit_cost("split", "hit_dram", 3) == 80

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 
 import s2split
-from s2split.errors import EINVAL, KernelError, S2Error
+from s2split.plumbing.errors import EINVAL, KernelError, S2Error
 from s2split.hw.kvm import KvmError
 from s2split.hw.record import Terminated
-from s2split.output import write_atomic
-from s2split.workers import Pool, WorkerError
+from s2split.plumbing.output import write_atomic
+from s2split.plumbing.workers import Pool, WorkerError
 
 from _cli import one_line, run_cli as cli
 
@@ -43,7 +43,7 @@ def s2split_run(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 
-from s2split.pgtable.visitor_api import VisitorRuleError  # noqa: E402
+from s2split.model.pgtable.visitor_api import VisitorRuleError  # noqa: E402
 
 
 # -- 1. every exception class survives pickling (the process boundary) ----------------------
@@ -216,8 +216,8 @@ def test_ctrl_c_to_the_main_process_alone_stops_the_workers(tmp_path):
 
 STORE_FAILS = textwrap.dedent("""
     import sys
-    from s2split.errors import S2Error
-    from s2split.store import Store
+    from s2split.plumbing.errors import S2Error
+    from s2split.storage.store import Store
     calls = []
     real = Store.add_cell
     def add_cell(self, *a, **kw):
@@ -226,7 +226,7 @@ STORE_FAILS = textwrap.dedent("""
             raise S2Error(f"{self.path}: database error: disk I/O error")
         return real(self, *a, **kw)
     Store.add_cell = add_cell
-    from s2split.cli import main
+    from s2split.cli.parser import main
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -306,7 +306,7 @@ def test_a_fifo_is_written_in_place_not_replaced(tmp_path, capsys):
 
 
 def test_export_to_a_fifo(tmp_path, capsys):
-    from s2split.store import Store
+    from s2split.storage.store import Store
     db = tmp_path / "r.sqlite"
     Store.open(db).close()
     fifo = tmp_path / "pipe"
@@ -324,7 +324,7 @@ def test_missing_directory_is_an_error_and_nothing_is_created(tmp_path, capsys):
     with pytest.raises(S2Error, match="does not exist"):
         write_atomic(tmp_path / "no" / "such" / "x.json", "x")
     assert list(tmp_path.iterdir()) == []
-    from s2split.store import Store
+    from s2split.storage.store import Store
     db = tmp_path / "r.sqlite"
     Store.open(db).close()
     code, _, err = cli(["export", "--db", str(db), "-o", str(tmp_path / "nodir" / "x.json")],
@@ -408,7 +408,7 @@ def test_hw_compare_does_not_create_a_database(tmp_path, capsys):
 
 
 def test_show_unknown_variant_is_an_error(tmp_path, capsys):
-    from s2split.store import Store
+    from s2split.storage.store import Store
     db = tmp_path / "r.sqlite"
     Store.open(db).close()
     code, out, err = cli(["show", "--db", str(db), "--variant", "nonexistent"], capsys)

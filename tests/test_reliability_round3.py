@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 import s2split
-from s2split import store as store_mod
-from s2split.cli import main
-from s2split.errors import S2Error
-from s2split.pgtable import variants as V
-from s2split.store import Store
+from s2split.storage import store as store_mod
+from s2split.cli.parser import main
+from s2split.plumbing.errors import S2Error
+from s2split.model.pgtable import variants as V
+from s2split.storage.store import Store
 
 from _cli import one_line, run_cli as cli
 
@@ -272,7 +272,7 @@ def test_input_size_limit_is_documented_and_overridable(tmp_path, capsys, monkey
 
 
 def test_profile_inheritance_depth_is_bounded(tmp_path, capsys):
-    from s2split.cost import MAX_INHERITANCE_DEPTH
+    from s2split.estimate.cost import MAX_INHERITANCE_DEPTH
     n = 3 * MAX_INHERITANCE_DEPTH  # without the limit: a RecursionError long before 1000
     (tmp_path / "c0.json").write_text(json.dumps({"format": "s2split-profile/1",
                                                   "name": "c0", "inherits": "server-vhe"}))
@@ -282,7 +282,7 @@ def test_profile_inheritance_depth_is_bounded(tmp_path, capsys):
     refused(cli(["perf-test", "-b", "4M", "--profile", str(tmp_path / f"c{n}.json")], capsys),
             f"more than {MAX_INHERITANCE_DEPTH} profiles")
     # a chain within the limit still loads
-    from s2split.cost import load_profile
+    from s2split.estimate.cost import load_profile
     assert load_profile(str(tmp_path / f"c{MAX_INHERITANCE_DEPTH - 2}.json")).name == \
         f"c{MAX_INHERITANCE_DEPTH - 2}"
 
@@ -311,8 +311,8 @@ def test_numeric_options_have_ranges(capsys, argv, needle):
 
 
 def test_perf_test_iterations_bound_matches_reproduce():
-    from s2split.memstress import INT_MAX
-    from s2split.options import int_arg
+    from s2split.selftest.memstress import INT_MAX
+    from s2split.selftest.options import int_arg
     assert INT_MAX == (1 << 31) - 1  # the selftest's -i is an int
     int_arg("-i", None, INT_MAX)(str(INT_MAX))
 
@@ -358,7 +358,7 @@ def test_huge_measured_times_are_refused(tmp_path, capsys):
      "a resource limit"),
 ])
 def test_the_boundary_turns_faults_into_one_line(monkeypatch, capsys, exc, code, needle):
-    import s2split.cli as cli_mod
+    import s2split.cli.parser as cli_mod
 
     def boom(args):
         raise exc
@@ -369,7 +369,7 @@ def test_the_boundary_turns_faults_into_one_line(monkeypatch, capsys, exc, code,
 
 
 def test_the_boundary_is_installed_before_argument_parsing(monkeypatch, capsys):
-    import s2split.cli as cli_mod
+    import s2split.cli.parser as cli_mod
 
     def boom():
         raise MemoryError
@@ -381,7 +381,7 @@ def test_the_boundary_is_installed_before_argument_parsing(monkeypatch, capsys):
 
 def test_a_real_bug_still_shows_its_traceback(monkeypatch):
     """The boundary is for faults of the environment and input, not for bugs."""
-    import s2split.cli as cli_mod
+    import s2split.cli.parser as cli_mod
 
     def bug(args):
         raise ZeroDivisionError("a bug")
@@ -412,7 +412,7 @@ def test_ctrl_c_while_importing_is_one_line(monkeypatch, capsys):
     class Interrupting(types.ModuleType):
         def __getattr__(self, name):
             raise KeyboardInterrupt
-    monkeypatch.setitem(sys.modules, "s2split.cli", Interrupting("s2split.cli"))
+    monkeypatch.setitem(sys.modules, "s2split.cli.parser", Interrupting("s2split.cli.parser"))
     with pytest.raises(SystemExit) as e:
         entry_mod.entry()
     assert e.value.code == 130
@@ -437,13 +437,13 @@ def test_early_ctrl_c_never_prints_a_traceback(delay):
 
 _SLOW_WRITE = """
 import os, sys, time
-import s2split.output as out
+import s2split.plumbing.output as out
 real_fsync = os.fsync
 def slow(fd):
     print("writing", flush=True)
     time.sleep(60)
 out.os.fsync = slow
-from s2split.cli import main
+from s2split.cli.parser import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -506,7 +506,7 @@ def test_a_variants_path_with_a_colon_is_one_file(tmp_path, capsys, clean_varian
     d = tmp_path / "a:b"
     d.mkdir()
     f = d / "my:variants.py"
-    f.write_text("from s2split.pgtable.variants import Variant, register\n"
+    f.write_text("from s2split.model.pgtable.variants import Variant, register\n"
                  "register(Variant('colon-test', 'a variant from a path with colons'))\n")
     code, out, err = cli(["--variants", str(f), "variants"], capsys)
     assert code == 0, err
@@ -527,8 +527,8 @@ def test_a_variants_file_raising_any_base_exception_is_one_line(tmp_path, capsys
 
 
 _VISITOR = """
-from s2split.pgtable import visitor_api as api
-from s2split.pgtable.variants import Variant, register
+from s2split.model.pgtable import visitor_api as api
+from s2split.model.pgtable.variants import Variant, register
 def split_bad(ctx):
     {body}
 register(Variant("bad-visitor-{n}", "d", visitors={{"split": split_bad}}))
@@ -560,7 +560,7 @@ def test_a_lost_dask_scheduler_is_one_line(monkeypatch):
     distributed = pytest.importorskip("distributed")
     from distributed.comm.core import CommClosedError
 
-    from s2split.reproduce import DaskExecutor
+    from s2split.tasks.reproduce import DaskExecutor
 
     class Future:
         def result(self):
@@ -624,8 +624,10 @@ def test_no_writable_cache_location_picks_a_private_one(tmp_path):
     pkg = tmp_path / "pkg"
     shutil.copytree(SRC / "s2split", pkg / "s2split",
                     ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
-    for d in ("s2split", "s2split/engine", "s2split/pgtable"):
-        (pkg / d / "__pycache__").write_text("not a directory")
+    # Every folder numba caches in: beside the engine, the page-table
+    # visitors and MMU-layer variants it compiles, the rules and memstress.
+    for d in ("engine", "model/pgtable", "model/kvm", "arm64", "selftest"):
+        (pkg / "s2split" / d / "__pycache__").write_text("not a directory")
     (tmp_path / "file").write_text("")
     tmp = tmp_path / "tmp"
     tmp.mkdir()

@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from s2split.cli import main
-from s2split.cost import builtin_profiles, load_profile
-from s2split.counters import KINDS, OPS
-from s2split.counts import Counts
+from s2split.cli.parser import main
+from s2split.estimate.cost import builtin_profiles, load_profile
+from s2split.counting.counters import KINDS, OPS
+from s2split.counting.counts import Counts
 from s2split.report import breakdown as B
 from s2split.report.document import wrap_command
 from s2split.report.mail import choose_format
-from s2split.store import Store
+from s2split.storage.store import Store
 
 # A small matrix: one granule, two backings, both scenarios.
 MATRIX = ["--size", "64M", "--granule", "4K", "--backing", "regular,thp", "--workers", "1"]
@@ -231,7 +231,7 @@ def test_breakdown_maps_counters_to_kernel_operations():
     arr = Counts.zeros().array
 
     def put(op, kind, level, n):
-        from s2split.counters import KIND, OP, slot
+        from s2split.counting.counters import KIND, OP, slot
         arr[OP[op], KIND[kind], slot(level)] = n
     put("split", "read_leaf", 3, 10)          # the split walk, at level 3
     put("split", "walks", None, 2)            # the split walk, per walk
@@ -382,7 +382,7 @@ def measured(small, tmp_path_factory):
     """A copy of the database with hw-run-like measurements of three of the
     four cells under BASE (10 runs) and PATCHED (12 runs, about 15% faster)."""
     from s2split.hw.params import HwParams
-    from s2split.modes import mode_for
+    from s2split.selftest.modes import mode_for
     d = tmp_path_factory.mktemp("measured")
     db = d / "m.sqlite"
     db.write_bytes(Path(small["db"]).read_bytes())
@@ -513,7 +513,7 @@ def test_bad_input_is_one_line_exit_2_and_no_file(small, tmp_path, case):
         db.write_bytes(Path(small["db"]).read_bytes())
         extra, needle = ["--format", "xml"], "invalid choice: 'xml'"
     else:  # labels that exist but measured other configurations
-        from s2split.store import Store as S
+        from s2split.storage.store import Store as S
         db.write_bytes(Path(small["db"]).read_bytes())
         s = S.open(db, create=False)
         row = {"config_key": "-m 6 -b 1G -s anonymous", "config": {}, "phase": "populate",
@@ -564,7 +564,7 @@ def test_cover_letter_fits_for_the_default_matrix(default_cover):
 
 def test_cover_letter_savings_are_reproduces(default_cover):
     """Every saving and its range in the cover's table is reproduce --json's."""
-    from s2split.intervals import fmt_interval
+    from s2split.estimate.intervals import fmt_interval
     body = section(default_cover["cover"], "Estimated saving")
     label = {"regular": "regular pages", "thp": "THP", "hugetlb": "hugetlb"}
     # the table's cells, rejoined: "30.3% (8.7-58.2)" per granule

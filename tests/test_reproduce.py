@@ -26,9 +26,9 @@ import pytest
 
 
 from _cli import run_cli as cli
-from s2split.cost import load_profile
-from s2split.counts import Counts
-from s2split.store import SCHEMA_VERSION, Store
+from s2split.estimate.cost import load_profile
+from s2split.counting.counts import Counts
+from s2split.storage.store import SCHEMA_VERSION, Store
 
 SMALL = ["--size", "4M"]
 # The whole default matrix, with one more variant than the default three.

@@ -1,4 +1,4 @@
-"""The TLB model (s2split.pgtable.tlb_model) and the TLB rules of `variants --check`.
+"""The TLB model (s2split.model.pgtable.tlb_model) and the TLB rules of `variants --check`.
 
 Each wrong variant below breaks exactly one of the four rules and must be
 reported by it, naming the IPA and level; vanilla, every built-in variant and
@@ -10,25 +10,25 @@ from dataclasses import replace
 
 import pytest
 
-from s2split import rules as R
-from s2split.arch import Geometry
-from s2split.errors import S2Error
-from s2split.features import Features
-from s2split.kvm import dirty_log
-from s2split.kvm.backing import parse_backing
-from s2split.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
-from s2split.kvm.vm import VM
-from s2split.modes import parse_mode
-from s2split.pgtable import api_visitors as AV
-from s2split.pgtable import stage2 as S2
-from s2split.pgtable import tlb, tlb_model
-from s2split.pgtable import visitor_api as api
-from s2split.pgtable.memory import MemoryCache
-from s2split.pgtable.stage2 import Stage2PageTable
-from s2split.pgtable.variants import VANILLA, Variant, get
-from s2split.pgtable.walker import SKIP_BBM_TLBI, TABLE_POST
-from s2split.pte import Prot
-from s2split.variant_check import Op, apply_ops, check_variant
+from s2split.arm64 import rules as R
+from s2split.arm64.arch import Geometry
+from s2split.plumbing.errors import S2Error
+from s2split.arm64.features import Features
+from s2split.model.kvm import dirty_log
+from s2split.model.kvm.backing import parse_backing
+from s2split.model.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
+from s2split.model.kvm.vm import VM
+from s2split.selftest.modes import parse_mode
+from s2split.model.pgtable import api_visitors as AV
+from s2split.model.pgtable import stage2 as S2
+from s2split.model.pgtable import tlb, tlb_model
+from s2split.model.pgtable import visitor_api as api
+from s2split.model.pgtable.memory import MemoryCache
+from s2split.model.pgtable.stage2 import Stage2PageTable
+from s2split.model.pgtable.variants import VANILLA, Variant, get
+from s2split.model.pgtable.walker import SKIP_BBM_TLBI, TABLE_POST
+from s2split.arm64.pte import Prot
+from s2split.tasks.variant_check import Op, apply_ops, check_variant
 from s2split.workload import PerfTestParams, run_perf_test
 
 MIB, GIB = 1 << 20, 1 << 30

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import pytest
 
-from s2split.counts import sum_counts
-from s2split.features import Features
-from s2split.kernel_counters import TLBI_KINDS, tlbi_instructions
-from s2split.modes import parse_mode
-from s2split.pgtable.variants import get
+from s2split.counting.counts import sum_counts
+from s2split.arm64.features import Features
+from s2split.counting.kernel_counters import TLBI_KINDS, tlbi_instructions
+from s2split.selftest.modes import parse_mode
+from s2split.model.pgtable.variants import get
 from s2split.workload import PerfTestParams, run_perf_test
 
 MIB = 1 << 20

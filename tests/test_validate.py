@@ -2,7 +2,7 @@
 naming the file (or the database and row) and exit status 2.
 
 Each damage below is invalid by the format's definition (the schema in
-s2split.schemas and the docs of each format): a value of another JSON type,
+s2split.storage.schemas and the docs of each format): a value of another JSON type,
 a number out of its range, NaN/Infinity (not JSON), a byte that is never
 UTF-8 (0xff), a proper prefix of a JSON object (never JSON), an unknown name.
 Hypothesis picks the key and the damage; most examples call the CLI's main in
@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from s2split.cli import main
-from s2split.pgtable import variants as V
-from s2split.store import Store
+from s2split.cli.parser import main
+from s2split.model.pgtable import variants as V
+from s2split.storage.store import Store
 
 from _cli import one_line as single_line
 
@@ -201,7 +201,7 @@ def test_fuzzed_fixture(tmp_path, capsys, data):
 @FUZZ
 @given(name=st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12))
 def test_unknown_kernel_function_is_reported(tmp_path, capsys, name):
-    from s2split.kernel_counters import KERNEL_FUNCTIONS
+    from s2split.counting.kernel_counters import KERNEL_FUNCTIONS
     if name in KERNEL_FUNCTIONS:
         return
     doc = _fixture()
@@ -292,7 +292,7 @@ BAD_VARIANTS = st.one_of(
 def test_fuzzed_variant_file(capsys, expr):
     fd, path = tempfile.mkstemp(suffix=".py")
     with os.fdopen(fd, "w") as f:
-        f.write("from s2split.pgtable.variants import Variant, register\n"
+        f.write("from s2split.model.pgtable.variants import Variant, register\n"
                 f"register({expr})\n")
     old = os.environ.pop(V.ENV, None)
     try:
@@ -325,7 +325,7 @@ def test_hostile_files_in_a_subprocess(tmp_path, kind):
                                          '"seconds": Infinity}]')
         argv = ["calibrate", str(tmp_path / "p.json")]
     else:
-        (tmp_path / "p.json").write_text("from s2split.pgtable.variants import Variant, "
+        (tmp_path / "p.json").write_text("from s2split.model.pgtable.variants import Variant, "
                                          "register\nregister(Variant('x', 'd', "
                                          "walk_flags={'split': 'skip'}))\n")
         argv = ["--variants", str(tmp_path / "p.json"), "variants"]

@@ -1,4 +1,4 @@
-"""Kernel-version rules (versions.py): 6.12 vs 6.19+ stage-2 teardown.
+"""Kernel-version rules (arm64/versions.py): 6.12 vs 6.19+ stage-2 teardown.
 
 The workload deletes its memslots (unmapping everything) before the VM goes,
 so these tests tear a populated VM down directly, with its tables in place:
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from s2split.engine import ReferenceEngine, get_engine
-from s2split.errors import S2Error
-from s2split.modes import parse_mode
-from s2split.pgtable.variants import VANILLA
-from s2split.versions import kernel_rules
+from s2split.plumbing.errors import S2Error
+from s2split.selftest.modes import parse_mode
+from s2split.model.pgtable.variants import VANILLA
+from s2split.arm64.versions import kernel_rules
 from s2split.workload import PerfTestParams, phase_steps, memstress_layout
 
 MIB = 1 << 20
@@ -105,7 +105,7 @@ def test_auto_engine_takes_the_fast_engine_for_long_teardowns():
     # 6.19 rules -- the fast engine's job even for a tiny VM; 6.12 is one walk.
     from s2split.engine import ReferenceEngine
     from s2split.engine.vm import FastEngine
-    from s2split.modes import parse_mode
+    from s2split.selftest.modes import parse_mode
     small = dict(vcpu_memory_bytes=1 * MIB, mode=parse_mode(1), lpa2=True)
     assert isinstance(get_engine("auto", PerfTestParams(**small, kernel="6.19"), VANILLA),
                       FastEngine)

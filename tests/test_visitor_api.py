@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from s2split.arch import Geometry
-from s2split.errors import S2Error
-from s2split.features import Features
-from s2split.modes import parse_mode
-from s2split.pgtable import api_visitors as AV
-from s2split.pgtable import visitor_api as api
-from s2split.pgtable.memory import MemoryCache
-from s2split.pgtable.stage2 import Stage2PageTable
-from s2split.pgtable.variants import VANILLA, Variant, get
-from s2split.pte import Prot
-from s2split.variant_check import check_variant
+from s2split.arm64.arch import Geometry
+from s2split.plumbing.errors import S2Error
+from s2split.arm64.features import Features
+from s2split.selftest.modes import parse_mode
+from s2split.model.pgtable import api_visitors as AV
+from s2split.model.pgtable import visitor_api as api
+from s2split.model.pgtable.memory import MemoryCache
+from s2split.model.pgtable.stage2 import Stage2PageTable
+from s2split.model.pgtable.variants import VANILLA, Variant, get
+from s2split.arm64.pte import Prot
+from s2split.tasks.variant_check import check_variant
 from s2split.workload import PerfTestParams, run_perf_test
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,8 +246,8 @@ def test_engines_agree_on_bbml2_and_tables_equal_vanilla(name, backing, manual):
 def test_a_visitor_numba_cannot_compile_is_one_line(tmp_path):
     f = tmp_path / "bad.py"
     f.write_text(textwrap.dedent('''
-        from s2split.pgtable import visitor_api as api
-        from s2split.pgtable.variants import Variant, register
+        from s2split.model.pgtable import visitor_api as api
+        from s2split.model.pgtable.variants import Variant, register
 
         def bad_split(ctx):
             return len({api.level(ctx): "a dict"})
@@ -301,8 +301,8 @@ def test_reproduce_refuses_bbml2_without_the_feature_before_any_work(tmp_path):
 
 
 def test_explain_puts_bbml2_saving_in_tlb_maintenance_not_walks():
-    from s2split.cost import load_profile
-    from s2split.explain import sentences
+    from s2split.estimate.cost import load_profile
+    from s2split.tasks.explain import sentences
     p = PerfTestParams(vcpu_memory_bytes=8 * MIB, backing="anonymous_thp", mode=parse_mode(6),
                        chunk_size=2 * MIB, manual_protect=False, features=BBML2_CPU)
     phases = {v: dict(run_perf_test(p, get(v), "reference").phases)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from s2split.errors import S2Error
-from s2split.modes import parse_mode
-from s2split.pgtable.variants import VANILLA
+from s2split.plumbing.errors import S2Error
+from s2split.selftest.modes import parse_mode
+from s2split.model.pgtable.variants import VANILLA
 from s2split.workload import PerfTestParams, guest_random_u32, memstress_layout, run_perf_test
 
 MIB = 1 << 20
@@ -100,7 +100,7 @@ def test_guest_touches_pages_like_upstream(kw, expected):
 def _first_bitmap(p):
     """Run populate, enable logging and one pass, and return KVM_GET_DIRTY_LOG's word."""
     from s2split.engine import ReferenceEngine
-    from s2split.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
+    from s2split.model.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES
     lay = memstress_layout(p)
     vm = ReferenceEngine().create_vm(p.geometry(), p.features, VANILLA, p.host_va_bits)
     for slot_id, gpa, pages in lay.slots:
@@ -180,7 +180,7 @@ def test_host_page_size_rules():
         ["--host-page-size", "4K"]
     # a mode without an ID is written with its own page size, not the host's
     from s2split.hw.params import mode_from_config
-    from s2split.modes import mode_for
+    from s2split.selftest.modes import mode_for
     odd = PerfTestParams(mode=mode_for(16384, 44), host_page_size=4096)
     argv = odd.argv()
     assert argv[argv.index("--granule") + 1] == "16K"

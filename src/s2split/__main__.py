@@ -10,7 +10,7 @@ import sys
 
 def entry() -> None:
     try:
-        from .cli import main
+        from .cli.parser import main
         code = main()
     except KeyboardInterrupt:
         try:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import S2Error
-from ..versions import DEFAULT_KERNEL, kernel_rules
+from ..plumbing.errors import S2Error
+from ..arm64.versions import DEFAULT_KERNEL, kernel_rules
 from .cache_location import ensure_location
 
 ensure_location()  # before any engine module decorates a cached function
@@ -39,7 +39,7 @@ class ReferenceEngine:
     name = "reference"
 
     def create_vm(self, geom, features, variant, host_va_bits, kernel=DEFAULT_KERNEL):
-        from ..kvm.vm import VM
+        from ..model.kvm.vm import VM
         return VM(geom, features, variant, host_va_bits, kernel)
 
 

@@ -22,8 +22,12 @@ from pathlib import Path
 from typing import Callable
 
 _PACKAGE = Path(__file__).resolve().parent.parent
-#: Directories holding functions the engine compiles with ``cache=True``.
-SOURCE_DIRS = (_PACKAGE / "engine", _PACKAGE / "pgtable", _PACKAGE)
+#: Directories holding functions the engine compiles with ``cache=True``
+#: (numba caches beside the source of the Python function it compiles: the
+#: engine's own, the visitors and MMU hooks of the model, the kernel rules
+#: and memstress's generator).
+SOURCE_DIRS = (_PACKAGE / "engine", _PACKAGE / "model" / "pgtable", _PACKAGE / "model" / "kvm",
+               _PACKAGE / "arm64", _PACKAGE / "selftest")
 
 
 def writable(directory: Path) -> bool:

@@ -425,7 +425,7 @@ def _compile_share(indices: list[int]) -> None:
     """The other process's share: compile, save only these entry points."""
     from numba.core.caching import NullCache
 
-    from ..workers import die_with_parent
+    from ..plumbing.workers import die_with_parent
     die_with_parent(os.getppid())
     mine = [ENTRY_POINTS[i] for i in indices]
     keep = {id(d) for d, _ in mine}
@@ -456,7 +456,7 @@ def ensure_compiled(parallel: bool = True) -> float:
         return 0.0
     estimate = estimate_s(todo)
     if estimate >= ANNOUNCE_S:
-        from ..console import note
+        from ..plumbing.console import note
         note(f"s2split: compiling the fast engine once, about {estimate:.0f} s "
              "(cached afterwards)")
     t0 = time.perf_counter()

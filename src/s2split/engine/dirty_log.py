@@ -1,11 +1,11 @@
 """Getting and clearing the dirty log in the fast engine: the twin of
-:mod:`s2split.kvm.dirty_log` (``kvm_main.c``), word by word over ``B``."""
+:mod:`s2split.model.kvm.dirty_log` (``kvm_main.c``), word by word over ``B``."""
 
 from __future__ import annotations
 
 from numba import njit
 
-from .. import counters as C
+from ..counting import counters as C
 from .mmu import kvm_flush_remote_tlbs_memslot
 from .mmu_hooks import CLEAR, clear_words, kvm_arch_mmu_enable_log_dirty_pt_masked
 from .state import VARIANT_MMU, S, SlotCol, kvm_count, slot_index

@@ -3,7 +3,7 @@
 ``free_unlinked`` -- the primitives the visitors (:mod:`s2split.engine.visitors`)
 and the visitor API (:mod:`s2split.engine.visitor_api`) are made of, the
 twins of the methods of the same names of
-:class:`s2split.pgtable.stage2.Stage2PageTable`.
+:class:`s2split.model.pgtable.stage2.Stage2PageTable`.
 
 numba cannot cache recursive functions, so the two walks that
 ``create_unlinked`` (filling a fresh table) and ``free_unlinked`` (dropping
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from numba import njit
 
-from .. import counters as C
-from ..bits import LOCKED, VALID
-from ..errors import EAGAIN, EINVAL, ENOMEM
-from ..pgtable import walker as WK
+from ..counting import counters as C
+from ..arm64.bits import LOCKED, VALID
+from ..plumbing.errors import EAGAIN, EINVAL, ENOMEM
+from ..model.pgtable import walker as WK
 from . import rules as R
 from .lines import touch, touch_run
 from .memory import cache_alloc, get_page, put_page
@@ -71,7 +71,7 @@ def _make(T, M, op, pfn, idx, new, level):
 def _free_table(T, M, op, pfn, idx, old, level):
     """The TABLE_POST half of ``stage2_free_walker()``: drop a table entry's
     references (6.12 always; 6.19+ only once the child is empty, clearing
-    the entry), by :func:`s2split.rules.free_drops_table`."""
+    the entry), by :func:`s2split.arm64.rules.free_drops_table`."""
     clears = M[S.FREE_CLEARS] != 0
     child = table_pfn(M, old)
     if not R.free_drops_table(clears, M[M[S.REFCOUNT] + child]):

@@ -1,6 +1,6 @@
 """Calling a visitor compiled apart from the engine, through its address.
 
-A user's visitor (:mod:`s2split.pgtable.visitor_api`) is compiled when its
+A user's visitor (:mod:`s2split.model.pgtable.visitor_api`) is compiled when its
 variant is first used, as a C-callable function (:func:`numba.cfunc`) whose
 address goes into ``M``. The cached walker calls it through
 :func:`call_visitor_ptr`, an indirect call: the engine's compile cache never

@@ -1,5 +1,5 @@
 """Guest passes in the fast engine: the twin of
-:func:`s2split.memstress.memstress_pass` and ``VM.guest_access``, with the
+:func:`s2split.selftest.memstress.memstress_pass` and ``VM.guest_access``, with the
 replay of repeated fault classes.
 
 Most faults of a pass are alike: a write to a write-protected page (relax
@@ -27,9 +27,9 @@ from __future__ import annotations
 
 from numba import njit
 
-from .. import counters as C
-from ..bits import ATTR_HI_MASK, ATTR_LO_MASK, S2AP_R, S2AP_W, VALID, XN, Prot
-from ..memstress import PRNG_MODULUS, PRNG_MULTIPLIER, guest_random_skip as _skip
+from ..counting import counters as C
+from ..arm64.bits import ATTR_HI_MASK, ATTR_LO_MASK, S2AP_R, S2AP_W, VALID, XN, Prot
+from ..selftest.memstress import PRNG_MODULUS, PRNG_MULTIPLIER, guest_random_skip as _skip
 from . import rules as R
 from .lines import count_again, stamp_upper, touch_level3_again, touch_path
 from .memory import cache_nobjs

@@ -1,7 +1,7 @@
 """Where entry reads hit, in the fast engine: the twin of
-:meth:`s2split.pgtable.memory.TableMemory.touch` over the line clock in ``M``
+:meth:`s2split.model.pgtable.memory.TableMemory.touch` over the line clock in ``M``
 (``S.LINE_CLOCK``, ``S.LAST_LINE``, a stamp per line of table memory at
-``S.STAMPS``), classified by the shared rule :func:`s2split.rules.hit_class`.
+``S.STAMPS``), classified by the shared rule :func:`s2split.arm64.rules.hit_class`.
 
 A run of reads along one table page (the walker's level-3 runs, a fresh
 table filled) touches each of its lines once: the first read of a line is
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from numba import njit
 
-from .. import counters as C
-from ..hierarchy import LINE_ENTRY_SHIFT
+from ..counting import counters as C
+from ..arm64.hierarchy import LINE_ENTRY_SHIFT
 from .rules import hit_class
 from .pte import table_pfn
 from .state import ROOT, S, count, level_shift

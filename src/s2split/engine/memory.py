@@ -1,5 +1,5 @@
 """Table pages and memory caches in the fast engine: the twin of
-:mod:`s2split.pgtable.memory`.
+:mod:`s2split.model.pgtable.memory`.
 
 Table memory is the rows of ``T``, handed out by a bump pointer and a free
 stack (last freed, first reused, as the reference's allocator), with a
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from numba import njit
 
-from ..counters import K_GET_PAGE, K_PAGE_FREED, K_PUT_PAGE
-from ..kvm.mmu import VCPU_CACHE_CAPACITY
+from ..counting.counters import K_GET_PAGE, K_PAGE_FREED, K_PUT_PAGE
+from ..model.kvm.mmu import VCPU_CACHE_CAPACITY
 from .state import MC_SPLIT, S, count
 
 

@@ -1,4 +1,4 @@
-"""The KVM MMU layer in the fast engine: the twin of :mod:`s2split.kvm.mmu`
+"""The KVM MMU layer in the fast engine: the twin of :mod:`s2split.model.kvm.mmu`
 (write protection, eager splitting, the dirty-log mask, teardown and the
 fault path), by the same kernel names. Memslots are rows of ``M``
 (:class:`~s2split.engine.state.SlotCol`), found by their row index."""
@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from numba import njit
 
-from .. import counters as C
-from ..bits import VALID
-from ..kvm import mmu as KM
-from ..uapi import KVM_MEM_READONLY
+from ..counting import counters as C
+from ..arm64.bits import VALID
+from ..model.kvm import mmu as KM
+from ..arm64.uapi import KVM_MEM_READONLY
 from . import rules as R
 from .memory import cache_topup
 from .state import (BACKING_HUGETLB, BACKING_THP, MC_SPLIT, NOLV, S, SlotCol, count,
@@ -18,9 +18,9 @@ from .state import (BACKING_HUGETLB, BACKING_THP, MC_SPLIT, NOLV, S, SlotCol, co
 from .stage2 import (stage2_destroy_pgd, stage2_destroy_range, stage2_map, stage2_relax_perms,
                      stage2_split, stage2_wrprotect)
 from .tlb import flush_vmid_range
-from ..bits import Prot
-from ..errors import EAGAIN
-from ..pgtable import walker as WK
+from ..arm64.bits import Prot
+from ..plumbing.errors import EAGAIN
+from ..model.pgtable import walker as WK
 
 HANDLE_FAULT, SHARED = WK.HANDLE_FAULT, WK.SHARED
 PROT_X, PROT_W, PROT_R = int(Prot.X), int(Prot.W), int(Prot.R)

@@ -1,9 +1,9 @@
-"""MMU-layer hooks in the fast engine: :mod:`s2split.kvm.mmu_api` compiled,
-the built-in hooks of :mod:`s2split.kvm.mmu_variants` compiled into the
+"""MMU-layer hooks in the fast engine: :mod:`s2split.model.kvm.mmu_api` compiled,
+the built-in hooks of :mod:`s2split.model.kvm.mmu_variants` compiled into the
 cache, and the four MMU functions a variant may replace, each calling the
 variant's hook or vanilla's body (the twins of the dispatch in
-:mod:`s2split.kvm.mmu`, :mod:`s2split.kvm.dirty_log` and
-:class:`s2split.kvm.vm.VM`).
+:mod:`s2split.model.kvm.mmu`, :mod:`s2split.model.kvm.dirty_log` and
+:class:`s2split.model.kvm.vm.VM`).
 
 The context of a hook is :class:`FastMmu` ``(T, M, B, s, a0, a1, words)``:
 the three state arrays, the memslot's row, the hook's two integer
@@ -20,12 +20,12 @@ from collections import namedtuple
 from numba import njit, types
 from numba.extending import overload
 
-from .. import counters as C
-from ..kvm import mmu_api as api
-from ..kvm import mmu_variants as MV
-from ..pgtable.variants import MMU_HOOKS
-from ..pgtable.walker import SKIP_LEVELS_ALL
-from ..uapi import KVM_DIRTY_LOG_INITIALLY_SET
+from ..counting import counters as C
+from ..model.kvm import mmu_api as api
+from ..model.kvm import mmu_variants as MV
+from ..model.pgtable.variants import MMU_HOOKS
+from ..model.pgtable.walker import SKIP_LEVELS_ALL
+from ..arm64.uapi import KVM_DIRTY_LOG_INITIALLY_SET
 from .mmu import (_slot_range, enable_log_dirty_pt_masked_body, kvm_flush_remote_tlbs_memslot,
                   kvm_mmu_split_huge_pages, kvm_mmu_wp_memory_region, kvm_stage2_wp_range)
 from .stage2 import stage2_split, stage2_wrprotect

@@ -1,17 +1,17 @@
-"""Descriptors in the fast engine: the twin of :mod:`s2split.pte`.
+"""Descriptors in the fast engine: the twin of :mod:`s2split.arm64.pte`.
 
 The encodings themselves are the shared rules (:mod:`s2split.engine.rules`);
 these functions only bind them to the geometry and features held in ``M``.
 Table pages are numbered from ``S.TABLE_BASE``, as in
-:class:`~s2split.pgtable.memory.TableMemory`.
+:class:`~s2split.model.pgtable.memory.TableMemory`.
 """
 
 from __future__ import annotations
 
 from numba import njit
 
-from ..bits import MEMATTR_MASK, TYPE, VALID, XN
-from ..bits import ATTR_HI_MASK, ATTR_LO_MASK
+from ..arm64.bits import MEMATTR_MASK, TYPE, VALID, XN
+from ..arm64.bits import ATTR_HI_MASK, ATTR_LO_MASK
 from . import rules as R
 from .state import S
 

@@ -1,4 +1,4 @@
-"""The kernel's arithmetic rules (:mod:`s2split.rules`), compiled.
+"""The kernel's arithmetic rules (:mod:`s2split.arm64.rules`), compiled.
 
 The same source the reference engine runs as plain Python, compiled by numba
 for the fast engine: a rule lives in one place and cannot drift.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from numba import njit
 
-from .. import rules as R
+from ..arm64 import rules as R
 
 _jit = njit(cache=True, _nrt=False)
 

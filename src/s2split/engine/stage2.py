@@ -1,5 +1,5 @@
 """The stage-2 operations in the fast engine: the ``kvm_pgtable_stage2_*``
-half of :mod:`s2split.pgtable.stage2` (``Stage2PageTable.map`` is
+half of :mod:`s2split.model.pgtable.stage2` (``Stage2PageTable.map`` is
 :func:`stage2_map`, and so on). Each sets the walk's argument in the ``W``
 fields of ``M`` and starts one walk; the visitors are in
 :mod:`s2split.engine.visitors`."""
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from numba import njit
 
-from .. import counters as C
-from ..bits import ATTR_HI_MASK, ATTR_LO_MASK, S2AP_R, S2AP_W, SW_MASK, XN
-from ..bits import Prot
-from ..errors import EAGAIN, EINVAL
-from ..pgtable import walker as WK
+from ..counting import counters as C
+from ..arm64.bits import ATTR_HI_MASK, ATTR_LO_MASK, S2AP_R, S2AP_W, SW_MASK, XN
+from ..arm64.bits import Prot
+from ..plumbing.errors import EAGAIN, EINVAL
+from ..model.pgtable import walker as WK
 from . import rules as R
 from .memory import mem_alloc, mem_free
 from .pte import prot_to_attr

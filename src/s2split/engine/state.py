@@ -14,7 +14,7 @@ offsets (numba compiles an ``IntEnum`` member as a constant):
 * the variant's walk flags per operation at ``VARIANT_FLAGS + op``, its
   visitors at ``VARIANT_VISITORS + op``, hooks at ``VARIANT_AFTER + op`` and
   MMU hooks at ``VARIANT_MMU + i``;
-* the counters at ``COUNTERS + index`` (indices from :mod:`s2split.counters`);
+* the counters at ``COUNTERS + index`` (indices from :mod:`s2split.counting.counters`);
 * :class:`W`: the state of the walk in progress, with one named field per
   walk argument (``struct stage2_map_data``, ``struct stage2_attr_data``);
 * the walker's stack (``STACK_*``) and ``free_unlinked``'s (``FREE_STACK_*``);
@@ -35,8 +35,8 @@ import enum
 
 from numba import njit
 
-from .. import counters as C
-from ..kvm.mmu import VCPU_CACHE_CAPACITY
+from ..counting import counters as C
+from ..model.kvm.mmu import VCPU_CACHE_CAPACITY
 
 
 class S(enum.IntEnum):
@@ -62,7 +62,7 @@ class S(enum.IntEnum):
     TLBIRANGE = enum.auto()
     DIC = enum.auto()
     AC04_CPU_23 = enum.auto()       # an erratum workaround the kernel applies
-    FREE_CLEARS = enum.auto()       # kernel rules (versions.py)
+    FREE_CLEARS = enum.auto()       # kernel rules (arm64/versions.py)
     CHUNKED_DESTROY = enum.auto()
     NEXT_PAGE = enum.auto()         # table pages: next never used, free stack top, capacity
     FREE_TOP = enum.auto()
@@ -74,7 +74,7 @@ class S(enum.IntEnum):
     NSLOTS = enum.auto()
     NVCPUS = enum.auto()
     LAST_SLOT = enum.auto()         # the last memslot found (kvm_vcpu_gfn_to_memslot)
-    LINE_CLOCK = enum.auto()        # the line clock of s2split.hierarchy, the line
+    LINE_CLOCK = enum.auto()        # the line clock of s2split.arm64.hierarchy, the line
     LAST_LINE = enum.auto()         # touched last, and the capacities in lines
     L1_LINES = enum.auto()
     L2_LINES = enum.auto()
@@ -100,7 +100,7 @@ VARIANT_FLAGS = len(S)
 VARIANT_VISITORS = VARIANT_FLAGS + C.NOPS
 VARIANT_AFTER = VARIANT_VISITORS + C.NOPS
 #: A variant's MMU hooks, one per name of
-#: :data:`s2split.pgtable.variants.MMU_HOOKS` in order (0: vanilla's
+#: :data:`s2split.model.pgtable.variants.MMU_HOOKS` in order (0: vanilla's
 #: function; else the id of a built-in hook, engine/mmu_hooks.py).
 VARIANT_MMU = VARIANT_AFTER + C.NOPS
 NMMU_HOOKS = 4

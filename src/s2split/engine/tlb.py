@@ -1,14 +1,14 @@
 """TLB invalidation, barriers and cache maintenance in the fast engine: the
-twin of :mod:`s2split.pgtable.tlb`, whose barrier table and range rule it
+twin of :mod:`s2split.model.pgtable.tlb`, whose barrier table and range rule it
 compiles in (see that module for what each hyp TLB call executes)."""
 
 from __future__ import annotations
 
 from numba import njit
 
-from .. import counters as C
-from ..pgtable import tlb as TLB
-from ..rules import MAX_TLBI_RANGE_PAGES
+from ..counting import counters as C
+from ..model.pgtable import tlb as TLB
+from ..arm64.rules import MAX_TLBI_RANGE_PAGES
 from . import rules as R
 from .state import NOLV, S, count
 

@@ -1,4 +1,4 @@
-"""The visitor API in the fast engine: :mod:`s2split.pgtable.visitor_api`
+"""The visitor API in the fast engine: :mod:`s2split.model.pgtable.visitor_api`
 compiled.
 
 Every function of the API gets a numba implementation here
@@ -23,9 +23,9 @@ from numba import carray, cfunc, njit, types
 from numba.core.errors import NumbaError
 from numba.extending import overload, register_jitable
 
-from .. import counters as C
-from ..errors import S2Error
-from ..pgtable import visitor_api as api
+from ..counting import counters as C
+from ..plumbing.errors import S2Error
+from ..model.pgtable import visitor_api as api
 from . import rules as R
 from .entries import _make, _set, _try_break, create_unlinked, free_unlinked
 from .fnptr import C_SIGNATURE

@@ -1,5 +1,5 @@
 """The stage-2 visitors in the fast engine: the visitor half of
-:mod:`s2split.pgtable.stage2`, function for function and by the same names.
+:mod:`s2split.model.pgtable.stage2`, function for function and by the same names.
 
 The reference passes a visitor to the walker as a callable; compiled code
 dispatches on the walk's operation instead (:func:`call_visitor`), so the
@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from numba import njit
 
-from .. import counters as C
-from ..bits import SW_MASK, VALID
-from ..errors import E2BIG, EAGAIN, EINVAL, ENOMEM
-from ..pgtable import api_visitors as AV
-from ..pgtable import walker as WK
-from ..pgtable.visitor_api import AFTER_WALK
+from ..counting import counters as C
+from ..arm64.bits import SW_MASK, VALID
+from ..plumbing.errors import E2BIG, EAGAIN, EINVAL, ENOMEM
+from ..model.pgtable import api_visitors as AV
+from ..model.pgtable import walker as WK
+from ..model.pgtable.visitor_api import AFTER_WALK
 from . import rules as R
 from .entries import (_free_table, _make, _result, _set, _try_break,  # noqa: F401
                       create_unlinked, free_unlinked)
@@ -197,7 +197,7 @@ def _attr_visitor(T, M, pfn, idx, old, level, visit):
 
 
 # --- split ---------------------------------------------------------------------------------
-#: The visitors written once with the visitor API (pgtable/api_visitors.py),
+#: The visitors written once with the visitor API (model/pgtable/api_visitors.py),
 #: compiled and cached here (their helpers first made callable from compiled code).
 for _fn in (AV.stage2_split_walker, AV.bbml2_split_walker, AV.bbml2_flush_split,
             AV.wp_split_walker, AV.batched_split_walker, AV.batched_flush_make):
@@ -239,7 +239,7 @@ def variant_hook_id(fn) -> int:
 @njit(cache=True, _nrt=False)
 def _split_visitor(T, M, pfn, idx, old, level, visit):
     """``stage2_split_walker()``: replace a block by a subtree of pages
-    (the API form, :func:`s2split.pgtable.api_visitors.stage2_split_walker`)."""
+    (the API form, :func:`s2split.model.pgtable.api_visitors.stage2_split_walker`)."""
     return _stage2_split_walker(FastCtx(T, M, pfn, idx, old, level, visit))
 
 
@@ -288,7 +288,7 @@ def call_visitor(T, M, pfn, idx, old, level, visit):
 @njit(cache=True, _nrt=False)
 def call_after_walk(T, M, op):
     """A variant's after-walk hook of ``op``, if any (``kvm_pgtable_walk``'s
-    last step in the reference, :func:`s2split.pgtable.walker.kvm_pgtable_walk`)."""
+    last step in the reference, :func:`s2split.model.pgtable.walker.kvm_pgtable_walk`)."""
     hid = M[VARIANT_AFTER + op]
     if hid == 0:
         return 0

@@ -1,6 +1,6 @@
-"""The fast engine's VM: the twin of :mod:`s2split.kvm.vm`.
+"""The fast engine's VM: the twin of :mod:`s2split.model.kvm.vm`.
 
-:class:`FastVM` keeps the ioctl rules of :class:`~s2split.kvm.vm.VMBase`
+:class:`FastVM` keeps the ioctl rules of :class:`~s2split.model.kvm.vm.VMBase`
 (shared with the reference engine) and runs every per-entry, per-page and
 per-word loop in the engine's compiled modules (``stage2``, ``mmu``,
 ``dirty_log``, ``guest``), over the arrays laid out in
@@ -20,19 +20,19 @@ from typing import Sequence
 
 import numpy as np
 
-from ..arch import Geometry
-from ..counters import K_CACHE_PAGES_FREED, OP, SIZE
-from ..counts import Counts
-from ..errors import S2Error
-from ..features import Features
-from ..hierarchy import COUNTED, LINE_ENTRY_SHIFT
-from ..kvm import mmu as KM
-from ..kvm.memslot import Memslot
-from ..kvm.vm import VMBase, Vcpu
-from ..pgtable.memory import TABLE_PA_BASE
-from ..pgtable.variants import FAST_MMU_HOOKS, VANILLA, VARIANT_OPS, Variant
-from ..rules import HUGETLB_CLASS, oa_format
-from ..versions import DEFAULT_KERNEL
+from ..arm64.arch import Geometry
+from ..counting.counters import K_CACHE_PAGES_FREED, OP, SIZE
+from ..counting.counts import Counts
+from ..plumbing.errors import S2Error
+from ..arm64.features import Features
+from ..arm64.hierarchy import COUNTED, LINE_ENTRY_SHIFT
+from ..model.kvm import mmu as KM
+from ..model.kvm.memslot import Memslot
+from ..model.kvm.vm import VMBase, Vcpu
+from ..model.pgtable.memory import TABLE_PA_BASE
+from ..model.pgtable.variants import FAST_MMU_HOOKS, VANILLA, VARIANT_OPS, Variant
+from ..arm64.rules import HUGETLB_CLASS, oa_format
+from ..arm64.versions import DEFAULT_KERNEL
 from . import compile_cache  # noqa: F401  (drops a stale compile cache on import)
 from .dirty_log import kvm_clear_dirty_log_protect, kvm_get_dirty_log_protect
 from .guest import KEEPS_FAULTING, memstress_pass, replay_table_size
@@ -44,9 +44,9 @@ from .stage2 import stage2_init, stage2_unmap
 from .state import (BACKING, DEFER_OVERFLOW, FIXED, MC_SPLIT, NCOL, NREGS, REGIONS, ROOT,
                     VARIANT_AFTER, VARIANT_FLAGS, VARIANT_MMU, VARIANT_VISITORS, COUNTERS, S,
                     SlotCol, VcpuReg, kvm_count)
-from ..pgtable.variants import MMU_HOOKS
+from ..model.pgtable.variants import MMU_HOOKS
 from .visitors import variant_hook_id, variant_visitor_id
-from ..bits import LOCKED
+from ..arm64.bits import LOCKED
 
 
 #: Table memory at least this large comes from :func:`zeroed_tables`' own mapping.
@@ -75,7 +75,7 @@ def require_flag_only(variant: Variant) -> None:
     only the reference engine runs those."""
     if not variant.fast_capable:
         if all(fn in FAST_MMU_HOOKS for fn in variant.mmu.values()):
-            what = "a visitor not written with the visitor API (s2split.pgtable.visitor_api)"
+            what = "a visitor not written with the visitor API (s2split.model.pgtable.visitor_api)"
         else:
             what = "a function of the MMU layer with a hook that is not built in"
         raise S2Error(f"variant {variant.name!r} replaces {what}; only the reference engine "
@@ -404,7 +404,7 @@ class FastVM(VMBase):
         c = Counts.from_flat(cnt)
         cnt[:] = 0
         # The end of a phase: its table lines leave the model's caches
-        # (s2split.hierarchy: the guest and userspace run in between).
+        # (s2split.arm64.hierarchy: the guest and userspace run in between).
         if self.M[S.LINE_CLOCK]:  # a phase that touched no line left none to forget
             self.M[S.LINE_CLOCK] = 0
             self.M[S.LAST_LINE] = -1

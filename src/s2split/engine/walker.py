@@ -1,4 +1,4 @@
-"""The generic walker in the fast engine: the twin of :mod:`s2split.pgtable.walker`.
+"""The generic walker in the fast engine: the twin of :mod:`s2split.model.pgtable.walker`.
 
 The same visit order and counts, iteratively: numba cannot cache recursive
 functions, so the descent keeps an explicit stack in ``M`` (``STACK_*``: the
@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .. import counters as C
-from ..bits import S2AP_W, VALID
-from ..errors import ERANGE
-from ..pgtable import walker as WK
+from ..counting import counters as C
+from ..arm64.bits import S2AP_W, VALID
+from ..plumbing.errors import ERANGE
+from ..model.pgtable import walker as WK
 from . import rules as R
 from .lines import touch, touch_run
 from .pte import is_table, table_pfn

@@ -2,7 +2,7 @@
 
 Nothing here imports numpy, so the harness (``python3 -m s2split.hw run``)
 runs on a minimal Python. The CPU features the model's stage-2 code depends
-on are not here but in the core, :mod:`s2split.features`.
+on are not here but in the core, :mod:`s2split.arm64.features`.
 
 Submodules:
 

@@ -5,8 +5,8 @@ bare Python (e.g. in a minimal arm64 VM): ``python3 -m s2split.hw run ...
 
 import sys
 
-from ..console import error_boundary, run_command
-from ..options import Parser
+from ..plumbing.console import error_boundary, run_command
+from ..selftest.options import Parser
 from .cli import register
 
 

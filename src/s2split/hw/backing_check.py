@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..arch import size_name
-from ..errors import S2Error
+from ..arm64.arch import size_name
+from ..plumbing.errors import S2Error
 
 SMAPS = "/proc/self/smaps"
 THP = "/sys/kernel/mm/transparent_hugepage"

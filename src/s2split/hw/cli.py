@@ -22,12 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..options import (Parser, add_mode_aliases, add_upstream_options, int_arg, selected_modes,
-                       size_arg)
-from ..errors import S2Error
-from ..memstress import INT_MAX
+from ..selftest.options import (Parser, add_mode_aliases, add_upstream_options, int_arg,
+                                selected_modes, size_arg)
+from ..plumbing.errors import S2Error
+from ..selftest.memstress import INT_MAX
 
-DEFAULT_DB = "s2split-results.sqlite"  # s2split.store.DEFAULT_DB, without importing numpy
+DEFAULT_DB = "s2split-results.sqlite"  # s2split.storage.store.DEFAULT_DB, without importing numpy
 JSON_FORMAT = "s2split-hw-run/1"
 MIB = 1 << 20
 
@@ -200,13 +200,13 @@ def _host_page() -> int:
 
 
 def _write_json(path: str, doc: dict[str, Any]) -> None:
-    from ..output import write_atomic  # numpy-free, like the rest of hw run
+    from ..plumbing.output import write_atomic  # numpy-free, like the rest of hw run
     write_atomic(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
 def _open_store(path: str, create: bool = True):
     try:
-        from ..store import Store
+        from ..storage.store import Store
     except ImportError as e:
         raise S2Error(f"the results store cannot be opened here ({e}); write the results "
                       "with --json FILE and load them with 's2split hw import-json FILE' "
@@ -241,7 +241,7 @@ def _check_rows(batches: list[list[dict[str, Any]]], db: str) -> None:
     """Every row passes the store's own check (repetitions are numbered
     after the stored ones later, and checked again then)."""
     try:
-        from ..store import check_new_measurements
+        from ..storage.store import check_new_measurements
     except ImportError:
         return  # _open_store says why the store cannot be used
     check_new_measurements([r for b in batches for r in b], db)
@@ -251,7 +251,7 @@ def _check_rows(batches: list[list[dict[str, Any]]], db: str) -> None:
 def cmd_import(args: argparse.Namespace) -> int:
     from .selftest import import_rows, parse_output
 
-    from ..validate import read_bytes
+    from ..plumbing.validate import read_bytes
     every: list[list[dict[str, Any]]] = []
     for path in args.files:  # every file is read and checked before anything is stored
         text = read_bytes(path, "selftest output").decode("utf-8", errors="replace")
@@ -271,8 +271,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_import_json(args: argparse.Namespace) -> int:
-    from ..schemas import HW_RUN
-    from ..validate import check, read_json
+    from ..storage.schemas import HW_RUN
+    from ..plumbing.validate import check, read_json
     docs = []
     for path in args.files:  # every file is checked before anything is stored
         doc = read_json(path, "hw run JSON", invalid="is not JSON")
@@ -351,7 +351,7 @@ def pass_timeout_option(seconds: float | None) -> float | None:
 
 def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """The hw subcommands; returns their subparsers, for the subcommands that
-    need the model (``hw plan``, registered by :mod:`s2split.commands`)."""
+    need the model (``hw plan``, registered by :mod:`s2split.cli.commands`)."""
     hw = sub.add_parser("hw", help="real KVM: time the dirty-log ioctls, import upstream "
                         "results, compare kernels",
                         description="The real-KVM harness: 'run' times the "
@@ -361,7 +361,7 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     hsub = hw.add_subparsers(dest="hw_command", metavar="SUBCOMMAND", parser_class=Parser)
     hw.set_defaults(func=lambda a: (hw.print_help(), 2)[1])
 
-    from ..modes import modes_help
+    from ..selftest.modes import modes_help
     rp = hsub.add_parser("run", help="run the phases on this machine's KVM and store the times",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Run dirty_log_perf_test's phases on a real VM created on "

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import S2Error
+from ..plumbing.errors import S2Error
 
 TOTALS = {"get_dirty_log_total": "_get_dirty_log", "clear_dirty_log_total": "_clear_dirty_log"}
 
@@ -309,7 +309,7 @@ def _host_notes(ha: dict, hb: dict, a: str, b: str) -> list[str]:
 
 def _add_model(report: Report, configs: dict[str, dict], hosts: dict[str, list[dict]],
                profile: str | None) -> None:
-    from ..cost import load_profile
+    from ..estimate.cost import load_profile
     prof = load_profile(profile)
     report.profile = prof.name
     estimates: dict[str, dict[str, float]] = {}
@@ -340,8 +340,8 @@ def model_estimates(config: dict[str, Any], profile: Any,
                     host_page_size: int | None = None) -> dict[str, float]:
     """The model's estimate (ns) of each phase of a stored configuration, on a
     host kernel with ``host_page_size`` pages (None: the guest mode's)."""
-    from ..modes import GuestMode
-    from ..pgtable.variants import get
+    from ..selftest.modes import GuestMode
+    from ..model.pgtable.variants import get
     from ..workload import run_perf_test
     from .params import HwParams, mode_from_config
 

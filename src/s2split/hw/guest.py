@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..memstress import PRNG_MODULUS, PRNG_MULTIPLIER, guest_random_u32
+from ..selftest.memstress import PRNG_MODULUS, PRNG_MULTIPLIER, guest_random_u32
 
 VALUE_TAG = 0x5332_0000_0000_0000  # "S2": written values are VALUE_TAG | pass
 CTL_WRITE_PERCENT = 0

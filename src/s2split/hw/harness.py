@@ -27,11 +27,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..arch import size_name
-from ..errors import S2Error
-from ..phases import format_seconds, upstream_label
-from ..uapi import KVM_MEM_LOG_DIRTY_PAGES
-from ..phases import phase_names as _phase_names
+from ..arm64.arch import size_name
+from ..plumbing.errors import S2Error
+from ..selftest.phases import format_seconds, upstream_label
+from ..arm64.uapi import KVM_MEM_LOG_DIRTY_PAGES
+from ..selftest.phases import phase_names as _phase_names
 from . import guest as G
 from .kvm import (CAP_NAMES, KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
                   KVM_CAP_ARM_VM_IPA_SIZE, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
@@ -164,7 +164,7 @@ def run_config(p: HwParams, write: Writer = print, verify: bool = False,
 def check_backing_name(p: HwParams) -> None:
     """The model's rules for ``-s`` on this host (hugetlb sizes follow the
     host kernel's page size, not the guest mode's)."""
-    from ..kvm.backing import parse_backing
+    from ..model.kvm.backing import parse_backing
     parse_backing(p.backing, host_page_size())
 
 
@@ -319,7 +319,7 @@ def _check_memory(result: RunResult, m: Machine, layout: Layout, expected: _Expe
 
 def measurement_rows(result: RunResult, label: str, repetition: int, host: dict[str, Any],
                      source: str = "hw run") -> list[dict[str, Any]]:
-    """Rows for :meth:`s2split.store.Store.add_measurements`."""
+    """Rows for :meth:`s2split.storage.store.Store.add_measurements`."""
     config = result.params.to_config() | {"arch": host.get("arch"),
                                           "capabilities": result.capabilities}
     key = result.params.config_key()

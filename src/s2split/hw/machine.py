@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..errors import S2Error
+from ..plumbing.errors import S2Error
 from . import guest as G
 from .kvm import (ARM64_REG_PC, KVM_EXIT_INTR, KVM_EXIT_MMIO, HostMemory, Kvm, KvmError,
                   Memslot, Vcpu, Vm, arm64_xreg, cpuid_entries, host_arch, host_page_size,

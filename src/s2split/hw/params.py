@@ -3,7 +3,7 @@
 :class:`HwParams` carries the ``dirty_log_perf_test`` options of
 :class:`s2split.workload.PerfTestParams` that mean something on real hardware,
 plus the eager-split chunk size. :func:`memstress_layout` places memory with
-the model's own code (:mod:`s2split.memstress`, numpy-free like everything
+the model's own code (:mod:`s2split.selftest.memstress`, numpy-free like everything
 ``hw run`` imports), so the harness puts memory exactly where the model does.
 """
 
@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..arch import size_name
-from ..errors import S2Error
-from ..memstress import Layout
-from ..memstress import memstress_layout as _layout
-from ..memstress import check_upstream_options, upstream_argv, vcpu_seed
-from ..modes import MODES, GuestMode, parse_mode
+from ..arm64.arch import size_name
+from ..plumbing.errors import S2Error
+from ..selftest.memstress import Layout
+from ..selftest.memstress import memstress_layout as _layout
+from ..selftest.memstress import check_upstream_options, upstream_argv, vcpu_seed
+from ..selftest.modes import MODES, GuestMode, parse_mode
 
 
 @dataclass(frozen=True)

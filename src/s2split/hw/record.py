@@ -51,11 +51,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import S2Error
+from ..plumbing.errors import S2Error
 from .probes import (PROBES, VISIT_CTX_LEVEL_OFFSET, Probe, Symbols, btf_args,  # noqa: F401
                      el2_functions, kvm_mode)
 
-#: ``s2split.fidelity.FIXTURE_FORMAT`` (not imported: that module needs numpy).
+#: ``s2split.tasks.fidelity.FIXTURE_FORMAT`` (not imported: that module needs numpy).
 FIXTURE_FORMAT = "s2split-real-kernel-counts/1"
 TRACEFS_MOUNTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 KALLSYMS = "/proc/kallsyms"
@@ -419,8 +419,8 @@ def selftest_command(p: Any, host_page: int, cpu: str | None) -> str:
     """The recorded run as a ``dirty_log_perf_test`` command (``-k`` for the
     chunk size, as the fixtures' selftest; ``--host-page-size`` and ``--cpu``
     only where the model must be told)."""
-    from ..arch import size_name
-    from ..memstress import upstream_argv
+    from ..arm64.arch import size_name
+    from ..selftest.memstress import upstream_argv
     argv = ["dirty_log_perf_test", *upstream_argv(p)]
     if p.chunk_size is not None:
         argv += ["-k", size_name(p.chunk_size) if p.chunk_size else "0"]
@@ -471,7 +471,7 @@ def record_runs(args: argparse.Namespace, recorder: Recorder, write: Callable[[s
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from ..output import write_atomic
+    from ..plumbing.output import write_atomic
     from .cli import run_params
 
     if args.db is not None or args.json is not None:
@@ -582,7 +582,7 @@ def host_recorder(fs: Tracefs, mode: str | None = None) -> Recorder:
 
 def _check_variant(name: str) -> None:
     try:
-        from ..pgtable.variants import get
+        from ..model.pgtable.variants import get
     except ImportError:
         return  # a bare Python: 's2split fidelity' checks the name
     get(name)
@@ -609,7 +609,7 @@ def add_record_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser():
-    from ..options import Parser
+    from ..selftest.options import Parser
     p = Parser(prog="s2split fidelity record",
                description="Record the real kernel's stage-2 call counts while the "
                "dirty_log_perf_test phases run on this host's KVM (the 'hw run' options), "
@@ -621,7 +621,7 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..console import run_command
+    from ..plumbing.console import run_command
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     return run_command(args, "fidelity record")
 

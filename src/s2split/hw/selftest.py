@@ -23,9 +23,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import S2Error
-from ..phases import ITERATION_PHASES
-from ..modes import MODES, GuestMode
+from ..plumbing.errors import S2Error
+from ..selftest.phases import ITERATION_PHASES
+from ..selftest.modes import MODES, GuestMode
 
 _T = r"(\d+)\.(\d{9})s"
 RE = {
@@ -252,7 +252,7 @@ def _add_selftest_options(p) -> None:
     steer the host, or move memory the output's own lines place), -e and -n
     are refused; -b, -i and -r default to None, "not given", so the output's
     own figures can be checked against them."""
-    from ..options import add_upstream_options, int_arg
+    from ..selftest.options import add_upstream_options, int_arg
     add_upstream_options(p)
     p.add_argument("-c", dest="pin", default=None)
     p.add_argument("-e", dest="evil", action="store_true")
@@ -265,13 +265,13 @@ def _add_selftest_options(p) -> None:
 
 def _chunk_size(text: str) -> int:
     """``-k`` of the patched test (contrib/): a size, ``0`` for off."""
-    from ..options import size_arg
+    from ..selftest.options import size_arg
     return 0 if text.strip() == "0" else size_arg("-k")(text)
 
 
 def _parse_args(text: str) -> dict[str, Any]:
     """The upstream options that shape the configuration."""
-    from ..options import parse_command
+    from ..selftest.options import parse_command
     where = f"--args {text!r}"
     ns, extra = parse_command(text, where, _add_selftest_options)
     if extra:

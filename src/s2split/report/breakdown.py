@@ -1,6 +1,6 @@
 """Estimated time per kernel operation: the counters mapped to what the kernel does.
 
-The counters (:mod:`s2split.counters`) are addressed by operation x kind x
+The counters (:mod:`s2split.counting.counters`) are addressed by operation x kind x
 level; a reader of the series thinks in kernel operations instead. This module
 is the ONE place where counters become operations. Every ``(op, kind)`` pair
 belongs to exactly one category, so the categories of a cell add up to its
@@ -45,8 +45,8 @@ from typing import Iterable
 
 import numpy as np
 
-from ..counters import KINDS, NKINDS, NOPS, OPS, SLOTS, slot_level
-from ..counts import Counts
+from ..counting.counters import KINDS, NKINDS, NOPS, OPS, SLOTS, slot_level
+from ..counting.counts import Counts
 
 SPLIT_WALK = "split walk"
 WRPROTECT_WALK = "write-protect walk"
@@ -175,13 +175,13 @@ def read_hits(counts: Counts) -> dict[Key, tuple[int, ...]]:
     write-protect walk and table building per (category, level), as counts
     in L1, L2, LLC and DRAM (the ``hit_*`` counters; their estimated time is
     already in the category's row above)."""
-    from ..explain import read_hits as by_op
+    from ..tasks.explain import read_hits as by_op
     return {(_HIT_CATEGORY[op], level): h for op, level, h in by_op(counts)}
 
 
 def hits_text(h: tuple[int, ...]) -> str:
     """``L1 87.5%, DRAM 12.5%``."""
-    from ..explain import hits_text as text
+    from ..tasks.explain import hits_text as text
     return text(h)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..arch import granule_name
+from ..arm64.arch import granule_name
 from . import breakdown as B
 
 _COLOURS = {B.SPLIT_WALK: "Blues", B.WRPROTECT_WALK: "Oranges", B.TABLE_BUILDING: "Greens",
@@ -31,7 +31,7 @@ def write_breakdown_plots(outcome, directory: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..reproduce import BACKING_LABELS
+    from ..tasks.reproduce import BACKING_LABELS
     from .plots import save_figure
 
     m = outcome.matrix

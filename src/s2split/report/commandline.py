@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..arch import granule_name, size_name
+from ..arm64.arch import granule_name, size_name
 
 
 def matrix_argv(m: Any, profile: str | None = None) -> list[str]:
@@ -19,7 +19,7 @@ def matrix_argv(m: Any, profile: str | None = None) -> list[str]:
         argv += ["--backing", ",".join(m.backings)]
     if m.scenarios != ("clear", "enable"):
         argv += ["--scenario", ",".join(m.scenarios)]
-    from ..pgtable.variants import DEFAULT_VARIANTS
+    from ..model.pgtable.variants import DEFAULT_VARIANTS
     if tuple(m.variants) != tuple(DEFAULT_VARIANTS):
         argv += ["--variant", ",".join(m.variants)]
     if m.chunk is not None:

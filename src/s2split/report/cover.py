@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..arch import granule_name, size_name
+from ..arm64.arch import granule_name, size_name
 from .document import Bullets, Code, Column, Document, Para, Section, Table
 from .mail import ReportData, _label, build_document, gains_sentences, report_command
 
 
 def twins(data: ReportData) -> dict[str, tuple[str, str]]:
     """Variant -> (the earlier variant whose work it does in every cell, why)."""
-    from ..explain import same_work
+    from ..tasks.explain import same_work
     o, m = data.outcome, data.matrix
     cells = data.cells()
     out: dict[str, tuple[str, str]] = {}
@@ -63,7 +63,7 @@ def _iv(data: ReportData, s: str, b: str, v: str) -> dict:
 
 
 def _cell_text(iv: Any, measured: Any = None, show: bool = False) -> str:
-    from ..intervals import fmt_interval
+    from ..estimate.intervals import fmt_interval
     text = "n/a" if iv is None else fmt_interval(iv.point, iv.low, iv.high).replace(" (", "\n(")
     if show:
         text += "\n" + ("m -" if measured is None or measured.saved is None
@@ -72,7 +72,7 @@ def _cell_text(iv: Any, measured: Any = None, show: bool = False) -> str:
 
 
 def savings_table(data: ReportData, shown: list[str]) -> Table:
-    from ..reproduce import BACKING_LABELS
+    from ..tasks.reproduce import BACKING_LABELS
     from .reproduce import _avg_exact
     m = data.matrix
     many = len(shown) > 1
@@ -100,7 +100,7 @@ def gains_items(data: ReportData, shown: list[str]) -> list[str]:
     """Per scenario and backing, at the first granule: the sentences on the
     largest change of each shown variant (the saving itself is in the table),
     one bullet for the backings that say the same."""
-    from ..reproduce import BACKING_LABELS
+    from ..tasks.reproduce import BACKING_LABELS
     m = data.matrix
     g = m.granules[0]
     out: list[str] = []
@@ -130,9 +130,9 @@ def measured_notes(data: ReportData) -> list[str]:
 
 
 def cover_sections(data: ReportData, plan_lines: list[str], plan_command: str) -> list[Section]:
-    from ..reproduce import SCENARIOS
-    from ..versions import DEFAULT_KERNEL
-    from .. import __version__
+    from ..tasks.reproduce import SCENARIOS
+    from ..arm64.versions import DEFAULT_KERNEL
+    from s2split import __version__
     m, p = data.matrix, data.profile
     same = twins(data)
     shown = [v for v in m.variants if v != "vanilla" and v not in same]

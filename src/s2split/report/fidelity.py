@@ -6,7 +6,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from ..fidelity import Row, RunCheck
+from ..tasks.fidelity import Row, RunCheck
 
 
 def _say(console: Console, text: str) -> None:

@@ -1,19 +1,19 @@
 """The report's section on the first split and the steady state
-(:mod:`s2split.per_iteration`): why the clear scenario's total depends on
+(:mod:`s2split.tasks.per_iteration`): why the clear scenario's total depends on
 ``--iterations``, per cell and variant."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..arch import granule_name
+from ..arm64.arch import granule_name
 from .document import Column, Para, Section, Table
 
 
 def _rows(data: Any, twins: bool = True):
     """``twins``: also variants doing exactly the work of one before them."""
-    from ..explain import same_work
-    from ..per_iteration import split_parts, steady_repeats
+    from ..tasks.explain import same_work
+    from ..tasks.per_iteration import split_parts, steady_repeats
     o, m = data.outcome, data.matrix
     for s in m.scenarios:
         for b in m.backings:
@@ -34,9 +34,9 @@ def _rows(data: Any, twins: bool = True):
 
 
 def iterations_section(data: Any) -> Section:
-    from ..intervals import fmt_interval
-    from ..per_iteration import sentence
-    from ..reproduce import BACKING_LABELS
+    from ..estimate.intervals import fmt_interval
+    from ..tasks.per_iteration import sentence
+    from ..tasks.reproduce import BACKING_LABELS
     m, p = data.matrix, data.profile
     sec = Section("First split and steady state", [Para(
         f"The clear scenario times all {m.iterations} KVM_CLEAR_DIRTY_LOG calls (--iterations "

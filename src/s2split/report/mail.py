@@ -12,7 +12,7 @@ are missing are computed, exactly as ``s2split reproduce`` computes them):
   measurements of the same configurations (median, 95% bootstrap CI, runs);
 * **Exact invocations** -- the model's command per cell and variant, and the
   ``s2split hw run`` commands that measure each cell on a real host;
-* **Where the gains are** -- :mod:`s2split.explain`'s sentences;
+* **Where the gains are** -- :mod:`s2split.tasks.explain`'s sentences;
 * **Sensitivity** -- each saving's exact range over the cost ranges under
   every shipped profile, and the costs that move it most (:mod:`.sensitivity`);
 * **Per-operation breakdown** -- each cell's estimate per kernel operation
@@ -35,10 +35,10 @@ import sys
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
-from .. import __version__
-from ..arch import granule_name, size_name
-from ..counters import HIT_KINDS
-from ..errors import S2Error
+from s2split import __version__
+from ..arm64.arch import granule_name, size_name
+from ..counting.counters import HIT_KINDS
+from ..plumbing.errors import S2Error
 from .document import Bullets, Code, Column, Document, Para, Section, Table
 from .iterations import iterations_json, iterations_section
 
@@ -91,7 +91,7 @@ class MeasuredCell:
 
 @dataclass
 class ReportData:
-    outcome: Any  # s2split.reproduce.Outcome of the matrix's profile
+    outcome: Any  # s2split.tasks.reproduce.Outcome of the matrix's profile
     by_profile: dict[str, Any]  # profile name -> Outcome (sensitivity)
     labels: tuple[str, str] | None = None
     measured_variant: str = ""
@@ -133,7 +133,7 @@ def _check_db(path: str) -> None:
     missing one is created, as reproduce does."""
     if not os.path.exists(path):
         return
-    from ..store import Store
+    from ..storage.store import Store
     Store.open(path, create=False).close()
 
 
@@ -142,7 +142,7 @@ def gather(args: argparse.Namespace, matrix: Any, run_matrix: RunMatrix,
     """Every number the report shows: cells (computed where missing, by
     ``run_matrix``, reproduce's machinery) under the matrix's profile and every
     shipped profile, and the measurements."""
-    from ..cost import builtin_profiles, load_profile
+    from ..estimate.cost import builtin_profiles, load_profile
 
     _check_db(args.db)
     if args.measured:
@@ -173,7 +173,7 @@ def label_for(label: str, granule: int) -> str:
 
 
 def _check_labels(db: str, labels: list[str]) -> None:
-    from ..store import Store
+    from ..storage.store import Store
     if not os.path.exists(db):
         raise S2Error(f"{db}: no such results database, so no measurements labelled "
                       f"'{labels[0]}'")
@@ -191,7 +191,7 @@ def _check_labels(db: str, labels: list[str]) -> None:
 def _add_measurements(data: ReportData, db: str, base: str, patched: str) -> None:
     """``hw compare BASE PATCHED`` with its defaults, and its rows of the cells."""
     from ..hw.compare import compare_labels
-    from ..store import Store
+    from ..storage.store import Store
     store = Store.open(db, create=False)
     rows: dict[tuple[int, str, str], Any] = {}
     data.compare_notes = []
@@ -248,7 +248,7 @@ def vanilla_ns(outcome: Any, cell: Cell) -> float:
 
 
 def _label(cell: Cell) -> str:
-    from ..reproduce import BACKING_LABELS
+    from ..tasks.reproduce import BACKING_LABELS
     g, b, s = cell
     return f"{s}, {BACKING_LABELS[b]}, {granule_name(g)}"
 
@@ -260,8 +260,8 @@ def _variant_header(v: str) -> str:
 # -- the document ------------------------------------------------------------------------
 
 def setup_section(data: ReportData) -> Section:
-    from ..reproduce import SCENARIOS
-    from ..versions import DEFAULT_KERNEL
+    from ..tasks.reproduce import SCENARIOS
+    from ..arm64.versions import DEFAULT_KERNEL
     p, m = data.profile, data.matrix
     chunk = size_name(m.chunk) if m.chunk else "the PMD block size of each granule (" + \
         ", ".join(f"{granule_name(g)}: {size_name(m.chunk_for(g))}" for g in m.granules) + ")"
@@ -283,7 +283,7 @@ def setup_section(data: ReportData) -> Section:
 
 def report_command(data: ReportData) -> str:
     """The ``s2split report`` command that computes this report's numbers."""
-    from ..reproduce import profile_option
+    from ..tasks.reproduce import profile_option
     from .commandline import matrix_argv
     m = data.matrix
     argv = ["s2split", "report", *matrix_argv(m, profile_option(data.profile))]
@@ -296,7 +296,7 @@ def report_command(data: ReportData) -> str:
 
 
 def savings_section(data: ReportData) -> Section:
-    from ..reproduce import BACKING_LABELS, SCENARIOS
+    from ..tasks.reproduce import BACKING_LABELS, SCENARIOS
     from .reproduce import _avg_exact, time_intervals
     o, m = data.outcome, data.matrix
     sec = Section("Estimated saving against vanilla", [Para(
@@ -331,7 +331,7 @@ def savings_section(data: ReportData) -> Section:
 
 
 def _pct_iv(iv: Any) -> str:
-    from ..intervals import fmt_interval
+    from ..estimate.intervals import fmt_interval
     return "n/a" if iv is None else fmt_interval(iv.point, iv.low, iv.high).replace(" (", "\n(")
 
 
@@ -375,7 +375,7 @@ def measured_section(data: ReportData) -> Section:
 
 
 def invocations_section(data: ReportData) -> Section:
-    from ..reproduce import profile_option, reproduce_command
+    from ..tasks.reproduce import profile_option, reproduce_command
     o, m = data.outcome, data.matrix
     # one label per kernel and granule, as hw plan labels its boots
     base, patched = data.labels or ("baseline-{granule}", "patched-{granule}")
@@ -405,10 +405,10 @@ def invocations_section(data: ReportData) -> Section:
 
 
 def gains_sentences(outcome: Any, cell: Cell) -> list[str]:
-    """:mod:`s2split.explain`'s sentences for one cell: each variant that does
+    """:mod:`s2split.tasks.explain`'s sentences for one cell: each variant that does
     other work than one already explained, then which do identical work."""
-    from ..explain import identical_work, same_work, sentences
-    from ..reproduce import syscall_phases
+    from ..tasks.explain import identical_work, same_work, sentences
+    from ..tasks.reproduce import syscall_phases
     g, b, s = cell
     m = outcome.matrix
     n = len(syscall_phases(s, m.iterations))
@@ -438,8 +438,8 @@ def sensitivity_rows(data: ReportData) -> list[dict[str, Any]]:
     every shipped profile, and what moves it under the report's profile
     (:mod:`.sensitivity`); a variant doing exactly the work of one before it
     shares that one's analysis."""
-    from ..explain import same_work
-    from ..intervals import saving_interval
+    from ..tasks.explain import same_work
+    from ..estimate.intervals import saving_interval
     from .sensitivity import analyse
     m, o = data.matrix, data.outcome
     out = []
@@ -471,13 +471,13 @@ def sensitivity_rows(data: ReportData) -> list[dict[str, Any]]:
 
 
 def _granule_bytes(name: str) -> int:
-    from ..arch import parse_granule
+    from ..arm64.arch import parse_granule
     return parse_granule(name)
 
 
 def sensitivity_section(data: ReportData, rows: list[dict[str, Any]]) -> Section:
-    from ..intervals import fmt_interval
-    from ..reproduce import BACKING_LABELS
+    from ..estimate.intervals import fmt_interval
+    from ..tasks.reproduce import BACKING_LABELS
     from .sensitivity import statement
     m = data.matrix
     names = list(data.by_profile)
@@ -561,7 +561,7 @@ def breakdown_section(data: ReportData) -> Section:
 def tlbi_notes(counts: dict[str, Any]) -> list[str]:
     """TLBI instructions by kind (exact), per variant; variants with the same
     instructions share a line."""
-    from ..kernel_counters import tlbi_instructions
+    from ..counting.kernel_counters import tlbi_instructions
     lines: dict[str, list[str]] = {}
     for v, c in counts.items():
         kinds = tlbi_instructions(c)
@@ -601,9 +601,9 @@ def build_document(data: ReportData) -> Document:
 def report_json(data: ReportData) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from ..reproduce import matrix_summary, profile_option, reproduce_command
-    from ..kernel_counters import tlbi_instructions
-    from ..versions import DEFAULT_KERNEL
+    from ..tasks.reproduce import matrix_summary, profile_option, reproduce_command
+    from ..counting.kernel_counters import tlbi_instructions
+    from ..arm64.versions import DEFAULT_KERNEL
     from . import breakdown as B
     from .reproduce import outcome_json
     o, m, p = data.outcome, data.matrix, data.profile
@@ -743,13 +743,13 @@ def run_report(args: argparse.Namespace, matrix: Any, run_matrix: RunMatrix,
         except OSError as e:
             raise S2Error(f"--plots {args.plots}: cannot write ({e.strerror or e})") from None
     if fmt == "rich" and not to_file:
-        from ..console import rich_console
+        from ..plumbing.console import rich_console
         from .document import render_rich
         render_rich((build or build_document)(data), rich_console())
         return 0
     text = render(data, fmt, build)
     if to_file:
-        from ..output import write_atomic
+        from ..plumbing.output import write_atomic
         write_atomic(args.output, text)
         print(f"wrote the report ({fmt}) to {args.output}")
     else:
@@ -774,7 +774,7 @@ DESCRIPTION = (
 
 def add_report_options(p: argparse.ArgumentParser) -> None:
     """The options of ``s2split report`` beyond reproduce's matrix options."""
-    from ..options import int_arg
+    from ..selftest.options import int_arg
     o = p.add_argument_group("the report")
     o.add_argument("--format", choices=FORMATS, default=None,
                    help="text (ASCII, 80 columns, for mail), markdown, json or rich "

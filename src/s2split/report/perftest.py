@@ -8,12 +8,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..arch import size_name
-from ..cost import Profile, format_seconds
-from ..counts import Counts
-from ..kernel_counters import kernel_counts
-from ..versions import kernel_rules
-from ..phases import upstream_label
+from ..arm64.arch import size_name
+from ..estimate.cost import Profile, format_seconds
+from ..counting.counts import Counts
+from ..counting.kernel_counters import kernel_counts
+from ..arm64.versions import kernel_rules
+from ..selftest.phases import upstream_label
 from ..workload import RunResult
 from . import saving
 

@@ -31,8 +31,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..arch import granule_name, size_name
-from ..errors import S2Error
+from ..arm64.arch import granule_name, size_name
+from ..plumbing.errors import S2Error
 from .commandline import matrix_argv
 
 PLAN_FORMAT = "s2split-hw-plan/1"
@@ -137,7 +137,7 @@ def peak_table_pages(cell: dict[str, Any]) -> int:
 
 
 def _backing(outcome: Any, cell: tuple[int, str, str]) -> Any:
-    from ..kvm.backing import parse_backing
+    from ..model.kvm.backing import parse_backing
     g, b, s = cell
     return parse_backing(outcome.params[cell].backing, g)
 
@@ -190,7 +190,7 @@ def run_seconds(outcome: Any, cell: tuple[int, str, str], variant: str,
 
 def upstream_command(params: Any) -> str:
     """The same run with the upstream selftest, once the patch gives it -k."""
-    from ..memstress import upstream_argv
+    from ..selftest.memstress import upstream_argv
     argv = ["./dirty_log_perf_test", *upstream_argv(params)]
     if params.chunk_size is not None:
         argv += ["-k", size_name(params.chunk_size) if params.chunk_size else "0"]
@@ -198,7 +198,7 @@ def upstream_command(params: Any) -> str:
 
 
 def build_plan(outcome: Any, opts: PlanOptions, report_command: str) -> Plan:
-    from ..reproduce import syscall_phases
+    from ..tasks.reproduce import syscall_phases
     from .mail import hw_params, hw_run_command
     m = outcome.matrix
     others = [v for v in m.variants if v != "vanilla"]
@@ -405,7 +405,7 @@ PLAN_FORMATS = ("text", "markdown", "json", "sh")
 
 def add_plan_options(p: Any) -> None:
     """``hw plan``'s options beyond reproduce's matrix options."""
-    from ..options import size_arg
+    from ..selftest.options import size_arg
     from .mail import _labels
     o = p.add_argument_group("the plan")
     o.add_argument("--labels", nargs=2, type=_labels, metavar=("BASE", "PATCHED"),
@@ -474,7 +474,7 @@ def run_plan(args: Any, matrix: Any, run_matrix: Any) -> int:
     import os
     import sys
 
-    from ..output import write_atomic
+    from ..plumbing.output import write_atomic
     from .document import render_markdown, render_text
     opts = PlanOptions(labels=tuple(args.labels), variant=args.patched_variant or "",
                        cv=args.cv, noise_ns=args.noise * 1e3, ci_width=args.ci_width,

@@ -10,15 +10,15 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from ..arch import granule_name
-from ..reproduce import BACKING_LABELS, Outcome
+from ..arm64.arch import granule_name
+from ..tasks.reproduce import BACKING_LABELS, Outcome
 
 TOP_KINDS = 7
 
 
 def save_figure(fig, base: Path) -> list[str]:
     """Write ``fig`` as ``base.png`` and ``base.svg``, each atomically."""
-    from ..output import write_atomic
+    from ..plumbing.output import write_atomic
     out = []
     for ext in ("png", "svg"):
         buf = io.BytesIO()

@@ -7,7 +7,7 @@ read, visitor calls), which is exact. Then, per cell, the one ``s2split
 perf-test`` command that reproduces it.
 
 Every estimated saving carries its exact range over the profile's cost ranges
-(:mod:`s2split.intervals`): ``15.1% (9.8-22.4)``.
+(:mod:`s2split.estimate.intervals`): ``15.1% (9.8-22.4)``.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..arch import granule_name
-from ..counts import Counts
-from ..kernel_counters import tlbi_instructions
-from ..intervals import Interval, MeanInterval, fmt_interval, mean_interval, saving_interval
-from ..reproduce import BACKING_LABELS, SCENARIOS, Outcome, profile_option, \
-    reproduce_command
+from ..arm64.arch import granule_name
+from ..counting.counts import Counts
+from ..counting.kernel_counters import tlbi_instructions
+from ..estimate.intervals import (Interval, MeanInterval, fmt_interval, mean_interval,
+                                  saving_interval)
+from ..tasks.reproduce import BACKING_LABELS, SCENARIOS, Outcome, profile_option, \
+          reproduce_command
 from . import saving
 
 
@@ -53,7 +54,7 @@ def time_intervals(outcome: Outcome, scenario: str, backing: str, variant: str
                    ) -> dict[int | str, "Interval | MeanInterval | None"]:
     """The estimated time saved per granule with its exact interval over the
     profile's cost ranges, and ('avg') their mean with the mean of the
-    extremes (see :func:`s2split.intervals.mean_interval`). Computed once per
+    extremes (see :func:`s2split.estimate.intervals.mean_interval`). Computed once per
     outcome and row: the tables and the JSON ask again."""
     memo = outcome.__dict__.setdefault("_time_intervals", {})
     key = (scenario, backing, variant, outcome.profile.name, outcome.matrix.granules)
@@ -201,8 +202,8 @@ def outcome_json(outcome: Outcome) -> dict[str, Any]:
 
 
 def parts_json(outcome: Outcome, s: str, b: str, v: str) -> dict[str, list[dict[str, Any]]]:
-    """Per granule: the first split and the steady state (:mod:`s2split.per_iteration`)."""
-    from ..per_iteration import split_parts
+    """Per granule: the first split and the steady state (:mod:`s2split.tasks.per_iteration`)."""
+    from ..tasks.per_iteration import split_parts
     out = {}
     for g in outcome.matrix.granules:
         parts = split_parts(outcome.profile, s, outcome.matrix.iterations,
@@ -219,7 +220,7 @@ def parts_json(outcome: Outcome, s: str, b: str, v: str) -> dict[str, list[dict[
 def parts_table(outcome: Outcome) -> Table:
     """First split and steady state, per cell: where the total's dependence
     on ``--iterations`` comes from."""
-    from ..per_iteration import split_parts
+    from ..tasks.per_iteration import split_parts
     m = outcome.matrix
     t = Table(title=f"Per syscall, first split and steady state ({m.iterations} iterations; "
               f"estimates under profile {outcome.profile.name}): the part's own saving, and "
@@ -229,7 +230,7 @@ def parts_table(outcome: Outcome) -> Table:
         t.add_column(col)
     for col in ("vanilla est.", "own saving", "points"):
         t.add_column(col, justify="right")
-    from ..explain import same_work
+    from ..tasks.explain import same_work
     for s in m.scenarios:
         for b in m.backings:
             shown: list[str] = []

@@ -26,8 +26,8 @@ def _pct(x: float | None) -> str:
 
 def print_fit(fit: Any, source: str, predictions: list[Any], cells: Any,
               output: str | None) -> None:
-    from ..calibrate_savings import SCALE_FREE
-    from ..console import rich_console
+    from ..tasks.calibrate_savings import SCALE_FREE
+    from ..plumbing.console import rich_console
     console = rich_console()
     conf = f"{100 * fit.confidence:g}%"
     console.print(f"Fitting unit costs to {len(fit.rows)} published saving(s) from {source}, "

@@ -1,7 +1,7 @@
 """What moves each saving: the costs that decide it over their ranges.
 
 A variant's saving in a cell is ``100 (1 - (v . c) / (b . c))`` in the unit
-costs ``c`` (:mod:`s2split.intervals`). Over the box of the profile's cost
+costs ``c`` (:mod:`s2split.estimate.intervals`). Over the box of the profile's cost
 ranges it lies in an exact interval; this module says *which* costs move it
 there, two ways:
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..counts import Counts
-from ..intervals import Interval, saving_interval
+from ..counting.counts import Counts
+from ..estimate.intervals import Interval, saving_interval
 
 #: Base samples of Saltelli's scheme (a power of two, as Sobol' sequences
 #: want); evaluations are N (D + 2) dot products, cheap.
