@@ -8,18 +8,16 @@ live in :class:`s2split.model.kvm.vm.VMBase`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from ...counting.counters import K_BITMAP_WORDS, NOLEVEL, SLOTS
+from .kvm_host import Kvm
 from .memslot import WORD_BITS, Memslot
 from .mmu import (MmuCtx, kvm_arch_mmu_enable_log_dirty_pt_masked,
                   kvm_flush_remote_tlbs_memslot, mmu_hook)
 
-if TYPE_CHECKING:
-    from .vm import VM
 
-
-def kvm_get_dirty_log_protect(vm: "VM", slot: Memslot) -> list[int]:
+def kvm_get_dirty_log_protect(vm: Kvm, slot: Memslot) -> list[int]:
     """Return the slot's dirty bitmap. With manual-protect it is only copied;
     without, each dirty word is taken (cleared) and its pages write-protected."""
     bitmap = slot.dirty_bitmap
@@ -42,7 +40,7 @@ def kvm_get_dirty_log_protect(vm: "VM", slot: Memslot) -> list[int]:
     return out
 
 
-def kvm_clear_dirty_log_protect(vm: "VM", slot: Memslot, first_page: int, num_pages: int,
+def kvm_clear_dirty_log_protect(vm: Kvm, slot: Memslot, first_page: int, num_pages: int,
                                 bitmap: Sequence[int]) -> None:
     """Clear the bits of ``bitmap`` (relative to ``first_page``) that are set in
     the kernel's bitmap, write-protecting (and maybe splitting) per word."""

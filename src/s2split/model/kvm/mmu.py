@@ -7,10 +7,11 @@ work they start is counted by the stage-2 operations themselves.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from ...arm64 import pte as P
 from ...arm64 import rules as R
+from ...arm64.arch import Geometry
 from ...counting.counters import (K_ABORTS, K_CACHE_PAGES_ALLOC, K_DIRTY_MARKED, K_FLUSH_MEMSLOT,
                                   K_LOCK_DROPS, K_LOG_DIRTY_MASKED, K_MMIO_EXITS, K_PERM_FAULTS,
                                   K_SPLIT_CHUNKS, K_SPLIT_HUGE_PAGES, K_SPLIT_TOPUPS,
@@ -21,11 +22,9 @@ from ...plumbing.errors import EAGAIN
 from ..pgtable import tlb
 from ..pgtable.walker import HANDLE_FAULT, SHARED
 from ...arm64.uapi import KVM_MEM_LOG_DIRTY_PAGES
+from .kvm_host import Kvm, KvmArch, KvmVcpu
 from .memslot import Memslot, ffs, fls
 
-if TYPE_CHECKING:
-    from ...arm64.arch import Geometry
-    from .vm import VM, VMBase, Vcpu
 
 #: ``KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE`` on arm64.
 VCPU_CACHE_CAPACITY = 40
@@ -38,25 +37,25 @@ class MmuCtx:
 
     __slots__ = ("vm", "slot", "a0", "a1", "words")
 
-    def __init__(self, vm: "VM", slot: Memslot, a0: int, a1: int, words: Any = ()):
+    def __init__(self, vm: Kvm, slot: Memslot, a0: int, a1: int, words: Any = ()):
         self.vm, self.slot, self.a0, self.a1, self.words = vm, slot, a0, a1, words
 
 
-def mmu_hook(vm: "VM", name: str) -> Callable | None:
+def mmu_hook(vm: Kvm, name: str) -> Callable | None:
     """The variant's hook replacing MMU function ``name``, or None."""
     return vm.variant.mmu.get(name)
 
 
-def _k(vm: "VM", kind: int, n: int = 1) -> None:
+def _k(vm: Kvm, kind: int, n: int = 1) -> None:
     vm.k[kind * SLOTS + NOLEVEL] += n
 
 
-def kvm_mmu_cache_min_pages(vm: "VM") -> int:
+def kvm_mmu_cache_min_pages(vm: Kvm) -> int:
     """Pages a fault may need: one per level below the root."""
     return vm.geom.levels - 1
 
 
-def kvm_mmu_split_nr_page_tables(vm: "VMBase", size: int) -> int:
+def kvm_mmu_split_nr_page_tables(vm: KvmArch, size: int) -> int:
     """Table pages to split ``size`` bytes of blocks to pages (the split
     cache's capacity; :func:`s2split.arm64.rules.split_nr_page_tables`)."""
     geom = vm.geom
@@ -88,12 +87,12 @@ def stage2_apply_range(geom: Geometry, addr: int, end: int,
             return 0
 
 
-def kvm_stage2_wp_range(vm: "VM", addr: int, end: int) -> None:
+def kvm_stage2_wp_range(vm: Kvm, addr: int, end: int) -> None:
     """``kvm_stage2_wp_range()``: a wrprotect walk per piece of the range."""
     stage2_apply_range(vm.geom, addr, end, vm.pgt.wrprotect)
 
 
-def kvm_stage2_unmap_range(vm: "VM", addr: int, size: int) -> None:
+def kvm_stage2_unmap_range(vm: Kvm, addr: int, size: int) -> None:
     """``kvm_stage2_unmap_range()``, as ``kvm_arch_flush_shadow_memslot()``
     calls it on deleting a memslot: an unmap walk per piece, so a slot that
     crosses a 1G (4K pages) boundary takes two walks, and with FWB and
@@ -101,7 +100,7 @@ def kvm_stage2_unmap_range(vm: "VM", addr: int, size: int) -> None:
     stage2_apply_range(vm.geom, addr, addr + size, vm.pgt.unmap)
 
 
-def kvm_stage2_destroy(vm: "VM") -> None:
+def kvm_stage2_destroy(vm: Kvm) -> None:
     """Tear the stage-2 down: 6.12 frees it in one walk; 6.17+ walks it one
     ``granule(KVM_PGTABLE_MIN_BLOCK_LEVEL)`` chunk at a time (rescheduling in
     between), then frees the root."""
@@ -118,21 +117,21 @@ def kvm_stage2_destroy(vm: "VM") -> None:
     pgt.destroy_pgd()
 
 
-def kvm_flush_remote_tlbs_memslot(vm: "VM", slot: Memslot) -> None:
+def kvm_flush_remote_tlbs_memslot(vm: Kvm, slot: Memslot) -> None:
     """``kvm_flush_remote_tlbs_memslot()`` -> ``kvm_tlb_flush_vmid_range()``."""
     _k(vm, K_FLUSH_MEMSLOT)
     tlb.flush_vmid_range(vm.k, vm.features, slot.base_gpa, slot.size, vm.geom.page_shift,
                          vm.geom.lpa2, vm.pgt.tracer)
 
 
-def kvm_mmu_wp_memory_region(vm: "VM", slot: Memslot) -> None:
+def kvm_mmu_wp_memory_region(vm: Kvm, slot: Memslot) -> None:
     kvm_stage2_wp_range(vm, slot.base_gpa, slot.end_gpa)
     kvm_flush_remote_tlbs_memslot(vm, slot)
 
 
 # -- eager splitting ---------------------------------------------------------
 
-def kvm_mmu_split_huge_pages(vm: "VM", slot: Memslot, addr: int, end: int) -> int:
+def kvm_mmu_split_huge_pages(vm: Kvm, slot: Memslot, addr: int, end: int) -> int:
     """``kvm_mmu_split_huge_pages()`` for ``[addr, end)`` of ``slot``: the
     variant's hook, or vanilla's :func:`split_huge_pages_body`."""
     hook = mmu_hook(vm, "split_huge_pages")
@@ -141,7 +140,7 @@ def kvm_mmu_split_huge_pages(vm: "VM", slot: Memslot, addr: int, end: int) -> in
     return split_huge_pages_body(vm, addr, end)
 
 
-def split_huge_pages_body(vm: "VM", addr: int, end: int) -> int:
+def split_huge_pages_body(vm: Kvm, addr: int, end: int) -> int:
     """Split ``[addr, end)`` chunk by chunk, topping the split cache up first.
 
     Best effort: a failed top-up or split ends the loop. The kernel also drops
@@ -174,11 +173,11 @@ def split_huge_pages_body(vm: "VM", addr: int, end: int) -> int:
     return ret
 
 
-def kvm_mmu_split_memory_region(vm: "VM", slot: Memslot) -> None:
+def kvm_mmu_split_memory_region(vm: Kvm, slot: Memslot) -> None:
     kvm_mmu_split_huge_pages(vm, slot, slot.base_gpa, slot.end_gpa)
 
 
-def kvm_arch_mmu_enable_log_dirty_pt_masked(vm: "VM", slot: Memslot, gfn_offset: int,
+def kvm_arch_mmu_enable_log_dirty_pt_masked(vm: Kvm, slot: Memslot, gfn_offset: int,
                                             mask: int) -> None:
     """One call per bitmap word: the variant's hook, or vanilla's
     :func:`enable_log_dirty_pt_masked_body`."""
@@ -190,7 +189,7 @@ def kvm_arch_mmu_enable_log_dirty_pt_masked(vm: "VM", slot: Memslot, gfn_offset:
     enable_log_dirty_pt_masked_body(vm, slot, gfn_offset, mask)
 
 
-def enable_log_dirty_pt_masked_body(vm: "VM", slot: Memslot, gfn_offset: int,
+def enable_log_dirty_pt_masked_body(vm: Kvm, slot: Memslot, gfn_offset: int,
                                     mask: int) -> None:
     """Write-protect (and with manual-protect + initially-set, eagerly split)
     from the lowest to the highest page set in one 64-bit bitmap word."""
@@ -203,7 +202,7 @@ def enable_log_dirty_pt_masked_body(vm: "VM", slot: Memslot, gfn_offset: int,
         kvm_mmu_split_huge_pages(vm, slot, start, end)
 
 
-def kvm_arch_commit_memory_region(vm: "VMBase", old: Memslot | None, new: Memslot | None,
+def kvm_arch_commit_memory_region(vm: KvmArch, old: Memslot | None, new: Memslot | None,
                                   change: str) -> None:
     """Dirty logging turned on: write-protect and split now, unless
     manual-protect + initially-set defers both to KVM_CLEAR_DIRTY_LOG.
@@ -223,7 +222,7 @@ def kvm_arch_commit_memory_region(vm: "VMBase", old: Memslot | None, new: Memslo
 
 # -- faults ------------------------------------------------------------------
 
-def _host_mapping_size(vm: "VM", slot: Memslot, hva: int) -> int:
+def _host_mapping_size(vm: Kvm, slot: Memslot, hva: int) -> int:
     """``get_user_mapping_size()``: a counted ``kvm_pgtable_get_leaf`` on the host
     page tables. THP backs aligned PMD ranges inside the slot; anything else is
     a base page."""
@@ -252,7 +251,7 @@ def _fault_supports_stage2_huge_mapping(slot: Memslot, hva: int, map_size: int,
                                          map_size, page_size)
 
 
-def user_mem_abort(vm: "VM", vcpu: "Vcpu", fault_ipa: int, slot: Memslot, hva: int,
+def user_mem_abort(vm: Kvm, vcpu: KvmVcpu, fault_ipa: int, slot: Memslot, hva: int,
                    fault_is_perm: bool, fault_granule: int, write_fault: bool) -> int:
     """Resolve a stage-2 fault on memslot memory: map at the size the backing
     allows (pages only while logging), or relax permissions in place."""
@@ -311,13 +310,13 @@ def user_mem_abort(vm: "VM", vcpu: "Vcpu", fault_ipa: int, slot: Memslot, hva: i
     return 0 if ret == -EAGAIN else ret
 
 
-def mark_page_dirty_in_slot(vm: "VM", slot: Memslot, gfn: int) -> None:
+def mark_page_dirty_in_slot(vm: Kvm, slot: Memslot, gfn: int) -> None:
     if slot.dirty_bitmap is not None:
         _k(vm, K_DIRTY_MARKED)
         slot.mark_dirty(gfn)
 
 
-def kvm_handle_guest_abort(vm: "VM", vcpu: "Vcpu", ipa: int, write_fault: bool, entry: int,
+def kvm_handle_guest_abort(vm: Kvm, vcpu: KvmVcpu, ipa: int, write_fault: bool, entry: int,
                            level: int) -> int:
     """A stage-2 abort: MMIO outside memslots, else a translation or
     permission fault for :func:`user_mem_abort`."""
