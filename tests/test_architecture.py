@@ -165,8 +165,8 @@ def test_no_import_cycles():
             "(and from ignore_imports in pyproject.toml)"
         graph[a].discard(b)
     found = cycles(graph)
-    assert not found, "import cycles (imports inside functions and under TYPE_CHECKING included): " + "; ".join(
-        " <-> ".join(c) for c in found)
+    assert not found, "import cycles (imports inside functions and under TYPE_CHECKING " \
+        "included): " + "; ".join(" <-> ".join(c) for c in found)
 
 
 def test_import_linter_contracts():
@@ -250,6 +250,37 @@ def test_the_kvm_layer_has_no_circle_even_in_annotations():
     for low in ("mmu", "dirty_log", "kvm_host", "memslot", "backing"):
         assert "s2split.model.kvm.vm" not in graph[f"s2split.model.kvm.{low}"], low
     assert "s2split.model.kvm.kvm_host" in graph["s2split.model.kvm.mmu"]
+
+
+def _members(protocol: type) -> set[str]:
+    """A protocol's own fields and methods (its bases' too)."""
+    out: set[str] = set()
+    for cls in protocol.__mro__:
+        if cls.__module__ != protocol.__module__:
+            continue
+        out |= set(cls.__dict__.get("__annotations__", {}))
+        out |= {n for n, v in vars(cls).items()
+                if not n.startswith("_") and (callable(v) or isinstance(v, property))}
+    return out
+
+
+def test_both_engines_vms_have_what_the_kvm_layer_names():
+    """The protocols are what mmu.py and dirty_log.py use: a reference VM
+    and its vCPU have all of it; the fast engine's VM has the methods the
+    shared decisions call (KvmArch), and its field (geom) from VMBase's
+    __init__, which it runs like the reference VM (whose geom is checked)."""
+    from s2split.arm64.arch import Geometry
+    from s2split.engine.vm import FastVM
+    from s2split.model.kvm.kvm_host import Kvm, KvmArch, KvmVcpu
+    from s2split.model.kvm.vm import VM, VMBase
+
+    vm = VM(Geometry(4096, 40))
+    vcpu = vm.add_vcpu()
+    assert isinstance(vm, Kvm) and isinstance(vcpu, KvmVcpu)
+    assert _members(Kvm) > _members(KvmArch) > {"geom", "enable_log_dirty"}
+    assert issubclass(FastVM, VMBase) and set(KvmArch.__annotations__) == {"geom"}
+    missing = {m for m in _members(KvmArch) - {"geom"} if not hasattr(FastVM, m)}
+    assert not missing, missing
 
 
 def _moved() -> dict[str, str]:

@@ -11,7 +11,7 @@ free the split cache, find a memslot) are methods named here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .memslot import Memslot
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..pgtable.variants import Variant
 
 
+@runtime_checkable
 class KvmArch(Protocol):
     """The part of a VM both engines share: what the decisions made in one
     place for both (:func:`~s2split.model.kvm.mmu.kvm_arch_commit_memory_region`,
@@ -48,6 +49,7 @@ class KvmArch(Protocol):
         ...
 
 
+@runtime_checkable
 class Kvm(KvmArch, Protocol):
     """A reference-engine VM as ``mmu.c`` and the dirty-log ioctls use it."""
 
@@ -69,6 +71,7 @@ class Kvm(KvmArch, Protocol):
         ...
 
 
+@runtime_checkable
 class KvmVcpu(Protocol):
     """A vCPU as the fault path uses it."""
 
