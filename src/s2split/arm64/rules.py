@@ -15,8 +15,8 @@ compare the two.
 
 from __future__ import annotations
 
-from . import bits as P
 from ..plumbing.errors import EINVAL, ENOMEM
+from . import bits as P
 
 # -- descriptors (kvm_pgtable.h) ------------------------------------------------------------
 

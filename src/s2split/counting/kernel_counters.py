@@ -9,9 +9,9 @@ with the fixtures' keys (``level=3``, ``level=2,visit=1``,
 
 from __future__ import annotations
 
+from ..arm64.versions import DEFAULT_KERNEL, DESTROY_612, DESTROY_617, KernelRules, kernel_rules
 from .counters import WALK_OPS
 from .counts import Counts
-from ..arm64.versions import DEFAULT_KERNEL, DESTROY_612, DESTROY_617, KernelRules, kernel_rules
 
 #: TLBI_TTL_UNKNOWN as the kernel passes it (INT_MAX).
 TTL_UNKNOWN = 2147483647

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..plumbing.errors import S2Error
 from ..arm64.versions import DEFAULT_KERNEL, kernel_rules
+from ..plumbing.errors import S2Error
 from .cache_location import ensure_location
 
 ensure_location()  # before any engine module decorates a cached function

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from numba import njit
 
-from ..counting import counters as C
 from ..arm64.bits import LOCKED, VALID
-from ..plumbing.errors import EAGAIN, EINVAL, ENOMEM
+from ..counting import counters as C
 from ..model.pgtable import walker as WK
+from ..plumbing.errors import EAGAIN, EINVAL, ENOMEM
 from . import rules as R
 from .lines import touch, touch_run
 from .memory import cache_alloc, get_page, put_page

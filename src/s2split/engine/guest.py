@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from numba import njit
 
-from ..counting import counters as C
 from ..arm64.bits import ATTR_HI_MASK, ATTR_LO_MASK, S2AP_R, S2AP_W, VALID, XN, Prot
+from ..counting import counters as C
 from ..selftest.memstress import PRNG_MODULUS, PRNG_MULTIPLIER, guest_random_skip as _skip
 from . import rules as R
 from .lines import count_again, stamp_upper, touch_level3_again, touch_path

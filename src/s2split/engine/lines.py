@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from numba import njit
 
-from ..counting import counters as C
 from ..arm64.hierarchy import LINE_ENTRY_SHIFT
-from .rules import hit_class
+from ..counting import counters as C
 from .pte import table_pfn
+from .rules import hit_class
 from .state import ROOT, S, count, level_shift
 
 

@@ -7,20 +7,20 @@ from __future__ import annotations
 
 from numba import njit
 
-from ..counting import counters as C
 from ..arm64.bits import VALID
-from ..model.kvm import mmu as KM
+from ..arm64.bits import Prot
 from ..arm64.uapi import KVM_MEM_READONLY
+from ..counting import counters as C
+from ..model.kvm import mmu as KM
+from ..model.pgtable import walker as WK
+from ..plumbing.errors import EAGAIN
 from . import rules as R
 from .memory import cache_topup
-from .state import (BACKING_HUGETLB, BACKING_THP, MC_SPLIT, NOLV, S, SlotCol, count,
-                    granule_size, kvm_count, level_shift, slot_index)
 from .stage2 import (stage2_destroy_pgd, stage2_destroy_range, stage2_map, stage2_relax_perms,
                      stage2_split, stage2_wrprotect)
+from .state import (BACKING_HUGETLB, BACKING_THP, MC_SPLIT, NOLV, S, SlotCol, count,
+                    granule_size, kvm_count, level_shift, slot_index)
 from .tlb import flush_vmid_range
-from ..arm64.bits import Prot
-from ..plumbing.errors import EAGAIN
-from ..model.pgtable import walker as WK
 
 HANDLE_FAULT, SHARED = WK.HANDLE_FAULT, WK.SHARED
 PROT_X, PROT_W, PROT_R = int(Prot.X), int(Prot.W), int(Prot.R)

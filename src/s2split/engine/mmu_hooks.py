@@ -20,12 +20,12 @@ from collections import namedtuple
 from numba import njit, types
 from numba.extending import overload
 
+from ..arm64.uapi import KVM_DIRTY_LOG_INITIALLY_SET
 from ..counting import counters as C
 from ..model.kvm import mmu_api as api
 from ..model.kvm import mmu_variants as MV
 from ..model.pgtable.variants import MMU_HOOKS
 from ..model.pgtable.walker import SKIP_LEVELS_ALL
-from ..arm64.uapi import KVM_DIRTY_LOG_INITIALLY_SET
 from .mmu import (_slot_range, enable_log_dirty_pt_masked_body, kvm_flush_remote_tlbs_memslot,
                   kvm_mmu_split_huge_pages, kvm_mmu_wp_memory_region, kvm_stage2_wp_range)
 from .stage2 import stage2_split, stage2_wrprotect

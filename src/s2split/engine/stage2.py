@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from numba import njit
 
-from ..counting import counters as C
 from ..arm64.bits import ATTR_HI_MASK, ATTR_LO_MASK, S2AP_R, S2AP_W, SW_MASK, XN
 from ..arm64.bits import Prot
-from ..plumbing.errors import EAGAIN, EINVAL
+from ..counting import counters as C
 from ..model.pgtable import walker as WK
+from ..plumbing.errors import EAGAIN, EINVAL
 from . import rules as R
 from .memory import mem_alloc, mem_free
 from .pte import prot_to_attr

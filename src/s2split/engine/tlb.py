@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from numba import njit
 
+from ..arm64.rules import MAX_TLBI_RANGE_PAGES
 from ..counting import counters as C
 from ..model.pgtable import tlb as TLB
-from ..arm64.rules import MAX_TLBI_RANGE_PAGES
 from . import rules as R
 from .state import NOLV, S, count
 

@@ -24,8 +24,8 @@ from numba.core.errors import NumbaError
 from numba.extending import overload, register_jitable
 
 from ..counting import counters as C
-from ..plumbing.errors import S2Error
 from ..model.pgtable import visitor_api as api
+from ..plumbing.errors import S2Error
 from . import rules as R
 from .entries import _make, _set, _try_break, create_unlinked, free_unlinked
 from .fnptr import C_SIGNATURE

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from numba import njit
 
-from ..counting import counters as C
 from ..arm64.bits import SW_MASK, VALID
-from ..plumbing.errors import E2BIG, EAGAIN, EINVAL, ENOMEM
+from ..counting import counters as C
 from ..model.pgtable import api_visitors as AV
 from ..model.pgtable import walker as WK
 from ..model.pgtable.visitor_api import AFTER_WALK
+from ..plumbing.errors import E2BIG, EAGAIN, EINVAL, ENOMEM
 from . import rules as R
 from .entries import (_free_table, _make, _result, _set, _try_break,  # noqa: F401
                       create_unlinked, free_unlinked)

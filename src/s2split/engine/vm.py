@@ -21,18 +21,20 @@ from typing import Sequence
 import numpy as np
 
 from ..arm64.arch import Geometry
-from ..counting.counters import K_CACHE_PAGES_FREED, OP, SIZE
-from ..counting.counts import Counts
-from ..plumbing.errors import S2Error
+from ..arm64.bits import LOCKED
 from ..arm64.features import Features
 from ..arm64.hierarchy import COUNTED, LINE_ENTRY_SHIFT
+from ..arm64.rules import HUGETLB_CLASS, oa_format
+from ..arm64.versions import DEFAULT_KERNEL
+from ..counting.counters import K_CACHE_PAGES_FREED, OP, SIZE
+from ..counting.counts import Counts
 from ..model.kvm import mmu as KM
 from ..model.kvm.memslot import Memslot
 from ..model.kvm.vm import VMBase, Vcpu
 from ..model.pgtable.memory import TABLE_PA_BASE
 from ..model.pgtable.variants import FAST_MMU_HOOKS, VANILLA, VARIANT_OPS, Variant
-from ..arm64.rules import HUGETLB_CLASS, oa_format
-from ..arm64.versions import DEFAULT_KERNEL
+from ..model.pgtable.variants import MMU_HOOKS
+from ..plumbing.errors import S2Error
 from . import compile_cache  # noqa: F401  (drops a stale compile cache on import)
 from .dirty_log import kvm_clear_dirty_log_protect, kvm_get_dirty_log_protect
 from .guest import KEEPS_FAULTING, memstress_pass, replay_table_size
@@ -44,9 +46,7 @@ from .stage2 import stage2_init, stage2_unmap
 from .state import (BACKING, DEFER_OVERFLOW, FIXED, MC_SPLIT, NCOL, NREGS, REGIONS, ROOT,
                     VARIANT_AFTER, VARIANT_FLAGS, VARIANT_MMU, VARIANT_VISITORS, COUNTERS, S,
                     SlotCol, VcpuReg, kvm_count)
-from ..model.pgtable.variants import MMU_HOOKS
 from .visitors import variant_hook_id, variant_visitor_id
-from ..arm64.bits import LOCKED
 
 
 #: Table memory at least this large comes from :func:`zeroed_tables`' own mapping.

@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..counting import counters as C
 from ..arm64.bits import S2AP_W, VALID
-from ..plumbing.errors import ERANGE
+from ..counting import counters as C
 from ..model.pgtable import walker as WK
+from ..plumbing.errors import ERANGE
 from . import rules as R
 from .lines import touch, touch_run
 from .pte import is_table, table_pfn

@@ -32,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arm64.features import Features
+from ..arm64.hierarchy import Hierarchy, parse_memory_hierarchy
 from ..counting.counters import (HIT_KINDS, KIND, KINDS, NKINDS, NOPS, OP, OPS, SLOTS, slot,
                                  slot_level)
 from ..counting.counts import Counts
-from ..selftest import phases
 from ..plumbing.errors import S2Error
-from ..arm64.features import Features
-from ..arm64.hierarchy import Hierarchy, parse_memory_hierarchy
+from ..selftest import phases
 
 PROFILE_FORMAT = "s2split-profile/1"
 DEFAULT_PROFILE = "server-vhe"

@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..selftest.options import (Parser, add_mode_aliases, add_upstream_options, int_arg,
-                                selected_modes, size_arg)
 from ..plumbing.errors import S2Error
 from ..selftest.memstress import INT_MAX
+from ..selftest.options import (Parser, add_mode_aliases, add_upstream_options, int_arg,
+                                selected_modes, size_arg)
 
 DEFAULT_DB = "s2split-results.sqlite"  # s2split.storage.store.DEFAULT_DB, without importing numpy
 JSON_FORMAT = "s2split-hw-run/1"

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..arm64.arch import size_name
+from ..arm64.uapi import KVM_MEM_LOG_DIRTY_PAGES
 from ..plumbing.errors import S2Error
 from ..selftest.phases import format_seconds, upstream_label
-from ..arm64.uapi import KVM_MEM_LOG_DIRTY_PAGES
 from ..selftest.phases import phase_names as _phase_names
 from . import guest as G
 from .kvm import (CAP_NAMES, KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,

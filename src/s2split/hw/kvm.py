@@ -25,12 +25,12 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..plumbing.errors import S2Error
 from ..arm64.uapi import (KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
                           KVM_CAP_ARM_VM_IPA_SIZE, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_IMMEDIATE_EXIT,
                           KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_MAX_VCPUS, KVM_CAP_NR_MEMSLOTS,
                           KVM_CAP_ONE_REG, KVM_CAP_USER_MEMORY, KVM_CAP_USER_MEMORY2,
                           KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+from ..plumbing.errors import S2Error
 
 KVM_DEVICE = "/dev/kvm"
 KVM_API_VERSION = 12

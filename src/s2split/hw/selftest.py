@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..plumbing.errors import S2Error
-from ..selftest.phases import ITERATION_PHASES
 from ..selftest.modes import MODES, GuestMode
+from ..selftest.phases import ITERATION_PHASES
 
 _T = r"(\d+)\.(\d{9})s"
 RE = {

@@ -9,10 +9,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ..arm64.arch import size_name
-from ..estimate.cost import Profile, format_seconds
+from ..arm64.versions import kernel_rules
 from ..counting.counts import Counts
 from ..counting.kernel_counters import kernel_counts
-from ..arm64.versions import kernel_rules
+from ..estimate.cost import Profile, format_seconds
 from ..selftest.phases import upstream_label
 from ..workload import RunResult
 from . import saving

@@ -15,12 +15,12 @@ import sys
 from typing import Any, Sequence
 
 from ..arm64.arch import parse_granule
-from .backing_names import UPSTREAM_NAMES
+from ..arm64.versions import DEFAULT_KERNEL, KERNELS
 from ..plumbing.errors import S2Error
+from .backing_names import UPSTREAM_NAMES
 from .memstress import INT_MAX
 from .modes import DEFAULT_MODE, GuestMode, mode_for, parse_mode
 from .sizes import parse_size, strtol
-from ..arm64.versions import DEFAULT_KERNEL, KERNELS
 
 
 class Parser(argparse.ArgumentParser):

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from ..estimate.cost import Profile, governing_keys, load_profile, parse_cost_key
 from ..counting.counts import Counts
-from ..storage.schemas import MAX_SECONDS
+from ..estimate.cost import Profile, governing_keys, load_profile, parse_cost_key
 from ..plumbing.errors import S2Error
 from ..selftest.phases import phase_from_label
+from ..storage.schemas import MAX_SECONDS
 
 DEFAULT_FIT = ("read_leaf", "visit_leaf", "pte_write", "pte_cas", "dsb_ish", "aborts",
                "guest_accesses", "ioctls")

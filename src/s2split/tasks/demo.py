@@ -6,10 +6,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ..arm64.arch import Geometry
+from ..arm64.pte import Prot
 from ..model.pgtable.memory import MemoryCache
 from ..model.pgtable.stage2 import Stage2PageTable
 from ..model.pgtable.variants import get
-from ..arm64.pte import Prot
 
 GIB = 1 << 30
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 from rich.table import Table
 
-from ..estimate.cost import Profile, format_ms
+from ..arm64.hierarchy import LINE_BYTES
 from ..counting.counters import HIT_KINDS
 from ..counting.counts import Counts
-from ..arm64.hierarchy import LINE_BYTES
+from ..estimate.cost import Profile, format_ms
 
 READ_KINDS = ("read_table", "read_leaf", "read_invalid")
 OP_WALK = {"split": "split walk", "wrprotect": "write-protect walk", "map": "map walk",

@@ -25,15 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..arm64.versions import DEFAULT_KERNEL, KernelRules, kernel_for_release, kernel_rules
+from ..counting.kernel_counters import LOWER_BOUND, comparable_key, kernel_counts
+from ..model.pgtable.variants import VANILLA, Variant
+from ..plumbing.errors import S2Error
+from ..workload import PerfTestParams, RunResult, run_perf_test
 from .background import (BACKGROUND_WALKERS, LOOPS, WALK, Background, loop_bound,
                          run_background, walk_bound)
 from .background import note as background_note
-from ..plumbing.errors import S2Error
 from .interleaving import FAULT_PATH, NO_HINT_FUNCTION, NO_HINT_NOTE, PassBound
-from ..counting.kernel_counters import LOWER_BOUND, comparable_key, kernel_counts
-from ..model.pgtable.variants import VANILLA, Variant
-from ..arm64.versions import DEFAULT_KERNEL, KernelRules, kernel_for_release, kernel_rules
-from ..workload import PerfTestParams, RunResult, run_perf_test
 
 FIXTURE_FORMAT = "s2split-real-kernel-counts/1"
 INFO_PHASES = ("create_vm", "populate", "destroy_vm")

@@ -41,15 +41,15 @@ from dataclasses import dataclass, field, replace
 
 from ..arm64.arch import Geometry
 from ..arm64.bits import S2AP_W, VALID
+from ..arm64.features import Features
+from ..arm64.uapi import (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_CAPS,
+                          KVM_MEM_LOG_DIRTY_PAGES)
 from ..counting.counters import OPS
 from ..counting.counts import Counts
-from ..plumbing.errors import KernelError
-from ..arm64.features import Features
 from ..model.kvm.backing import parse_backing
 from ..model.pgtable import tlb_model
 from ..model.pgtable.variants import VANILLA, Variant
-from ..arm64.uapi import (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_CAPS,
-                          KVM_MEM_LOG_DIRTY_PAGES)
+from ..plumbing.errors import KernelError
 
 #: Counters of TLB maintenance a ``same_maintenance`` variant must match per ioctl.
 TLB_KINDS = ("tlbi_ipa", "tlbi_ipa_nsh", "tlbi_range", "tlbi_range_pages", "tlbi_vmid",

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..estimate.cost import format_ms as _ms
 from ..counting.counts import Counts, sum_counts
+from ..estimate.cost import format_ms as _ms
 from ..estimate.intervals import Interval, saving_interval
 from .reproduce import syscall_phases
 

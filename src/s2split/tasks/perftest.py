@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 
 from ..arm64.arch import parse_granule
-from ..estimate.cost import load_profile
 from ..arm64.features import Features
+from ..estimate.cost import load_profile
 from ..selftest.options import selected_modes
 from ..workload import PerfTestParams
 

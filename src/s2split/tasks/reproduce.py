@@ -22,13 +22,13 @@ import numpy as np
 
 from s2split import __version__
 from ..arm64.arch import GRANULES, granule_name, pmd_size, size_name
-from ..estimate.cost import Profile, load_profile
+from ..arm64.features import Features
 from ..counting.counts import Counts, sum_counts
 from ..engine import engine_name
-from ..plumbing.errors import S2Error
-from ..arm64.features import Features
-from ..selftest.modes import mode_for
+from ..estimate.cost import Profile, load_profile
 from ..model.pgtable.variants import DEFAULT_VARIANTS, get as get_variant
+from ..plumbing.errors import S2Error
+from ..selftest.modes import mode_for
 from ..workload import PerfTestParams, run_variants
 
 BACKINGS = {"regular": "anonymous", "thp": "anonymous_thp", "hugetlb": "anonymous_hugetlb"}

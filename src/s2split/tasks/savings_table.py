@@ -21,8 +21,8 @@ from typing import Any
 
 from ..arm64.arch import GRANULES, granule_name, parse_granule
 from ..plumbing.errors import S2Error
-from .reproduce import BACKINGS, SCENARIOS
 from ..selftest.sizes import parse_size
+from .reproduce import BACKINGS, SCENARIOS
 
 AVG = "avg"
 #: The granules an ``avg`` row averages, in the order ``reproduce`` sums them.

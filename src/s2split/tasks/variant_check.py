@@ -33,15 +33,15 @@ import random
 from dataclasses import dataclass, replace
 
 from ..arm64.arch import Geometry
-from ..counting.counts import Counts
 from ..arm64.features import Features
-from ..selftest.modes import parse_mode
+from ..arm64.pte import Prot
+from ..counting.counts import Counts
 from ..model.pgtable import tlb_model
 from ..model.pgtable.memory import MemoryCache
 from ..model.pgtable.stage2 import Stage2PageTable
 from ..model.pgtable.variants import VANILLA, Variant
 from ..model.pgtable.visitor_api import VisitorRuleError
-from ..arm64.pte import Prot
+from ..selftest.modes import parse_mode
 from ..workload import PerfTestParams, run_perf_test
 
 #: Counters that must not change under any variant.

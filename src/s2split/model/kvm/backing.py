@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...arm64.arch import GRANULES, pmd_size, size_name
-from ...selftest.backing_names import HUGETLB_SUFFIX_SIZES, UPSTREAM_NAMES
 from ...plumbing.errors import S2Error
+from ...selftest.backing_names import HUGETLB_SUFFIX_SIZES, UPSTREAM_NAMES
 
 
 def hugetlb_sizes(granule: int) -> dict[int, str]:

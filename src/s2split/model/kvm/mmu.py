@@ -12,6 +12,7 @@ from typing import Any, Callable
 from ...arm64 import pte as P
 from ...arm64 import rules as R
 from ...arm64.arch import Geometry
+from ...arm64.uapi import KVM_MEM_LOG_DIRTY_PAGES
 from ...counting.counters import (K_ABORTS, K_CACHE_PAGES_ALLOC, K_DIRTY_MARKED, K_FLUSH_MEMSLOT,
                                   K_LOCK_DROPS, K_LOG_DIRTY_MASKED, K_MMIO_EXITS, K_PERM_FAULTS,
                                   K_SPLIT_CHUNKS, K_SPLIT_HUGE_PAGES, K_SPLIT_TOPUPS,
@@ -21,7 +22,6 @@ from ...counting.counters import (K_ABORTS, K_CACHE_PAGES_ALLOC, K_DIRTY_MARKED,
 from ...plumbing.errors import EAGAIN
 from ..pgtable import tlb
 from ..pgtable.walker import HANDLE_FAULT, SHARED
-from ...arm64.uapi import KVM_MEM_LOG_DIRTY_PAGES
 from .kvm_host import Kvm, KvmArch, KvmVcpu
 from .memslot import Memslot, ffs, fls
 

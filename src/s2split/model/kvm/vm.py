@@ -14,20 +14,20 @@ from typing import Sequence
 
 from ...arm64 import pte as P
 from ...arm64.arch import Geometry, size_name
-from ...counting.counters import (K_ABORTS, K_CACHE_PAGES_FREED, K_GUEST_ACCESSES, K_IOCTLS,
-                                  K_MMIO_EXITS, NOLEVEL, OP_KVM, SLOTS)
-from ...counting.counts import Counts, Tally
-from ...plumbing.errors import EEXIST, EFAULT, EINVAL, ENOENT, KernelError, S2Error
 from ...arm64.features import Features
-from ..pgtable.memory import MemoryCache
-from ..pgtable.stage2 import Stage2PageTable
-from ..pgtable.variants import VANILLA, Variant
 from ...arm64.uapi import (KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
                            KVM_CAP_ARM_VM_IPA_SIZE, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                            KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_CAPS,
                            KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
-from ...selftest.memstress import memstress_pass
 from ...arm64.versions import DEFAULT_KERNEL, kernel_rules
+from ...counting.counters import (K_ABORTS, K_CACHE_PAGES_FREED, K_GUEST_ACCESSES, K_IOCTLS,
+                                  K_MMIO_EXITS, NOLEVEL, OP_KVM, SLOTS)
+from ...counting.counts import Counts, Tally
+from ...plumbing.errors import EEXIST, EFAULT, EINVAL, ENOENT, KernelError, S2Error
+from ...selftest.memstress import memstress_pass
+from ..pgtable.memory import MemoryCache
+from ..pgtable.stage2 import Stage2PageTable
+from ..pgtable.variants import VANILLA, Variant
 from . import dirty_log, mmu
 from .backing import Backing
 from .memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, VALID_FLAGS, WORD_BITS, Memslot

@@ -27,6 +27,8 @@ from typing import Iterator
 from ...arm64 import pte as P
 from ...arm64 import rules as R
 from ...arm64.arch import LAST_LEVEL, Geometry
+from ...arm64.features import Features
+from ...arm64.versions import DEFAULT_KERNEL, kernel_rules
 from ...counting.counters import (OP, K_BBM, K_CALLS, K_CALLS_FORCE_PTE, K_EAGAIN, K_ERRORS,
                                   K_GET_PAGE, K_PAGE_FREED, K_PAGE_TAKEN, K_PTE_CAS, K_PTE_WRITE,
                                   K_PUT_PAGE, NOLEVEL, OP_CREATE_UNLINKED, OP_DESTROY,
@@ -34,11 +36,9 @@ from ...counting.counters import (OP, K_BBM, K_CALLS, K_CALLS_FORCE_PTE, K_EAGAI
                                   OP_SPLIT, OP_UNMAP, OP_WRPROTECT, OPS, SLOTS)
 from ...counting.counts import Tally
 from ...plumbing.errors import E2BIG, EAGAIN, EINVAL, ENOMEM, S2Error, require_int
-from ...arm64.features import Features
-from ...arm64.versions import DEFAULT_KERNEL, kernel_rules
 from . import tlb
-from .memory import MemoryCache, TableMemory
 from .api_visitors import stage2_split_walker
+from .memory import MemoryCache, TableMemory
 from .variants import VANILLA, Variant
 from .variants import is_api_visitor as _takes_context
 from .visitor_api import AFTER_WALK, TTL_UNKNOWN, VisitCtx

@@ -34,15 +34,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...arm64.arch import LAST_LEVEL
+from ...arm64.features import Features
+from ...arm64.rules import (MAX_TLBI_RANGE_PAGES, hcr_erratum_barriers, lpa2_range_align,
+                            range_tlbi_ops)
 from ...counting.counters import (K_DCACHE_BYTES, K_DCACHE_OPS, K_DSB_ISH, K_DSB_ISHST, K_DSB_NSH,
                                   K_DSB_NSHST, K_FLUSH_RANGE, K_FLUSH_RANGE_BYTES, K_HYP_CALL,
                                   K_ICACHE_BYTES, K_ICACHE_OPS, K_ISB, K_TLBI_IPA, K_TLBI_IPA_NSH,
                                   K_TLBI_RANGE, K_TLBI_RANGE_OPS, K_TLBI_RANGE_PAGES, K_TLBI_S1,
                                   K_TLBI_VMID, NOLEVEL, SLOTS)
-from ...arm64.arch import LAST_LEVEL
-from ...arm64.rules import (MAX_TLBI_RANGE_PAGES, hcr_erratum_barriers, lpa2_range_align,
-                            range_tlbi_ops)
-from ...arm64.features import Features
 
 def _n(kind: int) -> int:
     return kind * SLOTS + NOLEVEL

@@ -71,9 +71,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 
+from ...arm64.features import Features
 from ...counting import counters
 from ...plumbing.errors import S2Error
-from ...arm64.features import Features
 from . import api_visitors as AV
 from .walker import RETURN_HINTS, SKIP_BBM_TLBI, SKIP_NEW_CHILDREN, WalkFlags, skip_level
 

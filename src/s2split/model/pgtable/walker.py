@@ -34,11 +34,11 @@ from __future__ import annotations
 import enum
 from typing import Any, Callable
 
+from ...arm64.arch import LAST_LEVEL
 from ...counting.counters import (K_DESCENT, K_HIT_L1, K_LOOPS, K_READ_INVALID, K_READ_LEAF,
                                   K_READ_TABLE, K_RELOAD, K_SKIP_CHILDREN, K_SKIP_LEVEL,
                                   K_SKIP_SIBLINGS, K_VISIT_LEAF, K_VISIT_POST, K_VISIT_PRE,
                                   K_WALK_BYTES, K_WALKS, NOLEVEL, SLOTS)
-from ...arm64.arch import LAST_LEVEL
 from ...plumbing.errors import EAGAIN, EINVAL, ERANGE, S2Error
 
 
