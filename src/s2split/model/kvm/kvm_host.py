@@ -4,9 +4,10 @@
 In the kernel, ``kvm_main.c`` and ``mmu.c`` call each other through
 ``struct kvm``. Here the imports run one way: :mod:`.vm` (the ioctls) calls
 :mod:`.mmu` and :mod:`.dirty_log`, and those name the VM only by these
-protocols, which :class:`~s2split.model.kvm.vm.VM` and the fast engine's VM
-satisfy by their shape. The few calls back into the VM (enable dirty logging,
-free the split cache, find a memslot) are methods named here.
+protocols: :class:`~s2split.model.kvm.vm.VM` has the shape of :class:`Kvm`,
+the fast engine's VM that of :class:`KvmArch` (the decisions both engines
+share). The few calls back into the VM (enable dirty logging, free the split
+cache, find a memslot) are methods named here.
 """
 
 from __future__ import annotations
