@@ -196,7 +196,7 @@ def test_workers_die_with_their_parent(tmp_path, sig):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-def test_ctrl_c_to_the_main_process_alone_stops_the_workers(tmp_path):
+def test_ctrl_c_to_the_main_process_alone_stops_the_workers(tmp_path, hears_ctrl_c):
     """As Ctrl-C to the group does (test_reproduce.py): exit 130, one line, no
     worker left."""
     proc, workers = _start_parallel_run(tmp_path)

@@ -420,7 +420,7 @@ def test_ctrl_c_while_importing_is_one_line(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("delay", [0.1, 0.25, 0.5])
-def test_early_ctrl_c_never_prints_a_traceback(delay):
+def test_early_ctrl_c_never_prints_a_traceback(delay, hears_ctrl_c):
     """Ctrl-C while the interpreter imports (or, later, while the command
     runs: it takes far longer than these delays). Before Python installs its
     SIGINT handler the process just dies by the signal, also without a
@@ -430,7 +430,11 @@ def test_early_ctrl_c_never_prints_a_traceback(delay):
                          stderr=subprocess.PIPE, text=True, env=ENV)
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    try:
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()  # a child that did not stop must not run on (100,000 examples)
+        p.wait()
     assert "Traceback" not in err, err
     assert p.returncode in (130, -signal.SIGINT), (p.returncode, err)
 

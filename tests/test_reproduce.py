@@ -363,7 +363,7 @@ def _processes() -> list[tuple[int, int, int]]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-def test_ctrl_c_stops_the_workers(tmp_path):
+def test_ctrl_c_stops_the_workers(tmp_path, hears_ctrl_c):
     """SIGINT to the process group (Ctrl-C) during a parallel run: exit 130 with
     one line, no worker left behind, and no waiting for the queued groups (this
     matrix takes many minutes; the timeout only guards against a hang)."""
