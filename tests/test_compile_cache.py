@@ -93,6 +93,57 @@ def test_the_hash_changes_with_any_hashed_source(tmp_path, monkeypatch):
     assert CC._sources_hash() != before
 
 
+
+RACE = """
+import sys
+from s2split.engine import compile_cache as K
+from s2split.engine import rules as R
+if sys.argv[1] == "wait":
+    print("imported", flush=True)
+    sys.stdin.readline()
+R.hit_class(5, 9, 2, 4, 8)  # compiled (and saved) or loaded from the cache
+print(K.SOURCES_HASH, sum(R.hit_class.stats.cache_hits.values()), flush=True)
+"""
+
+
+def test_a_process_of_older_sources_cannot_vouch_for_its_code_in_a_newer_cache(tmp_path):
+    """The race seen once while merging: process A imports the sources, they
+    change, process B rebuilds the cache for the new ones (and marks it so),
+    then A compiles a function whose own file did not change. A must not
+    load B's code (built from sources it did not import), and the code A
+    saves, built from the old sources, into the index B marked must not be
+    loaded by a process of the new sources (it compiles afresh); the one
+    after loads that good copy. numba alone keys both on the function's own
+    file, and failed at the first step (A loaded B's code)."""
+    import shutil
+    src = Path(CC.__file__).resolve().parents[1]
+    pkg = tmp_path / "pkg"
+    shutil.copytree(src, pkg / "s2split",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(pkg))
+
+    def run(*args, **kw):
+        return subprocess.Popen([sys.executable, "-c", RACE, *args], env=env, text=True,
+                                stdout=subprocess.PIPE, **kw)
+
+    old = run("wait", stdin=subprocess.PIPE)
+    try:
+        assert old.stdout.readline().strip() == "imported"
+        counters = pkg / "s2split" / "counting" / "counters.py"  # compiled in: hashed
+        counters.write_text(counters.read_text() + "\n# a newer source\n")
+        new_hash, hits = run("go").communicate(timeout=300)[0].split()
+        assert hits == "0"
+        old_hash, hits = old.communicate("go\n", timeout=300)[0].split()
+        assert old_hash != new_hash and hits == "0"  # compiled, and saved over B's
+    finally:
+        old.kill()
+        old.wait()
+    h, hits = run("go").communicate(timeout=300)[0].split()
+    assert (h, hits) == (new_hash, "0")  # not loaded from A's save: compiled afresh
+    h, hits = run("go").communicate(timeout=300)[0].split()
+    assert (h, hits) == (new_hash, "1")  # and cached for the next process
+
+
 # -- compiling before the first call ------------------------------------------------
 
 RUN = """

@@ -8,6 +8,8 @@ go on giving the old numbers. :data:`SOURCES_HASH` hashes the source of every
 ``s2split`` module the engine imports, directly or not; it is compiled into
 :func:`compiled_sources_hash`, and on import a cache built from other
 sources is dropped whole (every function then compiles afresh on first use).
+It is also part of every function's index stamp (:func:`stamp_with_sources`),
+which guards single entries between processes of different sources.
 
 It also decides how the engine compiles: calls between compiled functions
 are typed without constant specialisations (:func:`compile_without_literals`),
@@ -245,8 +247,26 @@ def heal_on_failure(d: Dispatcher) -> None:
     cache._s2split_healing = True
 
 
+def stamp_with_sources(d: Dispatcher) -> None:
+    """Make D's cache index valid only for this process's :data:`SOURCES_HASH`.
+
+    numba keeps, in each function's index, the stamp of that function's own
+    file (its time and size) and trusts the index while the stamp matches.
+    The marker beside the cache guards whole caches, not single writes: a
+    process that imported older sources and compiles after a newer process
+    has rebuilt the cache writes its old code into an index the marker now
+    vouches for. With the sources hash in the stamp, such an index is simply
+    not fresh for any process of other sources (it compiles and saves anew)."""
+    cache_file = getattr(d._cache, "_cache_file", None)
+    stamp = getattr(cache_file, "_source_stamp", None)
+    if stamp is None or (isinstance(stamp, tuple) and stamp[-1:] == (("s2split", SOURCES_HASH),)):
+        return
+    cache_file._source_stamp = (stamp, ("s2split", SOURCES_HASH))
+
+
 for _d in (compiled_sources_hash, *dispatchers()):
     heal_on_failure(_d)
+    stamp_with_sources(_d)
 
 
 #: Whether importing found (and dropped) a stale compile cache.
