@@ -133,7 +133,8 @@ def test_perf_test_json_is_consistent(capsys):
 
 
 def test_console_script_entry_point():
-    r = subprocess.run([sys.executable, "-m", "s2split.cli.parser", "geometry", "--granule", "16K"],
+    # python -m s2split.cli, as before the command line became a package
+    r = subprocess.run([sys.executable, "-m", "s2split.cli", "geometry", "--granule", "16K"],
                        capture_output=True, text=True)
     assert r.returncode == 0
     assert "16K/40-bit: 2 levels from level 2, 16 root page(s)" in r.stdout
