@@ -61,9 +61,9 @@ from s2split.model.pgtable.stage2 import Stage2PageTable
 from s2split.model.pgtable.variants import get as get_variant, names as variant_names
 from s2split.model.pgtable.walker import HANDLE_FAULT, SHARED, SKIP_BBM_TLBI, SKIP_CMO
 from s2split.arm64.pte import Prot
-from s2split.arm64.uapi import (KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                          KVM_DIRTY_LOG_MANUAL_CAPS, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
-                          KVM_MEM_LOG_DIRTY_PAGES)
+from s2split.arm64.uapi import (KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE,
+                                KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_CAPS,
+                                KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES)
 from s2split.arm64.versions import DEFAULT_KERNEL, KERNELS, kernel_rules
 
 U64 = (1 << 64) - 1

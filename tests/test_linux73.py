@@ -15,7 +15,7 @@ from s2split.selftest.modes import parse_mode
 from s2split.model.pgtable import tlb
 from s2split.model.pgtable.variants import VANILLA
 from s2split.arm64.versions import (DEFAULT_KERNEL, KERNELS, kernel_for_release, kernel_rules,
-                              nearest_kernel)
+                                    nearest_kernel)
 from s2split.workload import PerfTestParams, run_perf_test
 
 MIB = 1 << 20

@@ -13,7 +13,7 @@ from s2split.model.kvm.backing import parse_backing
 from s2split.tasks.mmu_check import check_mmu, check_mmu_variant
 from s2split.model.pgtable.variants import VANILLA, Variant, get
 from s2split.arm64.uapi import (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_CAPS,
-                          KVM_MEM_LOG_DIRTY_PAGES)
+                                KVM_MEM_LOG_DIRTY_PAGES)
 
 MIB = 1 << 20
 BUILTINS = ("clear-coalesce", "wp-split-fused", "split-once", "enable-split-then-wp")

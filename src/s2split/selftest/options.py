@@ -168,10 +168,11 @@ def add_perf_test_options(p: argparse.ArgumentParser,
                    "backing pages and dirty bitmaps, while the guest writes one word per page "
                    "of the guest mode (default: the guest mode's page size)")
     m.add_argument("--kernel", choices=tuple(KERNELS), default=DEFAULT_KERNEL,
-                   help="the modelled kernel (arm64/versions.py): 6.12 frees the stage-2 in one walk; "
-                   "6.19 and 7.3 walk it chunk by chunk with the newer free walker and have "
-                   "the AC04_CPU_23 workaround; 7.3's selftest unmaps the memory instead of "
-                   "deleting the memslots, and numbers -m modes from 15 on as 6.16+ does "
+                   help="the modelled kernel (arm64/versions.py): 6.12 frees the stage-2 in "
+                   "one walk; 6.19 and 7.3 walk it chunk by chunk with the newer free walker "
+                   "and have the AC04_CPU_23 workaround; 7.3's selftest unmaps the memory "
+                   "instead of deleting the memslots, and numbers -m modes from 15 on as "
+                   "6.16+ does "
                    f"(only destroy_vm differs on the default CPU; default: {DEFAULT_KERNEL})")
     m.add_argument("--selftest", choices=tuple(KERNELS), default=None,
                    help="the kernel whose selftest source was built, if not --kernel's own "

@@ -1,5 +1,7 @@
-"""What the subcommands compute, each in its own module: ``reproduce`` and
-its matrix, ``perf-test``, ``explain`` and the per-iteration split,
-``calibrate``, ``fidelity`` (with the interleaving and background walks of
-the real kernel), the variant checks (``variants --check``) and ``demo``.
+"""What the subcommands compute, each in its own module: ``reproduce`` (the
+matrix) and ``perftest`` (``perf-test``); ``explain`` and ``per_iteration``
+(first split and steady state); ``calibrate``, and ``calibrate_savings`` with
+``savings_table`` (``calibrate --savings``); ``fidelity`` with
+``interleaving`` and ``background`` (what the real kernel's counts may add);
+``variant_check`` and ``mmu_check`` (``variants --check``); ``demo``.
 Reports and the command line present their results."""

@@ -19,6 +19,9 @@ guest, whose copy stays 0. Upstream therefore seeds vCPU ``k`` with ``k``
 whatever ``-r`` says (vCPU 0's generator is stuck at 0). ``seed_synced=False``
 (the default) reproduces that; ``seed_synced=True`` gives the intended
 ``seed + k`` (what 6.2-6.9 did).
+
+:mod:`.params` holds a run's parameters (:class:`PerfTestParams`, the
+layout), :mod:`.run` the run itself; their public names are here too.
 """
 
 from ..selftest.memstress import Layout, guest_random_u32

@@ -246,7 +246,8 @@ def _host_mapping_size(vm: Kvm, slot: Memslot, hva: int) -> int:
 
 def _fault_supports_stage2_huge_mapping(slot: Memslot, hva: int, map_size: int,
                                         page_size: int) -> bool:
-    """``fault_supports_stage2_huge_mapping()`` (:func:`s2split.arm64.rules.fault_supports_huge_mapping`)."""
+    """``fault_supports_stage2_huge_mapping()``
+    (:func:`s2split.arm64.rules.fault_supports_huge_mapping`)."""
     return R.fault_supports_huge_mapping(slot.base_gpa, slot.userspace_addr, slot.size, hva,
                                          map_size, page_size)
 
