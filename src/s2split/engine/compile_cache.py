@@ -259,9 +259,8 @@ def stamp_with_sources(d: Dispatcher) -> None:
     not fresh for any process of other sources (it compiles and saves anew)."""
     cache_file = getattr(d._cache, "_cache_file", None)
     stamp = getattr(cache_file, "_source_stamp", None)
-    if stamp is None or (isinstance(stamp, tuple) and stamp[-1:] == (("s2split", SOURCES_HASH),)):
-        return
-    cache_file._source_stamp = (stamp, ("s2split", SOURCES_HASH))
+    if stamp is not None:  # (once per dispatcher: only the loop below calls this)
+        cache_file._source_stamp = (stamp, SOURCES_HASH)
 
 
 for _d in (compiled_sources_hash, *dispatchers()):
